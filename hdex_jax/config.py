@@ -1,0 +1,158 @@
+"""`ModelConfig`: the one static description of a decoder that every part of hdex_jax reads.
+
+Families (Llama, Mistral, Qwen2, OPT, ...) differ only in the values of these fields; the forward pass,
+the weight declarations, the sharding and the performance model are all driven by this object.
+It is frozen and hashable so it can be a static argument of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+Norm = Literal["rmsnorm", "layernorm"]
+Positions = Literal["rope", "learned"]
+Activation = Literal["silu", "relu", "gelu", "gelu_tanh"]
+
+CONFIG_FILE = "hdex_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of a decoder-only transformer.
+
+    Sizes follow Hugging Face names. `embed_dim` is the width of the token embedding, which differs from
+    `hidden_size` only when the model projects in and out (opt-350m's `word_embed_proj_dim`).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    embed_dim: int
+    # Norms: kind, epsilon, and whether they sit before the sublayer (pre-LN) or after the residual add.
+    norm: Norm = "rmsnorm"
+    norm_eps: float = 1e-6
+    pre_norm: bool = True
+    final_norm: bool = True
+    # Positions.
+    positions: Positions = "rope"
+    position_offset: int = 0
+    rope_theta: float = 10000.0
+    # Hashable form of the HF rope parameters beyond theta, e.g. (("rope_type", "llama3"), ("factor", 8.0), ...).
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    partial_rotary_factor: float = 1.0
+    sliding_window: int | None = None
+    # MLP.
+    activation: Activation = "silu"
+    gated_mlp: bool = True
+    # Which projections carry biases.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "max_position_embeddings", "embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"ModelConfig.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"ModelConfig.positions must be 'rope' or 'learned', got {self.positions!r}")
+        if self.activation not in ("silu", "relu", "gelu", "gelu_tanh"):
+            raise ValueError(f"ModelConfig.activation {self.activation!r} is not supported")
+
+    @property
+    def projects_embeddings(self) -> bool:
+        """True when embeddings are narrower than the residual stream (opt-350m's project_in/out)."""
+        return self.embed_dim != self.hidden_size
+
+    @property
+    def rope_dim(self) -> int:
+        """How many leading features of each head are rotated."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """Inverse frequencies of RoPE, `[rope_dim // 2]` float64, with the configured scaling applied."""
+        dim = self.rope_dim
+        inv_freq = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        scaling = dict(self.rope_scaling)
+        kind = scaling.get("rope_type", "default")
+        if kind == "default":
+            return inv_freq
+        if kind == "linear":
+            return inv_freq / float(scaling["factor"])
+        if kind == "llama3":
+            factor = float(scaling["factor"])
+            low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+            old_len = float(scaling["original_max_position_embeddings"])
+            low_wavelen, high_wavelen = old_len / low, old_len / high
+            wavelen = 2 * math.pi / inv_freq
+            scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(is_medium, smoothed, scaled)
+        raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        fields = json.loads(text)
+        fields["rope_scaling"] = tuple(tuple(item) for item in fields.get("rope_scaling", ()))
+        fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+        return cls(**fields)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_FILE).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelConfig:
+        path = Path(directory, CONFIG_FILE)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: this is not a converted hdex_jax checkpoint")
+        return cls.from_json(path.read_text())
+
+
+def rope_scaling_items(rope_parameters: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """The hashable form of HF `rope_parameters`/`rope_scaling`, without the theta it also carries."""
+    if not rope_parameters:
+        return ()
+    items = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if "type" in items and "rope_type" not in items:
+        items["rope_type"] = items.pop("type")
+    items.pop("type", None)
+    if items.get("rope_type", "default") == "default":
+        return ()
+    return tuple(sorted(items.items()))
+
+
+def eos_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """HF configs give eos as an int, a list or None; hdex_jax keeps a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)

@@ -1,0 +1,101 @@
+"""Head padding and KV-head replication so that any model splits evenly over N devices.
+
+For N devices every device must hold the same number of query heads and of KV heads, and its query heads
+must belong to its own KV heads. With G = num_heads // num_kv_heads query heads per KV head:
+
+- N <= KV: KV heads are padded with zero heads to a multiple of N (r = 1 replica each);
+- N >  KV: KV heads are padded to the smallest divisor of N not below KV, and each is replicated
+  r = N / KV_padded times, one replica per device.
+
+The query group of each KV head is padded to a multiple of r with zero heads and split between its
+replicas. Zero query heads attend to something, but their rows of `o` are zero, so they add nothing:
+padding never changes results. The padded model is an ordinary GQA model with more heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from hdex_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """How the heads of a model are arranged for `num_device` devices."""
+
+    num_device: int
+    kv_heads: int  # the model's own KV heads
+    group: int  # the model's query heads per KV head
+    kv_padded: int  # KV heads after zero padding
+    replicas: int  # copies of each padded KV head
+    group_padded: int  # query heads per padded KV head, after zero padding
+
+    @property
+    def stored_kv_heads(self) -> int:
+        return self.kv_padded * self.replicas
+
+    @property
+    def stored_heads(self) -> int:
+        return self.kv_padded * self.group_padded
+
+
+def head_layout(cfg: ModelConfig, num_device: int) -> HeadLayout:
+    """The head arrangement of `cfg` over `num_device` devices."""
+    if not isinstance(num_device, int) or num_device < 1:
+        raise ValueError(f"num_device must be a positive integer, got {num_device!r}")
+    kv, group = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    if num_device <= kv:
+        kv_padded, replicas = math.ceil(kv / num_device) * num_device, 1
+    else:
+        kv_padded = min(d for d in range(kv, num_device + 1) if num_device % d == 0)
+        replicas = num_device // kv_padded
+    group_padded = math.ceil(group / replicas) * replicas
+    return HeadLayout(num_device, kv, group, kv_padded, replicas, group_padded)
+
+
+def padded_config(cfg: ModelConfig, num_device: int) -> ModelConfig:
+    """`cfg` with the head counts that `num_device` devices store."""
+    layout = head_layout(cfg, num_device)
+    return dataclasses.replace(cfg, num_heads=layout.stored_heads, num_kv_heads=layout.stored_kv_heads)
+
+
+def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return np.pad(x, pad)
+
+
+def _pad_q_heads(x: np.ndarray, axis: int, layout: HeadLayout) -> np.ndarray:
+    """[..., H, ...] -> [..., KV_padded * G_padded, ...] with zero heads."""
+    shape = x.shape
+    grouped = x.reshape(*shape[:axis], layout.kv_heads, layout.group, *shape[axis + 1:])
+    grouped = _pad_axis(grouped, axis + 1, layout.group_padded)
+    grouped = _pad_axis(grouped, axis, layout.kv_padded)
+    return grouped.reshape(*shape[:axis], layout.stored_heads, *shape[axis + 1:])
+
+
+def _pad_kv_heads(x: np.ndarray, axis: int, layout: HeadLayout) -> np.ndarray:
+    """[..., KV, ...] -> [..., KV_padded * replicas, ...]: zero heads, then each head repeated."""
+    return np.repeat(_pad_axis(x, axis, layout.kv_padded), layout.replicas, axis=axis)
+
+
+def pad_params(flat: dict[str, np.ndarray], cfg: ModelConfig, num_device: int) -> dict[str, np.ndarray]:
+    """Canonical flat params of `cfg` -> those of `padded_config(cfg, num_device)` (numpy, unsharded)."""
+    layout = head_layout(cfg, num_device)
+    if layout.stored_heads == cfg.num_heads and layout.stored_kv_heads == cfg.num_kv_heads:
+        return dict(flat)
+    # Axis of the head dimension in each head-carrying weight (after the leading layer axis).
+    q_axes = {"layers/attn/q/w": 2, "layers/attn/q/b": 1, "layers/attn/o/w": 1}
+    kv_axes = {f"layers/attn/{n}/{p}": (2 if p == "w" else 1) for n in ("k", "v") for p in ("w", "b")}
+    out = {}
+    for name, value in flat.items():
+        if name in q_axes:
+            out[name] = _pad_q_heads(np.asarray(value), q_axes[name], layout)
+        elif name in kv_axes:
+            out[name] = _pad_kv_heads(np.asarray(value), kv_axes[name], layout)
+        else:
+            out[name] = value
+    return out

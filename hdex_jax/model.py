@@ -1,0 +1,182 @@
+"""The one forward pass of every supported family, as pure functions.
+
+`prefill` and `decode_step` both run `_forward` over a block of T tokens written to consecutive cache slots:
+T = prompt bucket for prefill, T = 1 for decode. Families differ only through `ModelConfig` fields.
+`jax.named_scope` names follow the LPU's stages (embed, qkv, attention, ffn, lm_head) so profiles and the
+performance model line up with the code.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hdex_jax.config import ModelConfig
+from hdex_jax.kv_cache import KVCache
+from hdex_jax.params import Params
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in float32 as the references do."""
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        return (p["scale"] * y.astype(x.dtype)).astype(x.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + cfg.norm_eps)
+    return (y * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def _linear(x: jax.Array, p: dict, spec: str) -> jax.Array:
+    y = jnp.einsum(spec, x, p["w"])
+    return y + p["b"] if "b" in p else y
+
+
+def _rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout) on the first `rope_dim` features of each head."""
+    # x: [B, T, N, hd], positions: [B, T]
+    inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)  # [rd/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rd]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    rd = cfg.rope_dim
+    rot, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = (rot.astype(jnp.float32) * cos + rotated_half.astype(jnp.float32) * sin).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Grouped-query attention of T queries over all S cache slots."""
+    # q: [B, T, H, hd], k/v: [B, KV, S, hd], mask: [B, T, S]
+    B, T, H, hd = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)  # [B, KV, G, T, S]
+    # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)  # [B, T, KV, G, hd]
+    return out.reshape(B, T, H, hd)
+
+
+def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    act = _ACTIVATIONS[cfg.activation]
+    up = _linear(x, p["up"], "btd,df->btf")  # [B, T, F]
+    hidden = act(_linear(x, p["gate"], "btd,df->btf")) * up if cfg.gated_mlp else act(up)
+    return _linear(hidden, p["down"], "btf,fd->btd")  # [B, T, D]
+
+
+def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    x = params["embed"][tokens]  # [B, T, E]
+    if cfg.projects_embeddings:
+        x = x @ params["project_in"]  # [B, T, D]
+    if cfg.positions == "learned":
+        x = x + params["pos_embed"][positions + cfg.position_offset]
+    return x
+
+
+def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if cfg.final_norm:
+        h = _norm(h, params["final_norm"], cfg)
+    if cfg.projects_embeddings:
+        h = h @ params["project_out"]  # [B, E]
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]["w"]  # [E, V]
+    return jnp.einsum("be,ev->bv", h, w, preferred_element_type=jnp.float32)
+
+
+def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
+             cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """Run T tokens written at slots [cache.next_slot, +T); return the last token's logits and the cache."""
+    # tokens, positions: [B, T]; key_valid: [B, S] after this block's slots are marked
+    T = tokens.shape[1]
+    S = cache.max_length
+    start = cache.next_slot
+    with jax.named_scope("embed"):
+        h = _embed(params, tokens, positions, cfg)  # [B, T, D]
+
+    q_slot = start + jnp.arange(T)  # [T]
+    k_slot = jnp.arange(S)  # [S]
+    visible = k_slot[None, :] <= q_slot[:, None]  # [T, S] causal
+    if cfg.sliding_window is not None:
+        visible &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
+    mask = visible[None] & key_valid[:, None, :]  # [B, T, S]
+
+    def layer(carry, lp):
+        h, k_cache, v_cache, i = carry
+        x = _norm(h, lp["ln1"], cfg) if cfg.pre_norm else h
+        with jax.named_scope("qkv"):
+            q = _rope_if(_linear(x, lp["attn"]["q"], "btd,dhk->bthk"), positions, cfg)  # [B, T, H, hd]
+            k = _rope_if(_linear(x, lp["attn"]["k"], "btd,dhk->bthk"), positions, cfg)  # [B, T, KV, hd]
+            v = _linear(x, lp["attn"]["v"], "btd,dhk->bthk")  # [B, T, KV, hd]
+        with jax.named_scope("attention"):
+            # Write this block's keys/values into layer i's slots, then attend over the whole layer.
+            k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
+            v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
+            attn = _attention(q, k_cache[i], v_cache[i], mask, cfg)  # [B, T, H, hd]
+            attn = _linear(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
+        h = h + attn if cfg.pre_norm else _norm(h + attn, lp["ln1"], cfg)
+        with jax.named_scope("ffn"):
+            x = _norm(h, lp["ln2"], cfg) if cfg.pre_norm else h
+            out = _mlp(x, lp["mlp"], cfg)
+        h = h + out if cfg.pre_norm else _norm(h + out, lp["ln2"], cfg)
+        return (h, k_cache, v_cache, i + 1), None
+
+    (h, k_cache, v_cache, _), _ = lax.scan(layer, (h, cache.k, cache.v, jnp.int32(0)), params["layers"])
+    with jax.named_scope("lm_head"):
+        logits = _lm_head(params, h[:, -1], cfg)  # [B, V]
+    cache = cache.replace(k=k_cache, v=v_cache, valid=key_valid, next_slot=start + T)
+    return logits, cache
+
+
+def _rope_if(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return _rope(x, positions, cfg) if cfg.positions == "rope" else x
+
+
+def prefill_positions(mask: jax.Array) -> jax.Array:
+    """Hugging Face position ids of a left-padded batch: cumsum(mask) - 1, padding clamped to 0."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def prefill_fn(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array,
+               cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """Prompt pass over a fresh cache: left-padded tokens [B, T] with mask [B, T] -> last logits [B, V]."""
+    T = tokens.shape[1]
+    mask = mask.astype(bool)
+    positions = prefill_positions(mask)  # [B, T]
+    key_valid = jnp.zeros(cache.valid.shape, bool).at[:, :T].set(mask)  # [B, S]
+    cache = cache.replace(next_slot=jnp.zeros((), jnp.int32))
+    logits, cache = _forward(params, cache, tokens, positions, key_valid, cfg)
+    return logits, cache.replace(next_pos=jnp.sum(mask, axis=-1, dtype=jnp.int32))
+
+
+def decode_step_fn(params: Params, cache: KVCache, token: jax.Array,
+                   cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """One token per row [B] at the next slot -> logits [B, V] and the advanced cache."""
+    key_valid = cache.valid.at[:, cache.next_slot].set(True)  # [B, S]
+    logits, cache = _forward(params, cache, token[:, None], cache.next_pos[:, None], key_valid, cfg)
+    return logits, cache.replace(next_pos=cache.next_pos + 1)
+
+
+prefill = jax.jit(prefill_fn, static_argnames="cfg", donate_argnames="cache")
+prefill.__doc__ = prefill_fn.__doc__
+decode_step = jax.jit(decode_step_fn, static_argnames="cfg", donate_argnames="cache")
+decode_step.__doc__ = decode_step_fn.__doc__
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+    """Smallest power of two >= length (at least `minimum`): prompt shapes that share a bucket share a program."""
+    return max(minimum, 1 << (max(length, 1) - 1).bit_length())

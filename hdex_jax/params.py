@@ -1,0 +1,169 @@
+"""The canonical parameter pytree, declared once per weight.
+
+`param_specs(cfg)` is the single declaration of every weight: its shape, dtype and logical axes. Random
+init for tests, the converters' shape checks, the sharding rules and loading are all derived from it.
+Per-layer weights are stacked on a leading "layers" axis so that the forward pass can `lax.scan` them.
+
+Names are '/'-joined paths into a nested dict, e.g. "layers/attn/q/w".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdex_jax.config import ModelConfig
+
+Init = Literal["normal", "ones", "zeros"]
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One weight: its shape, dtype, logical axis names (one per dim) and how tests initialise it."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: str = "float32"
+    init: Init = "normal"
+
+    def __post_init__(self) -> None:
+        assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _norm_specs(cfg: ModelConfig, lead: tuple[int, ...], lead_axes: tuple[str, ...]) -> dict[str, ParamSpec]:
+    specs = {"scale": ParamSpec((*lead, cfg.hidden_size), (*lead_axes, "embed"), cfg.dtype, "ones")}
+    if cfg.norm == "layernorm":
+        specs["bias"] = ParamSpec((*lead, cfg.hidden_size), (*lead_axes, "embed"), cfg.dtype, "zeros")
+    return specs
+
+
+def _linear(w_shape: tuple[int, ...], w_axes: tuple[str | None, ...], bias: bool, b_shape: tuple[int, ...],
+            b_axes: tuple[str | None, ...], dtype: str) -> dict[str, ParamSpec]:
+    specs = {"w": ParamSpec(w_shape, w_axes, dtype)}
+    if bias:
+        specs["b"] = ParamSpec(b_shape, b_axes, dtype)
+    return specs
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The nested dict of `ParamSpec` for `cfg`: the one declaration of every weight."""
+    L, D, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
+    H, KV, hd, F, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    dt = cfg.dtype
+    lyr = ("layers",)
+
+    def proj(heads: int, head_axis: str, bias: bool) -> dict[str, ParamSpec]:
+        return _linear((L, D, heads, hd), ("layers", "embed", head_axis, "head_dim"), bias,
+                       (L, heads, hd), ("layers", head_axis, "head_dim"), dt)
+
+    attn = {
+        "q": proj(H, "heads", cfg.qkv_bias),
+        "k": proj(KV, "kv_heads", cfg.qkv_bias),
+        "v": proj(KV, "kv_heads", cfg.qkv_bias),
+        "o": _linear((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), cfg.o_bias,
+                     (L, D), ("layers", "embed"), dt),
+    }
+    mlp = {
+        "up": _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt),
+        "down": _linear((L, F, D), ("layers", "ffn", "embed"), cfg.mlp_bias, (L, D), ("layers", "embed"), dt),
+    }
+    if cfg.gated_mlp:
+        mlp["gate"] = _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt)
+
+    specs: dict[str, Any] = {
+        "embed": ParamSpec((V, E), ("vocab", "embed_in"), dt),
+        "layers": {
+            "ln1": _norm_specs(cfg, (L,), lyr),
+            "attn": attn,
+            "ln2": _norm_specs(cfg, (L,), lyr),
+            "mlp": mlp,
+        },
+    }
+    if cfg.positions == "learned":
+        specs["pos_embed"] = ParamSpec((cfg.max_position_embeddings + cfg.position_offset, D),
+                                       ("positions", "embed"), dt)
+    if cfg.projects_embeddings:
+        specs["project_in"] = ParamSpec((E, D), ("embed_in", "embed"), dt)
+        specs["project_out"] = ParamSpec((D, E), ("embed", "embed_in"), dt)
+    if cfg.final_norm:
+        specs["final_norm"] = _norm_specs(cfg, (), ())
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = {"w": ParamSpec((E, V), ("embed_in", "vocab"), dt)}
+    return specs
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a/b/c": leaf} -> nested dict."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, last = name.split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
+    """Random parameters following the declarations (for tests and the performance model's examples)."""
+    flat = flatten(param_specs(cfg))
+    keys = jax.random.split(key, len(flat))
+    out = {}
+    for k, (name, spec) in zip(keys, sorted(flat.items())):
+        if spec.init == "ones":
+            out[name] = jnp.ones(spec.shape, spec.dtype)
+        elif spec.init == "zeros":
+            out[name] = jnp.zeros(spec.shape, spec.dtype)
+        else:
+            out[name] = scale * jax.random.normal(k, spec.shape, spec.dtype)
+    return unflatten(out)
+
+
+def check_params(params: Mapping[str, Any], cfg: ModelConfig, source: str = "params") -> None:
+    """Raise `ValueError` naming every missing, unexpected or mis-shaped weight."""
+    expected = flatten(param_specs(cfg))
+    got = flatten(params)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    bad = [f"{n}: expected {expected[n].shape}, got {tuple(got[n].shape)}"
+           for n in sorted(set(expected) & set(got)) if tuple(got[n].shape) != expected[n].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing weights {missing}")
+    if extra:
+        problems.append(f"unexpected weights {extra}")
+    if bad:
+        problems.append("wrong shapes: " + "; ".join(bad))
+    if problems:
+        raise ValueError(f"{source} does not match the {cfg.model_type} declaration: " + ", ".join(problems))
+
+
+def total_bytes(cfg: ModelConfig) -> int:
+    """Bytes of all declared weights."""
+    return sum(spec.nbytes for spec in flatten(param_specs(cfg)).values())

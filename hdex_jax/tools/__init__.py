@@ -1,0 +1,3 @@
+from hdex_jax.tools.compiler import AutoCompiler
+
+__all__ = ["AutoCompiler"]

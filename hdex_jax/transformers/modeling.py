@@ -1,0 +1,238 @@
+"""`AutoModelForCausalLM`: a compiled model on emulated LPU devices, with HyperDex's `generate` API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hdex_jax import artifacts, hub
+from hdex_jax.config import ModelConfig
+from hdex_jax.generation import prepare_batch, generate_tokens, stream_tokens
+from hdex_jax.layout import padded_config
+from hdex_jax.params import Params
+from hdex_jax.sampling import SamplingConfig
+from hdex_jax.sharding import abstract_params, make_mesh
+from hdex_jax.transformers.streamer import TextStreamer
+
+# HyperDex's sampling defaults.
+DEFAULT_TOP_P = 0.7
+DEFAULT_TOP_K = 1
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_REPETITION_PENALTY = 1.2
+
+
+def parse_device_map(device_map: dict[str, int] | None) -> int:
+    """The number of LPU devices in a HyperDex device_map such as {"lpu": 2}."""
+    if device_map is None:
+        return 1
+    if not isinstance(device_map, dict) or set(device_map) - {"lpu", "gpu"}:
+        raise ValueError(f"device_map must be a dict with keys 'lpu' (and optionally 'gpu'), got {device_map!r}")
+    lpu = device_map.get("lpu", 1)
+    if not isinstance(lpu, int) or isinstance(lpu, bool) or lpu < 1:
+        raise ValueError(f"device_map['lpu'] must be a positive integer, got {lpu!r}")
+    if device_map.get("gpu", 0):
+        raise ValueError("device_map with 'gpu' devices (the hybrid prefill/decode split) is not supported yet; "
+                         "use {'lpu': N}")
+    return lpu
+
+
+class LPUModelForCausalLM:
+    """A causal LM whose decode datapath runs as jitted JAX functions on a mesh of emulated LPU devices."""
+
+    def __init__(self, config: ModelConfig, params: Params, tokenizer: Any, max_length: int, num_device: int,
+                 model_id: str):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.num_device = num_device
+        self.model_id = model_id
+
+    # ----------------------------------------------------------------------------------------- inputs/outputs
+    def _as_prompts(self, inputs: Any) -> tuple[list[list[int]], str]:
+        """Normalise `inputs` to a list of id lists and remember its kind, so the output mirrors it."""
+        if isinstance(inputs, str):
+            if self.tokenizer is None:
+                raise ValueError("a str prompt needs a tokenizer, but this model has none; pass token ids")
+            return [list(self.tokenizer.encode(inputs))], "str"
+        if isinstance(inputs, (np.ndarray, jax.Array)):
+            array = np.asarray(inputs)
+            if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+                raise ValueError(f"inputs as an array must be 2-D integer token ids [batch, length], got shape "
+                                 f"{array.shape} and dtype {array.dtype}")
+            return array.tolist(), "jax" if isinstance(inputs, jax.Array) else "numpy"
+        if isinstance(inputs, Sequence) and len(inputs) > 0 and all(isinstance(x, Sequence) for x in inputs):
+            return [self._ids(row) for row in inputs], "batch"
+        if isinstance(inputs, Sequence):
+            return [self._ids(inputs)], "ids"
+        raise ValueError(f"inputs must be a str, a list of token ids, a list of lists or a 2-D array, "
+                         f"got {type(inputs).__name__}")
+
+    @staticmethod
+    def _ids(row: Sequence[Any]) -> list[int]:
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):
+            raise ValueError(f"token ids must be integers, got {list(row)[:5]}")
+        return [int(t) for t in row]
+
+    def _format(self, prompts: list[list[int]], new: list[list[int]], kind: str) -> Any:
+        full = [p + n for p, n in zip(prompts, new)]
+        if kind == "str":
+            return self.tokenizer.decode(full[0], skip_special_tokens=True)
+        if kind == "ids":
+            return full[0]
+        if kind == "batch":
+            return full
+        width = max(len(row) for row in full)
+        array = np.full((len(full), width), self._pad_id(), np.int64)
+        for i, row in enumerate(full):
+            array[i, : len(row)] = row
+        return jax.numpy.asarray(array) if kind == "jax" else array
+
+    def _pad_id(self) -> int:
+        cfg = self.config
+        if cfg.pad_token_id is not None:
+            return cfg.pad_token_id
+        return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+
+    def _stop_ids(self, stop: int | Sequence[int] | None) -> list[int]:
+        if stop is None:
+            return list(self.config.eos_token_ids)
+        ids = [stop] if isinstance(stop, (int, np.integer)) else list(stop)
+        for t in ids:
+            if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < self.config.vocab_size:
+                raise ValueError(f"stop must be token ids in [0, {self.config.vocab_size}), got {stop!r}")
+        return [int(t) for t in ids]
+
+    def _budget(self, longest: int, max_new_tokens: int | None, max_length: int | None) -> int:
+        if max_new_tokens is not None:
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            return max_new_tokens
+        if max_length is not None:
+            if not isinstance(max_length, int) or max_length <= longest:
+                raise ValueError(f"max_length ({max_length!r}) must be an integer larger than the prompt "
+                                 f"length ({longest})")
+            return max_length - longest
+        return max(self.max_length - longest, 1)
+
+    def _prepare(self, inputs: Any, max_new_tokens: int | None, max_length: int | None, do_sample: bool,
+                 top_p: float, top_k: int, temperature: float, repetition_penalty: float,
+                 stop: int | Sequence[int] | None, seed: int | None):
+        prompts, kind = self._as_prompts(inputs)
+        sampling = SamplingConfig(do_sample=bool(do_sample), repetition_penalty=repetition_penalty,
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        longest = max((len(p) for p in prompts), default=0)
+        batch = prepare_batch(prompts, self.config, max_length=self.max_length,
+                              max_new_tokens=self._budget(longest, max_new_tokens, max_length),
+                              stop=self._stop_ids(stop), pad_id=self._pad_id(), seed=seed)
+        return prompts, kind, sampling, batch
+
+    # --------------------------------------------------------------------------------------------- generate
+    def generate(self, inputs: Any, max_new_tokens: int | None = None, max_length: int | None = None,
+                 do_sample: bool = True, top_p: float = DEFAULT_TOP_P, top_k: int = DEFAULT_TOP_K,
+                 temperature: float = DEFAULT_TEMPERATURE, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+                 stop: int | Sequence[int] | None = None, seed: int | None = None,
+                 streamer: TextStreamer | None = None) -> Any:
+        """Generate continuations of `inputs`; the output has the type of `inputs` and includes the prompt.
+
+        Args:
+            inputs: a str (decoded str back), a list of token ids, a list of lists (one per prompt, returned
+                unpadded) or a 2-D array (returned as an array of that kind, right-padded with the pad id).
+            max_new_tokens: new tokens per prompt. If None, `max_length` (total length, as in transformers)
+                sets it; if both are None, generation runs until a stop token or the compiled max_length.
+            do_sample, top_p, top_k, temperature, repetition_penalty: Hugging Face sampling, in Hugging Face's
+                order, with HyperDex's defaults (top_p 0.7, top_k 1, temperature 1.0, repetition penalty 1.2).
+                `do_sample=False` is greedy after the repetition penalty. `top_k=0` and `top_p=1.0` disable.
+            stop: a token id or list of ids that end a row (kept in the output); defaults to the model's eos.
+            seed: the PRNG seed; the same seed gives the same tokens. None draws a fresh random seed.
+            streamer: a `TextStreamer`, which receives the tokens as they are produced (one prompt only).
+        """
+        prompts, kind, sampling, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p,
+                                                       top_k, temperature, repetition_penalty, stop, seed)
+        if streamer is None:
+            new = generate_tokens(self.params, self.config, batch, sampling)
+        else:
+            new = [[] for _ in prompts]
+            for token in self._stream(prompts, batch, sampling, streamer):
+                new[0].append(token)
+        return self._format(prompts, new, kind)
+
+    def generate_yield(self, inputs: Any, max_new_tokens: int | None = None, max_length: int | None = None,
+                       do_sample: bool = True, top_p: float = DEFAULT_TOP_P, top_k: int = DEFAULT_TOP_K,
+                       temperature: float = DEFAULT_TEMPERATURE,
+                       repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+                       stop: int | Sequence[int] | None = None, seed: int | None = None,
+                       streamer: TextStreamer | None = None) -> Iterator[Any]:
+        """Like `generate`, but a generator of what is produced, as it is produced.
+
+        Yields each new token id (one prompt), or each step's list of ids (several prompts; rows that have
+        stopped are absent from later steps' lists as None). Given a `TextStreamer(..., use_print=False)`,
+        yields text pieces instead.
+        """
+        prompts, _, sampling, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
+                                                    temperature, repetition_penalty, stop, seed)
+        if streamer is not None:
+            for _ in self._stream(prompts, batch, sampling, streamer):
+                yield from streamer.take_pieces()
+            yield from streamer.take_pieces()
+            return
+        finished = [False] * len(prompts)
+        for step in stream_tokens(self.params, self.config, batch, sampling):
+            tokens = [None if f else int(t) for f, t in zip(finished, step)]
+            finished = [f or (t in batch.stop_ids) for f, t in zip(finished, tokens)]
+            yield tokens[0] if len(prompts) == 1 else tokens
+
+    def _stream(self, prompts: list[list[int]], batch, sampling: SamplingConfig,
+                streamer: TextStreamer) -> Iterator[int]:
+        """Drive `streamer` over one prompt's tokens; yields each new token id."""
+        if len(prompts) != 1:
+            raise ValueError(f"a streamer takes one prompt at a time, got {len(prompts)}")
+        streamer.put(np.asarray([prompts[0]]))
+        try:
+            for step in stream_tokens(self.params, self.config, batch, sampling):
+                token = int(step[0])
+                streamer.put(np.asarray([token]))
+                yield token
+                if token in batch.stop_ids:
+                    break
+        finally:
+            streamer.end()
+
+
+class AutoModelForCausalLM:
+    """HyperDex's entry point: `AutoModelForCausalLM.from_pretrained(model_id, device_map={"lpu": N})`."""
+
+    @staticmethod
+    def from_pretrained(model_id: str = hub.DEFAULT_MODEL, device_map: dict[str, int] | None = None,
+                        token: str | None = None, max_length: int = 4096) -> LPUModelForCausalLM:
+        """Load a compiled model onto `device_map["lpu"]` emulated devices.
+
+        A model or device count that was not compiled yet is compiled first (with a notice) for `max_length`;
+        otherwise the compiled max_length is used.
+        """
+        import transformers
+
+        from hdex_jax.tools import AutoCompiler
+
+        num_device = parse_device_map(device_map)
+        model_dir = hub.model_dir(model_id)
+        params_dir = artifacts.param_dir(model_dir, num_device)
+        manifest = artifacts.read_manifest(params_dir)
+        if manifest is None:
+            print(f"[hdex] {model_id} is not compiled for {num_device} device(s) yet; compiling it now", flush=True)
+            AutoCompiler().compile(model_id, num_device=num_device, token=token, max_length=max_length)
+            manifest = artifacts.read_manifest(params_dir)
+        ckpt = artifacts.ckpt_dir(model_dir)
+        cfg = padded_config(ModelConfig.load(ckpt), num_device)
+        if (manifest["num_heads"], manifest["num_kv_heads"]) != (cfg.num_heads, cfg.num_kv_heads):
+            raise ValueError(f"{params_dir} holds a layout with {manifest['num_heads']} heads, not the "
+                             f"{cfg.num_heads} expected for {num_device} devices; compile again")
+        mesh = make_mesh(num_device)
+        params = artifacts.restore_params(params_dir, abstract_params(cfg, mesh))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
+        return LPUModelForCausalLM(cfg, params, tokenizer, manifest["max_length"], num_device, model_id)
