@@ -1,0 +1,318 @@
+"""Analytical per-token decode latency of a model on N LPU devices.
+
+Everything the model counts comes from the model description the datapath runs: `padded_config(cfg, N)`
+(head padding for N devices) and its weight declarations `param_specs`, whose logical axes say what is split
+over the devices (`LOGICAL_RULES`: heads, kv_heads, ffn, vocab) and what is replicated. Weight bytes, shards,
+MACs and ESL syncs are read off the declarations (a row-parallel matrix is one that writes the residual axis
+from a split input); KV and vector work off the padded config's head counts and sizes. No architecture is
+retyped here, so a new family or option is costed as soon as it is declared.
+
+The LPU decodes one token as a chain of dependent instructions that stream weights from memory. One token
+costs one device:
+
+- weights:   the bytes of its weight shards / (bandwidth * stream efficiency), or its MACs / MAC rate when
+             the batch makes it compute bound;
+- kv_cache:  the same for the K and V entries it reads and writes;
+- vector:    elements of norms, biases, residual adds, RoPE, softmax, activations and sampling / lane rate;
+- pipeline:  a fixed latency for every dependent instruction (memory latency, pipeline fill and drain);
+- esl_sync:  the exposed part of each ESL sync. ESL sends partial sums while the producing matrix is still
+             streaming, so only the hop latency and any transfer longer than that matrix are exposed.
+
+The GPU-style baseline is the same model with every sync a ring all-reduce (alpha-beta) that waits for the
+producing matrix to finish and stalls compute until it is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from hdex_jax.config import ModelConfig
+from hdex_jax.layout import padded_config
+from hdex_jax.lpu.presets import Hardware, get_preset
+from hdex_jax.params import ParamSpec, flatten, param_specs
+from hdex_jax.sharding import LOGICAL_RULES
+
+# Logical axes split over the LPU devices; every other axis is replicated.
+SPLIT_AXES = frozenset(axis for axis, mesh_axis in LOGICAL_RULES.items() if mesh_axis)
+# Tables read one row per token rather than streamed whole (the tied embedding is also the LM head).
+LOOKUP_TABLES = ("embed", "pos_embed")
+# A matrix whose last axis is the residual stream writes the full hidden vector: when its input is split over
+# the devices, each holds a partial sum that must be all-reduced (the Megatron row-parallel layer).
+RESIDUAL_AXES = frozenset({"embed", "embed_in"})
+# Passes of the vector engine over each element: a norm reads once for its statistics and once to scale;
+# softmax reads for the max, for exp-and-sum and to normalise; sampling is a softmax plus a top-k/top-p pass.
+NORM_PASSES, SOFTMAX_PASSES, SAMPLING_PASSES = 2, 3, 4
+# Instructions per layer that no weight declares: attention scores, softmax, attention-weighted values and
+# the activation (RoPE adds one more where the model has it); sampling adds one per token.
+UNDECLARED_LAYER_OPS = 4
+
+DEFAULT_DTYPE = "float16"  # the LPU stores and streams fp16 weights and KV entries
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncCost:
+    """One kind of ESL sync in a decode step, summed over its occurrences in one token."""
+
+    name: str  # the weight whose output is synchronised, e.g. "layers/attn/o/w"
+    kind: str  # "all-reduce" (partial sums) or "all-gather" (vocab-parallel logits)
+    count: int  # occurrences per token (per layer syncs count once per layer)
+    payload_bytes: int  # bytes of the full vector synchronised, per occurrence
+    overlapped_ms: float  # ESL transfer time hidden under the producing matrix, per token
+    exposed_ms: float  # ESL time on the critical path, per token
+    baseline_ms: float  # the GPU-style ring collective, all exposed, per token
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Cost of generating one token (per decode step) of `batch` rows on `num_device` LPU devices."""
+
+    model_type: str
+    preset: str
+    num_device: int
+    context_len: int
+    batch: int
+    dtype: str
+    ms_per_token: float  # latency of one decode step: the sum of `stages`
+    stages: dict[str, float]  # critical-path milliseconds: weights, kv_cache, vector, pipeline, esl_sync
+    syncs: tuple[SyncCost, ...]  # each ESL sync, overlapped part separated from the exposed part
+    baseline_ms_per_token: float  # the same step with GPU-style (non-overlapped ring) all-reduces
+    weight_bytes: int  # all declared weights of the padded model, in `dtype`
+    device_weight_bytes: int  # weights stored on one device
+    device_kv_cache_bytes: int  # KV cache stored on one device at this context
+    weight_stream_bytes: int  # weight bytes one device reads per step (lookup tables: only their rows)
+    kv_stream_bytes: int  # KV bytes one device reads and writes per step
+    memory_bandwidth_gbs: float
+    memory_capacity_gb: float
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes one device moves through memory per step."""
+        return self.weight_stream_bytes + self.kv_stream_bytes
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the whole batch."""
+        return self.batch * 1e3 / self.ms_per_token
+
+    @property
+    def bandwidth_utilization(self) -> float:
+        """Achieved memory bandwidth over the step divided by the peak."""
+        return self.streamed_bytes / (self.ms_per_token * 1e-3) / (self.memory_bandwidth_gbs * 1e9)
+
+    @property
+    def sync_exposed_ms(self) -> float:
+        return sum(s.exposed_ms for s in self.syncs)
+
+    @property
+    def sync_overlapped_ms(self) -> float:
+        return sum(s.overlapped_ms for s in self.syncs)
+
+    @property
+    def fits_in_memory(self) -> bool:
+        return self.device_weight_bytes + self.device_kv_cache_bytes <= self.memory_capacity_gb * 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sync:
+    name: str
+    kind: str
+    count: int
+    payload_bytes: int
+    # Bytes one device streams, and MACs it does, for the matrix producing one occurrence: the transfer hides
+    # under that matrix's time.
+    producer_bytes: int
+    producer_macs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traffic:
+    """What one decode step asks of one device, counted from the declarations."""
+
+    total_weight_bytes: int
+    device_weight_bytes: int
+    weight_bytes: int
+    weight_macs: int
+    kv_bytes: int
+    kv_macs: int
+    kv_cache_bytes: int
+    vector_elements: int
+    ops: int
+    syncs: tuple[_Sync, ...]
+
+
+def _split_axis(spec: ParamSpec) -> int | None:
+    split = [i for i, axis in enumerate(spec.axes) if axis in SPLIT_AXES]
+    assert len(split) <= 1, f"{spec} is split on more than one axis"
+    return split[0] if split else None
+
+
+def _device_shape(spec: ParamSpec, num_device: int) -> tuple[int, ...]:
+    """Shape of one device's shard (an uneven split is padded up, as the datapath pads it)."""
+    axis = _split_axis(spec)
+    shape = list(spec.shape)
+    if axis is not None:
+        shape[axis] = math.ceil(shape[axis] / num_device)
+    return tuple(shape)
+
+
+def _layer_count(name: str, spec: ParamSpec) -> int:
+    """How many times per token a weight's instruction runs: once per layer for stacked weights."""
+    return spec.shape[0] if name.startswith("layers/") else 1
+
+
+def _traffic(cfg: ModelConfig, num_device: int, context_len: int, batch: int, dtype: str) -> _Traffic:
+    """Walk the declarations of `cfg` padded for `num_device` and count one device's work for one step."""
+    padded = dataclasses.replace(padded_config(cfg, num_device), dtype=dtype)
+    specs = flatten(param_specs(padded))
+    itemsize = np.dtype(dtype).itemsize
+
+    total = device = streamed = macs = vector = ops = 0
+    syncs: list[_Sync] = []
+    for name, spec in specs.items():
+        shard = _device_shape(spec, num_device)
+        shard_bytes = int(np.prod(shard)) * itemsize
+        total += spec.nbytes
+        device += shard_bytes
+        per_token = _layer_count(name, spec)
+        split = _split_axis(spec) is not None
+        leaf = name.rsplit("/", 1)[-1]
+        if name in LOOKUP_TABLES:
+            # One row per batch row is read (from a vocab-split table only by the row's owner: counted on every
+            # device, an upper bound of a few kilobytes).
+            streamed += batch * shard[-1] * itemsize
+            ops += 1
+            if name == "embed" and split:
+                syncs.append(_Sync(name, "all-reduce", 1, batch * spec.shape[-1] * itemsize, 0, 0))
+            if name == "embed" and cfg.tie_embeddings:
+                streamed += shard_bytes
+                macs += batch * int(np.prod(shard))
+                ops += 1
+                syncs.extend(_logits_sync(name, spec, shard_bytes, num_device, batch, itemsize))
+        elif leaf == "scale":
+            # A norm: every device normalises the full replicated vector.
+            streamed += shard_bytes
+            vector += NORM_PASSES * batch * int(np.prod(shard))
+            ops += per_token
+        elif leaf in ("b", "bias"):
+            streamed += shard_bytes
+            vector += batch * int(np.prod(shard))
+        else:
+            # A matrix (leaf "w", or a bare projection such as lm_head / project_in / project_out).
+            streamed += shard_bytes
+            macs += batch * int(np.prod(shard))
+            ops += per_token
+            if spec.axes[-1] in RESIDUAL_AXES and split:
+                syncs.append(_Sync(name, "all-reduce", per_token, batch * spec.shape[-1] * itemsize,
+                                   shard_bytes // per_token, batch * int(np.prod(shard)) // per_token))
+                # The partial sum, once reduced, is added to the residual stream.
+                vector += per_token * batch * spec.shape[-1]
+                ops += per_token
+            elif spec.axes[-1] == "vocab":
+                syncs.extend(_logits_sync(name, spec, shard_bytes, num_device, batch, itemsize))
+
+    L = padded.num_layers
+    heads, kv_heads = padded.num_heads // num_device, padded.num_kv_heads // num_device
+    attended = min(context_len + 1, padded.sliding_window or context_len + 1)  # cached entries + the new one
+    # K and V of one position on this device; every attended one is read (by each query head of its group)
+    # and the new one is also written.
+    kv_elements = 2 * L * kv_heads * padded.head_dim * batch
+    kv_bytes = kv_elements * (attended + 1) * itemsize
+    kv_macs = kv_elements * attended * (heads // kv_heads)
+
+    ffn = math.ceil(padded.intermediate_size / num_device)
+    vector += batch * L * heads * attended * SOFTMAX_PASSES
+    vector += batch * L * ffn * (2 if padded.gated_mlp else 1)  # activation (times the gate)
+    if padded.positions == "rope":
+        vector += batch * L * (heads + kv_heads) * padded.rope_dim
+    vocab = math.ceil(padded.vocab_size / num_device)
+    vector += batch * vocab * SAMPLING_PASSES
+    ops += L * (UNDECLARED_LAYER_OPS + (padded.positions == "rope")) + 1
+    return _Traffic(total, device, streamed, macs, kv_bytes, kv_macs, kv_elements * attended * itemsize, vector,
+                    ops, tuple(s for s in syncs if num_device > 1))
+
+
+def _logits_sync(name: str, spec: ParamSpec, shard_bytes: int, num_device: int, batch: int,
+                 itemsize: int) -> list[_Sync]:
+    """The vocab-parallel LM head leaves each device a slice of the logits: gather them for sampling."""
+    vocab = math.ceil(spec.shape[spec.axes.index("vocab")] / num_device) * num_device
+    return [_Sync(name, "all-gather", 1, batch * vocab * itemsize, shard_bytes, batch * shard_bytes // itemsize)]
+
+
+def _matrix_seconds(nbytes: int, macs: int, hw: Hardware) -> float:
+    """Time of streaming `nbytes` through the matrix engine: the stream or the MACs, whichever binds."""
+    return max(nbytes / (hw.memory_bandwidth_gbs * 1e9 * hw.stream_efficiency),
+               macs / (hw.macs_per_cycle * hw.clock_mhz * 1e6))
+
+
+def _sync_cost(sync: _Sync, hw: Hardware, num_device: int) -> SyncCost:
+    """ESL: overlapped with the producing matrix, exposed = hop latencies + what does not fit under it."""
+    n = num_device
+    if sync.kind == "all-reduce":  # reduce-scatter then all-gather around the ring
+        wire_bytes, steps = 2 * (n - 1) / n * sync.payload_bytes, 2 * (n - 1)
+    else:
+        wire_bytes, steps = (n - 1) / n * sync.payload_bytes, n - 1
+    transfer = wire_bytes / (hw.esl_bandwidth_gbs * 1e9)
+    overlapped = min(transfer, _matrix_seconds(sync.producer_bytes, sync.producer_macs, hw))
+    # The last partial sums leave when the matrix ends and cross up to n - 1 hops to the farthest device.
+    exposed = (n - 1) * hw.esl_hop_latency_us * 1e-6 + transfer - overlapped
+    baseline = steps * hw.baseline_alpha_us * 1e-6 + wire_bytes / (hw.baseline_link_gbs * 1e9)
+    return SyncCost(sync.name, sync.kind, sync.count, sync.payload_bytes, 1e3 * sync.count * overlapped,
+                    1e3 * sync.count * exposed, 1e3 * sync.count * baseline)
+
+
+def estimate(config: ModelConfig, num_device: int, context_len: int, *, preset: str | Hardware = "asic",
+             batch: int = 1, dtype: str = DEFAULT_DTYPE) -> Estimate:
+    """Estimated per-token decode latency of `config` on `num_device` LPU devices.
+
+    Args:
+      config: the model, as the datapath runs it (heads are padded for `num_device` here).
+      num_device: number of LPU devices the model is split over (tensor parallel, >= 1).
+      context_len: tokens already in the KV cache when the token is generated (>= 0). A generation's mean
+        ms/token is the estimate at its mean context (prompt + half the output), the cost being linear in it.
+      preset: "asic", "fpga-u55c" (see `PRESETS`), or a `Hardware` of your own.
+      batch: rows decoded together (weights are streamed once for all of them).
+      dtype: storage type of weights and KV entries; the LPU uses float16.
+
+    Returns:
+      An `Estimate`: `ms_per_token` is the sum of `stages`; `syncs` splits each ESL sync into its overlapped
+      and exposed time; `baseline_ms_per_token` is the GPU-style comparison.
+
+    Raises:
+      ValueError: for an unknown preset, num_device < 1, a negative context_len or one past the model's
+        positions, batch < 1 or an unknown dtype.
+    """
+    hw = get_preset(preset)
+    if not isinstance(num_device, int) or isinstance(num_device, bool) or num_device < 1:
+        raise ValueError(f"num_device must be a positive integer, got {num_device!r}")
+    if not isinstance(context_len, int) or context_len < 0:
+        raise ValueError(f"context_len must be a non-negative integer, got {context_len!r}")
+    if context_len >= config.max_position_embeddings:
+        raise ValueError(f"context_len {context_len} leaves no position for the new token: {config.model_type} "
+                         f"has max_position_embeddings={config.max_position_embeddings}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    try:
+        np.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"dtype {dtype!r} is not a numpy dtype name (e.g. 'float16', 'bfloat16')") from err
+
+    t = _traffic(config, num_device, context_len, batch, str(np.dtype(dtype)))
+    syncs = tuple(_sync_cost(s, hw, num_device) for s in t.syncs)
+    stages = {
+        "weights": 1e3 * _matrix_seconds(t.weight_bytes, t.weight_macs, hw),
+        "kv_cache": 1e3 * _matrix_seconds(t.kv_bytes, t.kv_macs, hw),
+        "vector": 1e3 * t.vector_elements / (hw.vector_lanes * hw.clock_mhz * 1e6),
+        "pipeline": 1e3 * t.ops * hw.op_latency_cycles / (hw.clock_mhz * 1e6),
+        "esl_sync": sum(s.exposed_ms for s in syncs),
+    }
+    ms = sum(stages.values())
+    return Estimate(
+        model_type=config.model_type, preset=hw.name, num_device=num_device, context_len=context_len,
+        batch=batch, dtype=str(np.dtype(dtype)), ms_per_token=ms, stages=stages, syncs=syncs,
+        baseline_ms_per_token=ms - stages["esl_sync"] + sum(s.baseline_ms for s in syncs),
+        weight_bytes=t.total_weight_bytes, device_weight_bytes=t.device_weight_bytes,
+        device_kv_cache_bytes=t.kv_cache_bytes, weight_stream_bytes=t.weight_bytes, kv_stream_bytes=t.kv_bytes,
+        memory_bandwidth_gbs=hw.memory_bandwidth_gbs, memory_capacity_gb=hw.memory_capacity_gb)

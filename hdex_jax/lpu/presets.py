@@ -1,0 +1,131 @@
+"""Hardware presets of the LPU performance model: plain frozen data, one number per field.
+
+Every value is tagged in a comment with where it comes from:
+
+- [paper]       arXiv 2408.07326 / IEEE Micro 44(6) 2024, "LPU: A Latency-Optimized and Highly Scalable
+                Processor for Large Language Model Inference" (Moon et al., HyperAccel and KAIST);
+- [datasheet]   the vendor's product page of the part named;
+- [derived]     computed from tagged numbers, the derivation is in the comment;
+- [calibrated]  fitted so that the model reproduces the published results (see `hdex_jax.lpu.calibration`
+                and docs/lpu_performance_model.md, which show the fit and its error);
+- [assumption]  not published as far as this project could verify: a stated guess, to be replaced when a
+                better number is known.
+
+To model other hardware, copy a preset and change it:
+`dataclasses.replace(ASIC, memory_bandwidth_gbs=4800.0, name="asic-hbm3e")`, then pass it as `preset=`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One LPU device, its memory and its device-to-device links.
+
+    Units are those in the field names: GB is 1e9 bytes, GB/s is 1e9 bytes per second.
+    """
+
+    name: str
+    # Peak memory bandwidth of one device.
+    memory_bandwidth_gbs: float
+    # Memory capacity of one device: weights plus KV cache must fit (reported, not enforced).
+    memory_capacity_gb: float
+    # Fraction of the peak bandwidth sustained while weights and KV entries stream through the datapath.
+    stream_efficiency: float
+    # Kernel clock of the datapath.
+    clock_mhz: float
+    # Multiply-accumulates per cycle of the matrix engine (one batch row): bounds compute-heavy steps.
+    macs_per_cycle: int
+    # Elements per cycle of the vector engine (norms, softmax, activations, residual adds, sampling).
+    vector_lanes: int
+    # Cycles every dependent instruction waits before its first result (memory latency, pipeline fill and
+    # drain). A decode step is one long chain of such instructions, so this is paid once per instruction.
+    op_latency_cycles: int
+    # Bandwidth of one ESL (expandable synchronization link) direction between neighbouring devices.
+    esl_bandwidth_gbs: float
+    # Latency of one ESL hop: paid per hop even when the transfer itself overlaps compute.
+    esl_hop_latency_us: float
+    # The GPU-style baseline: a ring all-reduce that does not overlap compute, costing
+    # 2 (N - 1) (alpha + bytes / (N beta)) per all-reduce (the alpha-beta model).
+    baseline_alpha_us: float
+    baseline_link_gbs: float
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "name" and (isinstance(value, bool) or not value > 0):
+                raise ValueError(f"Hardware.{field.name} must be positive, got {value!r}")
+        if self.stream_efficiency > 1:
+            raise ValueError(f"Hardware.stream_efficiency is a fraction of the peak, got {self.stream_efficiency}")
+
+
+ASIC = Hardware(
+    name="asic",
+    # [calibrated] Not stated in the material this project could verify. The published OPT-66B result
+    # (20.9 ms/token on two devices, fp16) alone needs >= 3.14 TB/s per device at 100% efficiency, so one
+    # HBM3 stack (819.2 GB/s), and the H100 SXM's 3.35 TB/s at the published ~90% efficiency, are both ruled
+    # out. Fitting both published latencies with stream_efficiency at 0.90 gives 3806 GB/s, rounded here;
+    # that is within 3% of the 3.9 TB/s of an H100 NVL (HBM3), the GPU class the paper compares against.
+    memory_bandwidth_gbs=3800.0,
+    # [assumption] HBM3 capacity of the H100 class the paper compares against: OPT-66B in fp16 (131 GB)
+    # needs two such devices, as in the paper.
+    memory_capacity_gb=80.0,
+    # [paper] "up to 90% bandwidth utilization": the streaming efficiency a large model approaches.
+    stream_efficiency=0.90,
+    # [assumption] ASIC clock of the 4 nm synthesis (the paper gives area and power, not a clock we verified).
+    clock_mhz=1000.0,
+    # [derived] [paper: compute balanced to memory bandwidth] 3800 GB/s / 2 bytes / 1 GHz = 1900 fp16
+    # weights per cycle, rounded up to a power of two.
+    macs_per_cycle=2048,
+    # [assumption] Vector engine width.
+    vector_lanes=64,
+    # [calibrated] Fitted with memory_bandwidth_gbs to both published latencies (1078 cycles, rounded): what
+    # makes OPT-1.3B (many short instructions) use its bandwidth less well than OPT-66B.
+    op_latency_cycles=1080,
+    # [assumption] Per-direction ESL bandwidth of the ASIC (a PCIe 5.0 x16-class serial link).
+    esl_bandwidth_gbs=64.0,
+    # [calibrated] A round value that gives the published ~1.75x per doubling (OPT-66B, 2 to 8 devices).
+    esl_hop_latency_us=1.0,
+    # [assumption] NCCL-like ring step latency and NVLink-class link of the GPU servers compared against.
+    baseline_alpha_us=2.0,
+    baseline_link_gbs=200.0,
+)
+
+FPGA_U55C = Hardware(
+    name="fpga-u55c",
+    # [datasheet] AMD/Xilinx Alveo U55C: 16 GB HBM2, 460 GB/s. [paper] The LPU prototype runs on this card.
+    memory_bandwidth_gbs=460.0,
+    memory_capacity_gb=16.0,
+    # [assumption] Same streamlined datapath as the ASIC, so the same efficiency.
+    stream_efficiency=0.90,
+    # [paper] 220 MHz kernel clock on the U55C.
+    clock_mhz=220.0,
+    # [derived] [paper: compute balanced to memory bandwidth] 460 GB/s / 2 bytes / 220 MHz = 1045 fp16
+    # weights per cycle: 1024 MACs keep up with the 90% of it that is sustained.
+    macs_per_cycle=1024,
+    # [assumption] Same RTL as the ASIC.
+    vector_lanes=64,
+    # [assumption] Same RTL as the ASIC, so the same cycle counts (at a lower clock).
+    op_latency_cycles=1080,
+    # [datasheet] The U55C's QSFP28 ports run at 100 Gb/s = 12.5 GB/s per direction; ESL uses them.
+    esl_bandwidth_gbs=12.5,
+    # [assumption] One hop through two 100G MACs and a cable.
+    esl_hop_latency_us=1.0,
+    # [assumption] A host-driven ring all-reduce over the same 100G links.
+    baseline_alpha_us=2.0,
+    baseline_link_gbs=12.5,
+)
+
+PRESETS: dict[str, Hardware] = {hw.name: hw for hw in (ASIC, FPGA_U55C)}
+
+
+def get_preset(preset: str | Hardware) -> Hardware:
+    """`preset` itself when it is a `Hardware`, else the preset of that name."""
+    if isinstance(preset, Hardware):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown LPU preset {preset!r}; known presets: {', '.join(sorted(PRESETS))} "
+                         f"(or pass a hdex_jax.lpu.Hardware)")
+    return PRESETS[preset]
