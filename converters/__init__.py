@@ -1,0 +1,100 @@
+"""Checkpoint converters: Hugging Face safetensors directories and GGUF files -> canonical hdex_jax params.
+
+    cfg, params = load_checkpoint("path/to/hf_dir")   # or "model.Q8_0.gguf"
+    # params: {"embed": [V, E], "layers/attn/q/w": [L, D, H, hd], ...} float32 numpy,
+    # exactly the names and shapes of hdex_jax.params.flatten(param_specs(cfg)).
+
+One module per checkpoint family (llama.py covers llama/mistral/qwen2, opt.py OPT) declares a config
+mapping and a regex key map; keymap.py applies key maps strictly; registry.py dispatches on model_type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters import gguf_file
+from converters.errors import CheckpointError, UnsupportedModelError
+from converters.hf_config import CONFIG_JSON, read_config_json
+from converters.keymap import convert
+from converters.registry import SUPPORTED_MODEL_TYPES, get_converter
+from converters.safetensors_files import SafetensorsSource
+from hdex_jax.config import ModelConfig
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CheckpointError",
+    "UnsupportedModelError",
+    "config_from_hf",
+    "load_checkpoint",
+    "load_config",
+    "load_tokenizer",
+    "save_tokenizer",
+]
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
+def config_from_hf(hf_config: dict[str, Any], source: str = CONFIG_JSON) -> ModelConfig:
+    """ModelConfig of a Hugging Face `config.json` dict, dispatched on its `model_type`.
+
+    Raises UnsupportedModelError (listing the supported types) for an unknown model_type and
+    CheckpointError naming the key and `source` for a missing required key.
+    """
+    return get_converter(hf_config.get("model_type"), source).config_from_hf(hf_config, source)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """ModelConfig of a Hugging Face checkpoint directory, a `config.json` file, or a `.gguf` file."""
+    path = Path(path)
+    if _is_gguf(path):
+        return gguf_file.config_from_gguf(gguf_file.open_reader(path), path)
+    config_path = path / CONFIG_JSON if path.is_dir() else path
+    return config_from_hf(read_config_json(config_path), str(config_path))
+
+
+def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Convert a checkpoint to `(ModelConfig, {canonical name: float32 numpy array})`.
+
+    `path` is a Hugging Face checkpoint directory (config.json + model.safetensors, or shards with
+    model.safetensors.index.json) or a `.gguf` file. The result has exactly the weights `param_specs(cfg)`
+    declares. Every checkpoint tensor must be mapped; any unmapped, missing or duplicate tensor, a missing,
+    truncated or corrupt file raises CheckpointError naming it. `progress=True` shows a tqdm bar.
+    """
+    path = Path(path)
+    if _is_gguf(path):
+        cfg, source, rules = gguf_file.load_gguf(path)
+    elif path.is_dir():
+        config_path = path / CONFIG_JSON
+        hf = read_config_json(config_path)
+        converter = get_converter(hf.get("model_type"), str(config_path))
+        cfg = converter.config_from_hf(hf, str(config_path))
+        source, rules = SafetensorsSource(path), converter.key_map(cfg)
+    elif not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    else:
+        raise CheckpointError(f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file")
+    return cfg, convert(source, rules, cfg, progress)
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
+    """The transformers tokenizer of a checkpoint directory or a `.gguf` file (for GGUF, transformers builds
+    it from the file's metadata). `kwargs` go to `AutoTokenizer.from_pretrained`."""
+    from transformers import AutoTokenizer  # heavy import, only needed here
+
+    path = Path(path)
+    try:
+        if _is_gguf(path):
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+def save_tokenizer(path: str | Path, out_dir: str | Path) -> None:
+    """Save the tokenizer of a checkpoint directory or a `.gguf` file to `out_dir` in Hugging Face format."""
+    load_tokenizer(path).save_pretrained(str(out_dir))

@@ -1,0 +1,225 @@
+"""Generic key-map machinery: checkpoint tensors -> canonical flat params.
+
+A key map is a list of `Rule`s: a regex over the checkpoint's tensor name, the canonical name it becomes
+(or None to drop it on purpose) and a transform from the checkpoint's layout to the canonical one. A rule
+whose regex has a `layer` group maps one layer of a per-layer weight; those are stacked into `[L, ...]`.
+
+The mapping is strict, because a silently skipped or doubled tensor gives a model that runs but is wrong:
+every checkpoint tensor must match exactly one rule, every declared weight (and every layer of it) must be
+found exactly once, and every transformed tensor must have the shape `param_specs` declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from converters.errors import CheckpointError
+from hdex_jax.config import ModelConfig
+from hdex_jax.params import flatten, param_specs
+
+Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+_LAYER_GROUP = r"(?P<layer>\d+)"
+
+
+def keep(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Checkpoint layout is already canonical (embeddings, norms, output biases)."""
+    return x
+
+
+def transpose(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Torch Linear weight `[out, in]` -> canonical `[in, out]`."""
+    return x.T
+
+
+def q_in(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Query projection `[H*hd, D]` -> `[D, H, hd]`."""
+    return x.T.reshape(x.shape[1], cfg.num_heads, cfg.head_dim)
+
+
+def kv_in(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Key/value projection `[KV*hd, D]` -> `[D, KV, hd]`."""
+    return x.T.reshape(x.shape[1], cfg.num_kv_heads, cfg.head_dim)
+
+
+def q_bias(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Query bias `[H*hd]` -> `[H, hd]`."""
+    return x.reshape(cfg.num_heads, cfg.head_dim)
+
+
+def kv_bias(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Key/value bias `[KV*hd]` -> `[KV, hd]`."""
+    return x.reshape(cfg.num_kv_heads, cfg.head_dim)
+
+
+def o_out(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Output projection `[D, H*hd]` -> `[H, hd, D]`."""
+    return x.T.reshape(cfg.num_heads, cfg.head_dim, x.shape[0])
+
+
+def compose(*transforms: Transform) -> Transform:
+    """Apply `transforms` left to right."""
+
+    def composed(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        for transform in transforms:
+            x = transform(x, cfg)
+        return x
+
+    return composed
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One entry of a key map.
+
+    `pattern` must match the whole tensor name; a group written `(?P<layer>\\d+)` carries the layer index.
+    `target` is the canonical name, or None for a tensor that is known and deliberately not used.
+    """
+
+    pattern: str
+    target: str | None
+    transform: Transform = keep
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        """The compiled pattern."""
+        return re.compile(self.pattern)
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the rule maps one layer of a stacked per-layer weight."""
+        return _LAYER_GROUP in self.pattern
+
+    def example(self, layer: int | None = None) -> str:
+        """A readable tensor name this rule expects, for error messages (optional prefixes in brackets)."""
+        text = self.pattern.replace(_LAYER_GROUP, str(layer) if layer is not None else "N")
+        text = re.sub(r"\(\?:([^()]*)\)\?", r"[\1]", text)
+        return text.replace("\\", "")
+
+
+def ignore(pattern: str) -> Rule:
+    """A rule for a tensor that is known and dropped (e.g. a rotary inv_freq buffer, a tied lm_head)."""
+    return Rule(pattern, None)
+
+
+class TensorSource(Protocol):
+    """A checkpoint's tensors, read lazily one at a time so only the canonical result is fully in memory."""
+
+    @property
+    def checkpoint(self) -> str:
+        """The checkpoint (directory or file), for error messages."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint (each once)."""
+        ...
+
+    def location(self, name: str) -> str:
+        """The file holding `name`, for error messages."""
+        ...
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 numpy, in the checkpoint's own layout."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Match:
+    name: str
+    rule: Rule
+    layer: int | None
+
+
+def _match_all(source: TensorSource, rules: Sequence[Rule]) -> list[_Match]:
+    """Match every tensor to exactly one rule; raise naming any tensor that matches none or several."""
+    compiled = [(rule, rule.regex) for rule in rules]
+    matches, unmapped = [], []
+    for name in source.names():
+        hits = [(rule, m) for rule, regex in compiled if (m := regex.fullmatch(name))]
+        if not hits:
+            unmapped.append(f"{name} (in {source.location(name)})")
+            continue
+        if len(hits) > 1:
+            raise CheckpointError(f"tensor {name} (in {source.location(name)}) matches several key-map rules: "
+                                  f"{[rule.pattern for rule, _ in hits]}")
+        rule, m = hits[0]
+        layer = int(m.group("layer")) if rule.per_layer else None
+        matches.append(_Match(name, rule, layer))
+    if unmapped:
+        raise CheckpointError(f"{source.checkpoint} has unmapped tensors (no converter rule for them): "
+                              f"{', '.join(unmapped)}")
+    return matches
+
+
+def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict[tuple[str, int | None], _Match]:
+    """(canonical name, layer) -> the tensor that provides it, checking for extra, duplicate and missing ones."""
+    specs = flatten(param_specs(cfg))
+    plan: dict[tuple[str, int | None], _Match] = {}
+    for match in _match_all(source, rules):
+        target = match.rule.target
+        if target is None:
+            continue
+        where = f"{match.name} (in {source.location(match.name)})"
+        if target not in specs:
+            raise CheckpointError(f"tensor {where} maps to {target!r}, which this {cfg.model_type} configuration "
+                                  f"does not have (config and weights disagree)")
+        if (specs[target].axes[0] == "layers") != match.rule.per_layer:
+            raise ValueError(f"key-map rule {match.rule.pattern!r} and the declaration of {target!r} disagree "
+                             f"on whether it is per-layer")
+        if match.layer is not None and match.layer >= cfg.num_layers:
+            raise CheckpointError(f"tensor {where} is for layer {match.layer}, but the config has "
+                                  f"{cfg.num_layers} layers")
+        key = (target, match.layer)
+        if key in plan:
+            other = plan[key].name
+            raise CheckpointError(f"duplicate tensors for {target!r}"
+                                  f"{'' if match.layer is None else f' layer {match.layer}'}: {other} (in "
+                                  f"{source.location(other)}) and {where}")
+        plan[key] = match
+
+    by_target = {rule.target: rule for rule in reversed(rules) if rule.target is not None}
+    missing = []
+    for target, spec in specs.items():
+        layers: list[int | None] = list(range(cfg.num_layers)) if spec.axes[0] == "layers" else [None]
+        for layer in layers:
+            if (target, layer) not in plan:
+                rule = by_target.get(target)
+                missing.append(f"{rule.example(layer) if rule else target} (for {target!r}"
+                               f"{'' if layer is None else f' layer {layer}'})")
+    if missing:
+        raise CheckpointError(f"{source.checkpoint} is missing tensors: {', '.join(missing)}")
+    return plan
+
+
+def convert(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig,
+            progress: bool = False) -> dict[str, np.ndarray]:
+    """Read and transform every tensor of `source` into the flat canonical params of `cfg` (float32 numpy).
+
+    All names are matched and checked before any tensor data is read, so a bad checkpoint fails fast.
+    """
+    specs = flatten(param_specs(cfg))
+    plan = _plan(source, rules, cfg)
+    out = {target: np.empty(spec.shape, np.float32) for target, spec in specs.items()}
+    for (target, layer), match in tqdm(sorted(plan.items(), key=lambda kv: kv[1].name), desc="converting",
+                                       unit="tensor", disable=not progress):
+        expected = specs[target].shape[1:] if layer is not None else specs[target].shape
+        raw = source.read(match.name)
+        try:
+            value = match.rule.transform(raw, cfg)
+        except ValueError as e:  # a reshape into heads that cannot work: the tensor has the wrong size
+            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape "
+                                  f"{raw.shape}, which does not fit {target!r} {expected}: {e}") from e
+        if value.shape != expected:
+            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape {raw.shape}; "
+                                  f"as {target!r} it should be {expected} but is {value.shape}")
+        if layer is None:
+            out[target][...] = value
+        else:
+            out[target][layer] = value
+    return out

@@ -1,0 +1,132 @@
+"""Llama-style checkpoints: Llama 1/2/3 (incl. llama3 rope scaling), SmolLM2, Mistral and Qwen2.
+
+They share one tensor layout (`model.layers.N.self_attn.q_proj.weight`, ...): RMSNorm, rotate-half RoPE, a
+SiLU-gated MLP. They differ in config only: Qwen2 always has q/k/v biases, Llama may have `attention_bias`
+and `mlp_bias`, Mistral (and Qwen2 when enabled) uses a sliding window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from converters.errors import CheckpointError
+from converters.hf_config import activation, require
+from converters.keymap import Rule, ignore, keep, kv_bias, kv_in, o_out, q_bias, q_in, transpose
+from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Rope scaling kinds ModelConfig.rope_inv_freq implements; others would only fail later, at the first forward.
+_ROPE_KINDS = ("linear", "llama3")
+# Qwen2Config's default, used when an old config.json leaves the key out.
+_QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, Any], ...], float]:
+    """(theta, scaling items, partial rotary factor) from either config style.
+
+    transformers >= 5 writes `rope_parameters` (theta inside); older Hub files have a top-level `rope_theta`
+    and an optional `rope_scaling`.
+    """
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    partial = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
+    scaling = rope_scaling_items(params)
+    kind = dict(scaling).get("rope_type")
+    if kind is not None and kind not in _ROPE_KINDS:
+        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
+                              f"(supported: default, {', '.join(_ROPE_KINDS)})")
+    return float(theta), scaling, float(partial)
+
+
+def _sliding_window(hf: Mapping[str, Any], num_layers: int, source: str) -> int | None:
+    """The window every layer uses, or None. ModelConfig has one window for all layers, so a Qwen2 config
+    that slides on only some layers is refused rather than silently converted with the wrong attention."""
+    model_type = hf["model_type"]
+    if model_type == "mistral":
+        return hf.get("sliding_window")
+    if model_type != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        # Qwen2 ignores `sliding_window` unless `use_sliding_window` is set (as transformers does).
+        return None
+    max_window_layers = hf.get("max_window_layers", _QWEN2_DEFAULT_MAX_WINDOW_LAYERS)
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if i >= max_window_layers else "full_attention" for i in range(num_layers)]
+    sliding = {t == "sliding_attention" for t in layer_types}
+    if sliding == {True}:
+        return int(hf["sliding_window"])
+    if sliding == {False}:
+        return None
+    raise CheckpointError(f"{source}: a sliding window on only some layers (max_window_layers="
+                          f"{max_window_layers}, layer_types={layer_types}) is not supported")
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a llama / mistral / qwen2 `config.json` dict; `source` names the file in errors."""
+    model_type = require(hf, "model_type", source)
+    hidden = int(require(hf, "hidden_size", source))
+    heads = int(require(hf, "num_attention_heads", source))
+    layers = int(require(hf, "num_hidden_layers", source))
+    theta, scaling, partial = _rope(hf, source)
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=int(require(hf, "vocab_size", source)),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        intermediate_size=int(require(hf, "intermediate_size", source)),
+        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
+        embed_dim=hidden,
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        pre_norm=True,
+        final_norm=True,
+        positions="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=partial,
+        sliding_window=_sliding_window(hf, layers, source),
+        activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
+        gated_mlp=True,
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def key_map(cfg: ModelConfig) -> list[Rule]:
+    """HF tensor names of the llama layout -> canonical names. Bias rules are always listed: whether a
+    bias is expected is decided by the config, and a bias the config does not declare is an error."""
+    layer = r"model\.layers\.(?P<layer>\d+)\."
+    rules = [
+        Rule(r"model\.embed_tokens\.weight", "embed", keep),
+        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
+        Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
+        Rule(layer + r"self_attn\.q_proj\.weight", "layers/attn/q/w", q_in),
+        Rule(layer + r"self_attn\.k_proj\.weight", "layers/attn/k/w", kv_in),
+        Rule(layer + r"self_attn\.v_proj\.weight", "layers/attn/v/w", kv_in),
+        Rule(layer + r"self_attn\.q_proj\.bias", "layers/attn/q/b", q_bias),
+        Rule(layer + r"self_attn\.k_proj\.bias", "layers/attn/k/b", kv_bias),
+        Rule(layer + r"self_attn\.v_proj\.bias", "layers/attn/v/b", kv_bias),
+        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
+        Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
+        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
+        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
+        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        Rule(layer + r"mlp\.gate_proj\.bias", "layers/mlp/gate/b", keep),
+        Rule(layer + r"mlp\.up_proj\.bias", "layers/mlp/up/b", keep),
+        Rule(layer + r"mlp\.down_proj\.bias", "layers/mlp/down/b", keep),
+        Rule(r"model\.norm\.weight", "final_norm/scale", keep),
+        # Older checkpoints saved the rotary inverse frequencies as buffers; they are recomputed from config.
+        ignore(r"model\.(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"),
+    ]
+    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
+    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    return rules

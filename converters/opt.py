@@ -1,0 +1,96 @@
+"""OPT checkpoints (facebook/opt-*): learned positions offset by 2, LayerNorm, ReLU, biases everywhere.
+
+opt-350m is the odd one: post-LN (`do_layer_norm_before=False`, hence no final norm) and 512-wide
+embeddings projected to and from the 1024-wide residual stream (`word_embed_proj_dim`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from converters.errors import CheckpointError
+from converters.hf_config import activation, require
+from converters.keymap import Rule, ignore, keep, kv_bias, kv_in, o_out, q_bias, q_in, transpose
+from hdex_jax.config import ModelConfig, eos_ids
+
+MODEL_TYPES = ("opt",)
+
+# OPTLearnedPositionalEmbedding reserves the first two rows (a fairseq padding convention).
+POSITION_OFFSET = 2
+# OPT uses torch.nn.LayerNorm with its default epsilon; config.json does not record it.
+LAYER_NORM_EPS = 1e-5
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig of an OPT `config.json` dict; `source` names the file in errors."""
+    hidden = int(require(hf, "hidden_size", source))
+    heads = int(require(hf, "num_attention_heads", source))
+    pre_norm = bool(hf.get("do_layer_norm_before", True))
+    bias = bool(hf.get("enable_bias", True))
+    if not hf.get("layer_norm_elementwise_affine", True):
+        # Affine-free LayerNorms store no weights; the canonical model always has a scale and bias.
+        raise CheckpointError(f"{source}: layer_norm_elementwise_affine=false is not supported")
+    return ModelConfig(
+        model_type="opt",
+        vocab_size=int(require(hf, "vocab_size", source)),
+        hidden_size=hidden,
+        num_layers=int(require(hf, "num_hidden_layers", source)),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=int(require(hf, "ffn_dim", source)),
+        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
+        embed_dim=int(hf.get("word_embed_proj_dim") or hidden),
+        norm="layernorm",
+        norm_eps=LAYER_NORM_EPS,
+        pre_norm=pre_norm,
+        # OPTDecoder only builds its final LayerNorm for pre-LN models, and old checkpoints may opt out.
+        final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+        positions="learned",
+        position_offset=POSITION_OFFSET,
+        activation=activation(hf.get("activation_function", "relu"), "activation_function", source),
+        gated_mlp=False,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def key_map(cfg: ModelConfig) -> list[Rule]:
+    """HF tensor names of OPT -> canonical names. The `model.` prefix is optional because the original
+    facebook/opt files were saved from OPTModel ("decoder.…") and newer ones from OPTForCausalLM."""
+    top = r"(?:model\.)?decoder\."
+    layer = top + r"layers\.(?P<layer>\d+)\."
+    rules = [
+        Rule(top + r"embed_tokens\.weight", "embed", keep),
+        Rule(top + r"embed_positions\.weight", "pos_embed", keep),
+        Rule(top + r"project_in\.weight", "project_in", transpose),
+        Rule(top + r"project_out\.weight", "project_out", transpose),
+        Rule(top + r"final_layer_norm\.weight", "final_norm/scale", keep),
+        Rule(top + r"final_layer_norm\.bias", "final_norm/bias", keep),
+        Rule(layer + r"self_attn_layer_norm\.weight", "layers/ln1/scale", keep),
+        Rule(layer + r"self_attn_layer_norm\.bias", "layers/ln1/bias", keep),
+        Rule(layer + r"self_attn\.q_proj\.weight", "layers/attn/q/w", q_in),
+        Rule(layer + r"self_attn\.k_proj\.weight", "layers/attn/k/w", kv_in),
+        Rule(layer + r"self_attn\.v_proj\.weight", "layers/attn/v/w", kv_in),
+        Rule(layer + r"self_attn\.q_proj\.bias", "layers/attn/q/b", q_bias),
+        Rule(layer + r"self_attn\.k_proj\.bias", "layers/attn/k/b", kv_bias),
+        Rule(layer + r"self_attn\.v_proj\.bias", "layers/attn/v/b", kv_bias),
+        Rule(layer + r"self_attn\.out_proj\.weight", "layers/attn/o/w", o_out),
+        Rule(layer + r"self_attn\.out_proj\.bias", "layers/attn/o/b", keep),
+        # The per-layer "final_layer_norm" is the LayerNorm around the MLP, not the decoder's final norm.
+        Rule(layer + r"final_layer_norm\.weight", "layers/ln2/scale", keep),
+        Rule(layer + r"final_layer_norm\.bias", "layers/ln2/bias", keep),
+        Rule(layer + r"fc1\.weight", "layers/mlp/up/w", transpose),
+        Rule(layer + r"fc1\.bias", "layers/mlp/up/b", keep),
+        Rule(layer + r"fc2\.weight", "layers/mlp/down/w", transpose),
+        Rule(layer + r"fc2\.bias", "layers/mlp/down/b", keep),
+    ]
+    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
+    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    return rules
