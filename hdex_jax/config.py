@@ -65,6 +65,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     dtype: str = "float32"
+    # Zero rows appended to the embedding and LM head so the vocabulary splits evenly over devices; the
+    # logits of these rows are dropped, never sampled.
+    vocab_padding: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -86,6 +89,11 @@ class ModelConfig:
     def projects_embeddings(self) -> bool:
         """True when embeddings are narrower than the residual stream (opt-350m's project_in/out)."""
         return self.embed_dim != self.hidden_size
+
+    @property
+    def stored_vocab_size(self) -> int:
+        """Rows of the embedding and columns of the LM head, padding included."""
+        return self.vocab_size + self.vocab_padding
 
     @property
     def rope_dim(self) -> int:

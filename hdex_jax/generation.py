@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from jax.sharding import Mesh
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.model import bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params
 from hdex_jax.sampling import SamplingConfig, mark_seen, next_tokens, seen_tokens
+from hdex_jax.sharding import make_mesh
 
 
 @struct.dataclass
@@ -81,11 +83,11 @@ def _record(state: DecodeState, token: jax.Array, stop_ids: jax.Array, pad_id: j
 
 def _start(params: Params, tokens: jax.Array, mask: jax.Array, seed_key: jax.Array, rows: jax.Array,
            stop_ids: jax.Array, pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
-           plan: Plan) -> DecodeState:
+           plan: Plan, mesh: Mesh) -> DecodeState:
     """Prefill the left-padded prompts [B, T] and produce the first token."""
     B = tokens.shape[0]
     cache = init_cache(cfg, B, plan.cache_length)
-    logits, cache = prefill_fn(params, cache, tokens, mask, cfg)  # [B, V]
+    logits, cache = prefill_fn(params, cache, tokens, mask, cfg, mesh)  # [B, V]
     seen = seen_tokens(tokens, cfg.vocab_size, mask)  # [B, V]
     state = DecodeState(cache=cache, seen=seen, token=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
                         step=jnp.zeros((), jnp.int32), out=jnp.full((B, plan.out_length), pad_id, jnp.int32))
@@ -94,29 +96,30 @@ def _start(params: Params, tokens: jax.Array, mask: jax.Array, seed_key: jax.Arr
 
 
 def _advance(params: Params, state: DecodeState, seed_key: jax.Array, rows: jax.Array, stop_ids: jax.Array,
-             pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig) -> DecodeState:
+             pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig, mesh: Mesh) -> DecodeState:
     """Feed the last token, sample the next one."""
-    logits, cache = decode_step_fn(params, state.cache, state.token, cfg)  # [B, V]
+    logits, cache = decode_step_fn(params, state.cache, state.token, cfg, mesh)  # [B, V]
     token = next_tokens(logits, state.seen, sampling, seed_key, rows, state.step)
     return _record(state.replace(cache=cache), token, stop_ids, pad_id)
 
 
-_STATIC = ("cfg", "sampling", "plan")
+_STATIC = ("cfg", "sampling", "plan", "mesh")
 _start_jit = jax.jit(_start, static_argnames=_STATIC)
-_advance_jit = jax.jit(_advance, static_argnames=("cfg", "sampling"), donate_argnames="state")
+_advance_jit = jax.jit(_advance, static_argnames=("cfg", "sampling", "mesh"), donate_argnames="state")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_loop(params: Params, tokens: jax.Array, mask: jax.Array, seed_key: jax.Array, rows: jax.Array,
                    stop_ids: jax.Array, pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
-                   plan: Plan) -> tuple[jax.Array, jax.Array]:
-    state = _start(params, tokens, mask, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling, plan=plan)
+                   plan: Plan, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    state = _start(params, tokens, mask, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling, plan=plan,
+                   mesh=mesh)
 
     def running(s: DecodeState) -> jax.Array:
         return (s.step < plan.max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        return _advance(params, s, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling)
+        return _advance(params, s, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling, mesh=mesh)
 
     state = lax.while_loop(running, body, state)
     return state.out, state.step
@@ -159,22 +162,30 @@ def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_len
                  np.asarray(list(stop), np.int32), np.int32(pad_id), plan)
 
 
-def generate_tokens(params: Params, cfg: ModelConfig, batch: Batch, sampling: SamplingConfig) -> list[list[int]]:
-    """Whole generation in one jit: the new tokens of each row, up to and including its stop token."""
+def generate_tokens(params: Params, cfg: ModelConfig, batch: Batch, sampling: SamplingConfig,
+                    mesh: Mesh | None = None) -> list[list[int]]:
+    """Whole generation in one jit: the new tokens of each row, up to and including its stop token.
+
+    `params` are laid out for `mesh` (`layout.padded_config(cfg, N)`); mesh None is one device.
+    """
+    mesh = mesh if mesh is not None else make_mesh(1)
     out, steps = _generate_loop(params, batch.tokens, batch.mask, batch.seed_key, batch.rows, batch.stop_ids,
-                                batch.pad_id, cfg=cfg, sampling=sampling, plan=batch.plan)
+                                batch.pad_id, cfg=cfg, sampling=sampling, plan=batch.plan, mesh=mesh)
     return _trim(np.asarray(out)[:, : int(steps)], batch.stop_ids)
 
 
-def stream_tokens(params: Params, cfg: ModelConfig, batch: Batch, sampling: SamplingConfig) -> Iterator[np.ndarray]:
+def stream_tokens(params: Params, cfg: ModelConfig, batch: Batch, sampling: SamplingConfig,
+                  mesh: Mesh | None = None) -> Iterator[np.ndarray]:
     """Step driver: yields the [B] tokens of each step (pad for rows already stopped) as they are produced."""
+    mesh = mesh if mesh is not None else make_mesh(1)
     args = (batch.seed_key, batch.rows, batch.stop_ids, batch.pad_id)
-    state = _start_jit(params, batch.tokens, batch.mask, *args, cfg=cfg, sampling=sampling, plan=batch.plan)
+    state = _start_jit(params, batch.tokens, batch.mask, *args, cfg=cfg, sampling=sampling, plan=batch.plan,
+                       mesh=mesh)
     yield np.asarray(state.token)
     for _ in range(batch.plan.max_new_tokens - 1):
         if bool(jnp.all(state.done)):
             return
-        state = _advance_jit(params, state, *args, cfg=cfg, sampling=sampling)
+        state = _advance_jit(params, state, *args, cfg=cfg, sampling=sampling, mesh=mesh)
         yield np.asarray(state.token)
 
 

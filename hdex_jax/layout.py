@@ -57,9 +57,11 @@ def head_layout(cfg: ModelConfig, num_device: int) -> HeadLayout:
 
 
 def padded_config(cfg: ModelConfig, num_device: int) -> ModelConfig:
-    """`cfg` with the head counts that `num_device` devices store."""
+    """`cfg` with the head counts and vocabulary rows that `num_device` devices store."""
     layout = head_layout(cfg, num_device)
-    return dataclasses.replace(cfg, num_heads=layout.stored_heads, num_kv_heads=layout.stored_kv_heads)
+    vocab_padding = -cfg.vocab_size % num_device
+    return dataclasses.replace(cfg, num_heads=layout.stored_heads, num_kv_heads=layout.stored_kv_heads,
+                               vocab_padding=vocab_padding)
 
 
 def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -85,8 +87,7 @@ def _pad_kv_heads(x: np.ndarray, axis: int, layout: HeadLayout) -> np.ndarray:
 def pad_params(flat: dict[str, np.ndarray], cfg: ModelConfig, num_device: int) -> dict[str, np.ndarray]:
     """Canonical flat params of `cfg` -> those of `padded_config(cfg, num_device)` (numpy, unsharded)."""
     layout = head_layout(cfg, num_device)
-    if layout.stored_heads == cfg.num_heads and layout.stored_kv_heads == cfg.num_kv_heads:
-        return dict(flat)
+    vocab = padded_config(cfg, num_device).stored_vocab_size
     # Axis of the head dimension in each head-carrying weight (after the leading layer axis).
     q_axes = {"layers/attn/q/w": 2, "layers/attn/q/b": 1, "layers/attn/o/w": 1}
     kv_axes = {f"layers/attn/{n}/{p}": (2 if p == "w" else 1) for n in ("k", "v") for p in ("w", "b")}
@@ -96,6 +97,10 @@ def pad_params(flat: dict[str, np.ndarray], cfg: ModelConfig, num_device: int) -
             out[name] = _pad_q_heads(np.asarray(value), q_axes[name], layout)
         elif name in kv_axes:
             out[name] = _pad_kv_heads(np.asarray(value), kv_axes[name], layout)
+        elif name == "embed":
+            out[name] = _pad_axis(np.asarray(value), 0, vocab)
+        elif name == "lm_head/w":
+            out[name] = _pad_axis(np.asarray(value), 1, vocab)
         else:
             out[name] = value
     return out

@@ -1,9 +1,14 @@
-"""The one forward pass of every supported family, as pure functions.
+"""The one forward pass of every supported family, as pure functions, tensor-parallel over LPU devices.
 
 `prefill` and `decode_step` both run `_forward` over a block of T tokens written to consecutive cache slots:
 T = prompt bucket for prefill, T = 1 for decode. Families differ only through `ModelConfig` fields.
-`jax.named_scope` names follow the LPU's stages (embed, qkv, attention, ffn, lm_head) so profiles and the
-performance model line up with the code.
+
+`_forward` is the program of one LPU device inside `shard_map` over the mesh axis "lpu" (Megatron layout):
+it holds 1/N of the query and KV heads, of the FFN and of the vocabulary. q/k/v and up/gate are
+column-parallel; o and down are row-parallel and followed by `lax.psum` (the ESL sync); the embedding and the
+LM head are vocab-parallel. With one device every collective is the identity.
+`jax.named_scope` names follow the LPU's stages (embed, qkv, attention, ffn, esl_sync, lm_head) so profiles
+and the performance model line up with the code.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache
 from hdex_jax.params import Params
+from hdex_jax.sharding import LPU_AXIS, cache_partition_specs, make_mesh, param_partition_specs
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -39,7 +46,20 @@ def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def _linear(x: jax.Array, p: dict, spec: str) -> jax.Array:
+    """Replicated or column-parallel projection: each device computes its own output features."""
     y = jnp.einsum(spec, x, p["w"])
+    return y + p["b"] if "b" in p else y
+
+
+def _esl_sync(x: jax.Array) -> jax.Array:
+    """Sum the devices' partial results: the LPU's ESL synchronisation."""
+    with jax.named_scope("esl_sync"):
+        return lax.psum(x, LPU_AXIS)
+
+
+def _row_parallel(x: jax.Array, p: dict, spec: str) -> jax.Array:
+    """Projection whose input features are split: partial sums, synchronised, then the (replicated) bias."""
+    y = _esl_sync(jnp.einsum(spec, x, p["w"]))
     return y + p["b"] if "b" in p else y
 
 
@@ -77,11 +97,16 @@ def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     act = _ACTIVATIONS[cfg.activation]
     up = _linear(x, p["up"], "btd,df->btf")  # [B, T, F]
     hidden = act(_linear(x, p["gate"], "btd,df->btf")) * up if cfg.gated_mlp else act(up)
-    return _linear(hidden, p["down"], "btf,fd->btd")  # [B, T, D]
+    return _row_parallel(hidden, p["down"], "btf,fd->btd")  # [B, T, D]
 
 
 def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x = params["embed"][tokens]  # [B, T, E]
+    # Vocab-parallel lookup: each device holds rows [d * V/N, (d + 1) * V/N) and contributes zeros for the
+    # tokens it does not hold.
+    table = params["embed"]  # [V/N, E]
+    local = tokens - lax.axis_index(LPU_AXIS) * table.shape[0]
+    inside = (local >= 0) & (local < table.shape[0])
+    x = _esl_sync(jnp.where(inside[..., None], table[jnp.clip(local, 0, table.shape[0] - 1)], 0))  # [B, T, E]
     if cfg.projects_embeddings:
         x = x @ params["project_in"]  # [B, T, D]
     if cfg.positions == "learned":
@@ -94,8 +119,11 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
         h = _norm(h, params["final_norm"], cfg)
     if cfg.projects_embeddings:
         h = h @ params["project_out"]  # [B, E]
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]["w"]  # [E, V]
-    return jnp.einsum("be,ev->bv", h, w, preferred_element_type=jnp.float32)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]["w"]  # [E, V/N]
+    local = jnp.einsum("be,ev->bv", h, w, preferred_element_type=jnp.float32)  # [B, V/N]
+    with jax.named_scope("esl_sync"):
+        logits = lax.all_gather(local, LPU_AXIS, axis=1, tiled=True)  # [B, V + padding]
+    return logits[:, : cfg.vocab_size]
 
 
 def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
@@ -127,7 +155,7 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
             k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
             v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
             attn = _attention(q, k_cache[i], v_cache[i], mask, cfg)  # [B, T, H, hd]
-            attn = _linear(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
+            attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
         h = h + attn if cfg.pre_norm else _norm(h + attn, lp["ln1"], cfg)
         with jax.named_scope("ffn"):
             x = _norm(h, lp["ln2"], cfg) if cfg.pre_norm else h
@@ -151,9 +179,34 @@ def prefill_positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def prefill_fn(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array,
-               cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
-    """Prompt pass over a fresh cache: left-padded tokens [B, T] with mask [B, T] -> last logits [B, V]."""
+def _on_mesh(fn, cfg: ModelConfig, mesh: Mesh | None, num_inputs: int):
+    """`fn(params, cache, *inputs)` as one program per device: params and cache split by the sharding rules,
+    inputs and logits replicated."""
+    mesh = mesh if mesh is not None else make_mesh(1)
+    replicated = PartitionSpec()
+    # check_vma is off because JAX cannot infer that all_gather's result (the logits) is replicated.
+    return jax.shard_map(functools.partial(fn, cfg=cfg), mesh=mesh,
+                         in_specs=(param_partition_specs(cfg), cache_partition_specs(), *[replicated] * num_inputs),
+                         out_specs=(replicated, cache_partition_specs()), check_vma=False)
+
+
+def prefill_fn(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
+               mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+    """Prompt pass over a fresh cache: left-padded tokens [B, T] with mask [B, T] -> last logits [B, V].
+
+    `params` must be laid out for the mesh's device count (`layout.padded_config`); mesh None is one device.
+    """
+    return _on_mesh(_prefill_local, cfg, mesh, 2)(params, cache, tokens, mask)
+
+
+def decode_step_fn(params: Params, cache: KVCache, token: jax.Array, cfg: ModelConfig,
+                   mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+    """One token per row [B] at the next slot -> logits [B, V] and the advanced cache."""
+    return _on_mesh(_decode_local, cfg, mesh, 1)(params, cache, token)
+
+
+def _prefill_local(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array,
+                   cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
     T = tokens.shape[1]
     mask = mask.astype(bool)
     positions = prefill_positions(mask)  # [B, T]
@@ -163,17 +216,15 @@ def prefill_fn(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Arra
     return logits, cache.replace(next_pos=jnp.sum(mask, axis=-1, dtype=jnp.int32))
 
 
-def decode_step_fn(params: Params, cache: KVCache, token: jax.Array,
-                   cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
-    """One token per row [B] at the next slot -> logits [B, V] and the advanced cache."""
+def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
     key_valid = cache.valid.at[:, cache.next_slot].set(True)  # [B, S]
     logits, cache = _forward(params, cache, token[:, None], cache.next_pos[:, None], key_valid, cfg)
     return logits, cache.replace(next_pos=cache.next_pos + 1)
 
 
-prefill = jax.jit(prefill_fn, static_argnames="cfg", donate_argnames="cache")
+prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache")
 prefill.__doc__ = prefill_fn.__doc__
-decode_step = jax.jit(decode_step_fn, static_argnames="cfg", donate_argnames="cache")
+decode_step = jax.jit(decode_step_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache")
 decode_step.__doc__ = decode_step_fn.__doc__
 
 

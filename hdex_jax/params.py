@@ -58,7 +58,7 @@ def _linear(w_shape: tuple[int, ...], w_axes: tuple[str | None, ...], bias: bool
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     """The nested dict of `ParamSpec` for `cfg`: the one declaration of every weight."""
     L, D, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
-    H, KV, hd, F, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    H, KV, hd, F, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.stored_vocab_size
     dt = cfg.dtype
     lyr = ("layers",)
 

@@ -27,9 +27,35 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
+def is_pspec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
 def logical_to_spec(axes: tuple[str | None, ...]) -> PartitionSpec:
     """Logical axis names of an array -> its PartitionSpec under `LOGICAL_RULES`."""
     return PartitionSpec(*(LOGICAL_RULES.get(a) if a else None for a in axes))
+
+
+# Logical axes of the KV cache's arrays: k and v are split over kv heads like the k/v projections.
+CACHE_AXES = {
+    "k": ("layers", "batch", "kv_heads", "seq", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "seq", "head_dim"),
+    "valid": ("batch", "seq"),
+    "next_slot": (),
+    "next_pos": ("batch",),
+}
+
+
+def param_partition_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """PartitionSpec of every declared weight (a pytree matching the params)."""
+    return jax.tree.map(lambda s: logical_to_spec(s.axes), param_specs(cfg), is_leaf=is_spec)
+
+
+def cache_partition_specs() -> Any:
+    """PartitionSpecs of a `KVCache`, as a KVCache of specs."""
+    from hdex_jax.kv_cache import KVCache
+
+    return KVCache(**{name: logical_to_spec(axes) for name, axes in CACHE_AXES.items()})
 
 
 def ensure_devices(count: int) -> list[jax.Device]:
@@ -58,7 +84,7 @@ def make_mesh(num_device: int) -> Mesh:
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """NamedSharding for every declared weight of `cfg` (a pytree matching the params)."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(s.axes)), param_specs(cfg), is_leaf=is_spec)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_partition_specs(cfg), is_leaf=is_pspec)
 
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:

@@ -1,0 +1,201 @@
+"""The HyperDex-style API end to end on a tiny Llama: compile, load, generate in every input form, stream,
+seeds, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hdex_jax import artifacts, hub
+from hdex_jax.tools import AutoCompiler
+from hdex_jax.transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hdex_home")
+    old = os.environ.get("HDEX_HOME")
+    os.environ["HDEX_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HDEX_HOME")
+    else:
+        os.environ["HDEX_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
+    save_tiny_tokenizer(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def model(home, checkpoint):
+    AutoCompiler().compile(checkpoint, num_device=1, max_length=MAX_LENGTH)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 1})
+
+
+def _reference_greedy(checkpoint, prompt, n, repetition_penalty=1.0):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                                 repetition_penalty=repetition_penalty, pad_token_id=0)
+    return out[0].tolist()
+
+
+def test_compile_prints_phases_and_recompile_is_quick(home, checkpoint, model, capsys):
+    AutoCompiler().compile(checkpoint, num_device=1, max_length=MAX_LENGTH)
+    printed = capsys.readouterr().out
+    assert "already converted" in printed and "already compiled" in printed
+    model_dir = hub.model_dir(checkpoint)
+    assert artifacts.read_manifest(artifacts.ckpt_dir(model_dir)) is not None
+    assert artifacts.read_manifest(artifacts.param_dir(model_dir, 1))["max_length"] == MAX_LENGTH
+
+
+def test_output_mirrors_input_type_and_matches_transformers(model, checkpoint):
+    prompt = [3, 17, 42, 9, 5]
+    kwargs = dict(max_new_tokens=8, do_sample=False, repetition_penalty=1.0, stop=[])
+    expected = _reference_greedy(checkpoint, prompt, 8)
+    assert model.generate(prompt, **kwargs) == expected
+    assert model.generate([prompt, prompt[:3]], **kwargs)[0] == expected
+    array = model.generate(np.asarray([prompt]), **kwargs)
+    assert isinstance(array, np.ndarray) and array.tolist() == [expected]
+    assert isinstance(model.generate(jax.numpy.asarray([prompt]), **kwargs), jax.Array)
+    text = model.generate("hello world", **kwargs)
+    assert isinstance(text, str)
+
+
+def test_repetition_penalty_greedy_matches_transformers(model, checkpoint):
+    prompt = [3, 17, 42, 9, 5, 3, 17]
+    expected = _reference_greedy(checkpoint, prompt, 12, repetition_penalty=1.3)
+    assert model.generate(prompt, max_new_tokens=12, do_sample=False, repetition_penalty=1.3, stop=[]) == expected
+
+
+def test_stop_token_ends_row_and_is_kept(model):
+    prompt = [3, 17, 42, 9, 5]
+    free = model.generate(prompt, max_new_tokens=10, do_sample=False, stop=[])
+    stop = free[len(prompt) + 3]
+    stopped = model.generate(prompt, max_new_tokens=10, do_sample=False, stop=stop)
+    first = free.index(stop, len(prompt))
+    assert stopped == free[: first + 1]
+
+
+def test_generate_yield_and_streaming_give_identical_tokens(model):
+    prompt = [3, 17, 42, 9, 5]
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.9, seed=7, stop=[])
+    full = model.generate(prompt, **kwargs)
+    yielded = list(model.generate_yield(prompt, **kwargs))
+    assert full == prompt + yielded
+    streamer = TextStreamer(model.tokenizer, use_print=False)
+    streamed = model.generate(prompt, streamer=streamer, **kwargs)
+    assert streamed == full
+    pieces = list(model.generate_yield(prompt, streamer=TextStreamer(model.tokenizer, use_print=False), **kwargs))
+    assert "".join(pieces) == model.tokenizer.decode(full)
+
+
+def test_seeds_reproducible_differ_and_independent_of_other_rows(model):
+    prompts = [[3, 17, 42, 9, 5], [8, 8, 1], [60, 2, 2, 7]]
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=0, top_p=1.0, temperature=1.5, repetition_penalty=1.0,
+                  stop=[])
+    first = model.generate(prompts, seed=3, **kwargs)
+    assert model.generate(prompts, seed=3, **kwargs) == first
+    assert model.generate(prompts, seed=4, **kwargs) != first
+    changed = model.generate([prompts[0], [9, 9, 9, 9], [1, 2]], seed=3, **kwargs)
+    assert changed[0] == first[0]
+    assert model.generate(prompts[0], seed=3, **kwargs) == first[0]
+
+
+def test_same_seed_same_tokens_in_another_process(model, checkpoint, home):
+    prompt = [3, 17, 42, 9, 5]
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=0, top_p=1.0, temperature=1.5, stop=[], seed=11)
+    here = model.generate(prompt, **kwargs)
+    script = (
+        "import json, sys\n"
+        "from hdex_jax.transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({checkpoint!r})\n"
+        f"print(json.dumps(m.generate({prompt!r}, **{kwargs!r})))\n"
+    )
+    env = {**os.environ, "HDEX_HOME": str(home), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+
+
+def test_tokenizer_from_compiled_model(model, checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert tokenizer.encode("hello world") == model.tokenizer.encode("hello world")
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([], "empty"),
+    ([[1, 2], []], "empty"),
+    ([1, 2, 10_000], "outside the vocabulary"),
+    ([-1, 2], "outside the vocabulary"),
+    (list(range(1, MAX_LENGTH + 2)), "max_length"),
+    ([1.5, 2], "integers"),
+])
+def test_bad_inputs(model, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(inputs, max_new_tokens=4)
+
+
+def test_prompt_plus_new_tokens_over_max_length(model):
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(list(range(1, 60)), max_new_tokens=10)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(repetition_penalty=0.0), "penalty"),
+    (dict(seed=-3), "seed"),
+    (dict(stop=[10_000]), "stop"),
+])
+def test_bad_sampling_values(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate([1, 2, 3], max_new_tokens=4, do_sample=True, **kwargs)
+
+
+def test_bad_device_map(model, checkpoint):
+    for device_map in ({"npu": 1}, {"lpu": 0}, {"lpu": "2"}):
+        with pytest.raises(ValueError, match="device_map"):
+            AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device_map)
+
+
+def test_interrupted_compile_leaves_nothing_loadable(home, checkpoint, model, monkeypatch):
+    """A compile killed while writing params leaves no complete layout; the next load compiles it afresh."""
+    model_dir = hub.model_dir(checkpoint)
+    target = artifacts.param_dir(model_dir, 2)
+
+    def interrupted(directory, params):
+        (directory / "state").mkdir()
+        (directory / "state" / "half-written").write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "save_params", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        AutoCompiler().compile(checkpoint, num_device=2, max_length=MAX_LENGTH)
+    assert artifacts.read_manifest(target) is None
+    assert not target.exists()
+    assert [p.name for p in target.parent.iterdir()] == ["lpu1"]
+
+
+def test_unknown_model_type_lists_supported(home, tmp_path):
+    directory = tmp_path / "weird"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="llama") as err:
+        AutoCompiler().compile(str(directory))
+    assert "bert" in str(err.value)
+    assert artifacts.read_manifest(artifacts.ckpt_dir(hub.model_dir(str(directory)))) is None

@@ -1,0 +1,81 @@
+"""hdex_jax's forward pass and greedy generation against transformers (PyTorch, float32) on tiny random models."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import converters
+from hdex_jax.generation import generate_tokens, prepare_batch
+from hdex_jax.kv_cache import init_cache
+from hdex_jax.model import decode_step, prefill
+from hdex_jax.params import unflatten
+from hdex_jax.sampling import SamplingConfig
+from tests.helpers_tiny import save_tiny_model
+
+FAMILIES = ["llama", "llama3", "mistral", "qwen2", "opt", "opt350m"]
+DECODE_STEPS = 16
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    """(family, transformers model, hdex config, hdex params) of one tiny random model saved to disk."""
+    directory = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    cfg, flat = converters.load_checkpoint(directory)
+    params = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+    return request.param, reference, cfg, params
+
+
+def _left_pad(prompts, pad_id=0):
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _prompts(vocab, lengths, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("lengths", [[7], [5, 11, 2]], ids=["single", "batch3-left-padded"])
+def test_logits_match_at_prefill_and_each_decode_step(tiny, lengths):
+    family, reference, cfg, params = tiny
+    ids, mask = _left_pad(_prompts(cfg.vocab_size, lengths, seed=len(lengths)))
+    cache = init_cache(cfg, len(lengths), 64)
+    ours, cache = prefill(params, cache, jnp.asarray(ids), jnp.asarray(mask), cfg)
+    seq, seq_mask = torch.tensor(ids), torch.tensor(mask)
+    with torch.no_grad():
+        out = reference(input_ids=seq, attention_mask=seq_mask, use_cache=True)
+    np.testing.assert_allclose(np.asarray(ours), out.logits[:, -1].numpy(), atol=ATOL, rtol=0,
+                               err_msg=f"{family} prefill")
+    past = out.past_key_values
+    token = out.logits[:, -1].argmax(-1)
+    for step in range(DECODE_STEPS):
+        seq_mask = torch.cat([seq_mask, torch.ones(len(lengths), 1, dtype=seq_mask.dtype)], dim=1)
+        with torch.no_grad():
+            out = reference(input_ids=token[:, None], attention_mask=seq_mask, past_key_values=past, use_cache=True)
+        ours, cache = decode_step(params, cache, jnp.asarray(token.numpy(), jnp.int32), cfg)
+        np.testing.assert_allclose(np.asarray(ours), out.logits[:, -1].numpy(), atol=ATOL, rtol=0,
+                                   err_msg=f"{family} decode step {step}")
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(-1)
+
+
+@pytest.mark.parametrize("lengths", [[7], [5, 11, 2]], ids=["single", "batch3-left-padded"])
+def test_greedy_tokens_identical(tiny, lengths):
+    family, reference, cfg, params = tiny
+    prompts = _prompts(cfg.vocab_size, lengths, seed=10 + len(lengths))
+    batch = prepare_batch(prompts, cfg, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0)
+    ours = generate_tokens(params, cfg, batch, SamplingConfig(do_sample=False))
+    ids, mask = _left_pad(prompts)
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                      max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS, pad_token_id=0)
+    assert ours == expected[:, ids.shape[1]:].tolist(), family

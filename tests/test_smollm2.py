@@ -1,0 +1,69 @@
+"""The real model: SmolLM2-135M-Instruct from its GGUF, greedy tokens identical to transformers loading the same
+GGUF. The GGUF is fetched once into the hdex_jax cache (outside the repo) and reused."""
+
+import os
+
+import pytest
+import torch
+import transformers
+
+from hdex_jax import hub
+from hdex_jax.tools import AutoCompiler
+from hdex_jax.transformers import AutoModelForCausalLM
+
+NEW_TOKENS = 40
+CHATS = ["Write a short story about a robot who learns to paint.",
+         "Describe the water cycle in detail.",
+         "List five fruits and describe each one."]
+TEXTS = ["The history of the Roman Empire", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return hub.default_model_gguf()
+
+
+@pytest.fixture(scope="module")
+def reference(gguf):
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(gguf, tmp_path_factory):
+    old = os.environ.get("HDEX_HOME")
+    os.environ["HDEX_HOME"] = str(tmp_path_factory.mktemp("hdex_home"))
+    try:
+        AutoCompiler().compile(str(gguf), max_length=256)
+        yield AutoModelForCausalLM.from_pretrained(str(gguf))
+    finally:
+        if old is None:
+            os.environ.pop("HDEX_HOME")
+        else:
+            os.environ["HDEX_HOME"] = old
+
+
+def _prompts(tokenizer):
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False) for c in CHATS]
+    return [list(ids) for ids in chats] + [tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_greedy_tokens_match_transformers(model, reference, repetition_penalty):
+    for prompt in _prompts(model.tokenizer):
+        ours = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              repetition_penalty=repetition_penalty)
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                        repetition_penalty=repetition_penalty)[0].tolist()
+        assert ours == theirs, model.tokenizer.decode(prompt)
+        assert len(ours) - len(prompt) == NEW_TOKENS, "the prompt should not stop early"
+
+
+def test_config_read_from_gguf(model):
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3,
+                                                                                                  49152)
+    assert cfg.tie_embeddings and cfg.eos_token_ids == (2,)
