@@ -110,7 +110,11 @@ def _ids_in_vocab(ids: jax.Array, vocab_size: int, keep: jax.Array | bool = True
 
 
 def seen_tokens(input_ids: jax.Array, vocab_size: int, attention_mask: jax.Array | None = None) -> jax.Array:
-    """[B, S] ids (+ optional [B, S] 0/1 mask; 0 = left padding, ignored) -> [B, V] bool: which ids each row contains."""
+    """[B, S] ids (+ optional [B, S] 0/1 mask; 0 = left padding, ignored) -> [B, V] bool: ids each row contains.
+
+    Ids outside [0, V) are ignored: HF drops ids >= V (an embedding larger than the lm_head), and negative
+    ids are no tokens.
+    """
     input_ids = jnp.asarray(input_ids)
     batch = input_ids.shape[0]
     keep = True if attention_mask is None else jnp.asarray(attention_mask) != 0  # [B, S]
