@@ -1,9 +1,12 @@
 """Generation: one step function, two drivers.
 
 `_start` (prefill + first token) and `_advance` (decode one token + sample) are the only step functions.
-`generate_tokens` runs them inside one jit with a `lax.while_loop` that stops when every row has hit a stop
-token or the token budget; `stream_tokens` calls the same two functions from Python, one token at a time,
-for streamers and `generate_yield`. Both produce identical tokens.
+`generate_tokens` runs `_advance` inside one jitted `lax.while_loop` that stops when every row has hit a stop
+token or the token budget; `stream_tokens` calls it from Python, one token at a time, for streamers and
+`generate_yield`. Both produce identical tokens.
+
+With the hybrid split, `_start` runs on the prefill mesh and the state (KV cache included) is handed over to
+the decode mesh by resharding, its KV heads re-laid for the decode mesh's head layout.
 
 A batch is left-padded to a power-of-two bucket so new prompt lengths reuse compiled programs; the cache
 holds `bucket + new tokens` slots, also rounded up to a power of two (capped at the compiled max_length).
@@ -21,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.model import bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params
 from hdex_jax.sampling import SamplingConfig, mark_seen, next_tokens, seen_tokens
-from hdex_jax.sharding import make_mesh
+from hdex_jax.layout import HeadLayout, kv_head_map
+from hdex_jax.sharding import cache_partition_specs, is_pspec
 
 
 @struct.dataclass
@@ -103,26 +107,53 @@ def _advance(params: Params, state: DecodeState, seed_key: jax.Array, rows: jax.
     return _record(state.replace(cache=cache), token, stop_ids, pad_id)
 
 
-_STATIC = ("cfg", "sampling", "plan", "mesh")
-_start_jit = jax.jit(_start, static_argnames=_STATIC)
+_start_jit = jax.jit(_start, static_argnames=("cfg", "sampling", "plan", "mesh"))
 _advance_jit = jax.jit(_advance, static_argnames=("cfg", "sampling", "mesh"), donate_argnames="state")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_loop(params: Params, tokens: jax.Array, mask: jax.Array, seed_key: jax.Array, rows: jax.Array,
-                   stop_ids: jax.Array, pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
-                   plan: Plan, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-    state = _start(params, tokens, mask, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling, plan=plan,
-                   mesh=mesh)
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh"), donate_argnames="state")
+def _loop(params: Params, state: DecodeState, seed_key: jax.Array, rows: jax.Array, stop_ids: jax.Array,
+          pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig, max_new_tokens: int,
+          mesh: Mesh) -> DecodeState:
+    """`_advance` inside one `lax.while_loop` until every row stopped or the budget is spent."""
 
     def running(s: DecodeState) -> jax.Array:
-        return (s.step < plan.max_new_tokens) & ~jnp.all(s.done)
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
         return _advance(params, s, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling, mesh=mesh)
 
-    state = lax.while_loop(running, body, state)
-    return state.out, state.step
+    return lax.while_loop(running, body, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Weights laid out for one mesh: `cfg` is the padded config of that layout."""
+
+    params: Params
+    cfg: ModelConfig
+    layout: HeadLayout
+    mesh: Mesh
+
+
+@functools.partial(jax.jit, static_argnames="index")
+def _regroup_kv_heads(x: jax.Array, index: tuple[int, ...]) -> jax.Array:
+    """[L, B, KV_src, S, hd] -> [L, B, KV_dst, S, hd]: KV head j of the result is source head index[j], or zeros."""
+    idx = np.asarray(index)
+    picked = jnp.take(x, np.maximum(idx, 0), axis=2)
+    return jnp.where((idx >= 0)[None, None, :, None, None], picked, 0)
+
+
+def _hand_over(state: DecodeState, src: Placement, dst: Placement) -> DecodeState:
+    """Move a decode state from the prefill mesh to the decode mesh, re-laying the KV heads for its layout."""
+    if src.mesh == dst.mesh:
+        return state
+    index = tuple(int(i) for i in kv_head_map(src.layout, dst.layout))
+    cache = state.cache.replace(k=_regroup_kv_heads(state.cache.k, index), v=_regroup_kv_heads(state.cache.v, index))
+    shardings = jax.tree.map(lambda spec: NamedSharding(dst.mesh, spec), cache_partition_specs(), is_leaf=is_pspec)
+    replicated = NamedSharding(dst.mesh, PartitionSpec())
+    moved = jax.tree.map(lambda x: jax.device_put(x, replicated), state.replace(cache=None))
+    return moved.replace(cache=jax.device_put(cache, shardings))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,30 +193,38 @@ def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_len
                  np.asarray(list(stop), np.int32), np.int32(pad_id), plan)
 
 
-def generate_tokens(params: Params, cfg: ModelConfig, batch: Batch, sampling: SamplingConfig,
-                    mesh: Mesh | None = None) -> list[list[int]]:
-    """Whole generation in one jit: the new tokens of each row, up to and including its stop token.
+def _started(decode: Placement, batch: Batch, sampling: SamplingConfig,
+             prefill: Placement | None) -> DecodeState:
+    """Prefill (on the prefill placement if given) and the first token, handed over to the decode placement."""
+    src = prefill if prefill is not None else decode
+    state = _start_jit(src.params, batch.tokens, batch.mask, batch.seed_key, batch.rows, batch.stop_ids,
+                       batch.pad_id, cfg=src.cfg, sampling=sampling, plan=batch.plan, mesh=src.mesh)
+    return _hand_over(state, src, decode)
 
-    `params` are laid out for `mesh` (`layout.padded_config(cfg, N)`); mesh None is one device.
+
+def generate_tokens(decode: Placement, batch: Batch, sampling: SamplingConfig,
+                    prefill: Placement | None = None) -> list[list[int]]:
+    """Whole decode in one jitted while loop: the new tokens of each row, up to and including its stop token.
+
+    Prefill runs on `prefill` when given (the hybrid split), else on `decode`.
     """
-    mesh = mesh if mesh is not None else make_mesh(1)
-    out, steps = _generate_loop(params, batch.tokens, batch.mask, batch.seed_key, batch.rows, batch.stop_ids,
-                                batch.pad_id, cfg=cfg, sampling=sampling, plan=batch.plan, mesh=mesh)
-    return _trim(np.asarray(out)[:, : int(steps)], batch.stop_ids)
-
-
-def stream_tokens(params: Params, cfg: ModelConfig, batch: Batch, sampling: SamplingConfig,
-                  mesh: Mesh | None = None) -> Iterator[np.ndarray]:
-    """Step driver: yields the [B] tokens of each step (pad for rows already stopped) as they are produced."""
-    mesh = mesh if mesh is not None else make_mesh(1)
     args = (batch.seed_key, batch.rows, batch.stop_ids, batch.pad_id)
-    state = _start_jit(params, batch.tokens, batch.mask, *args, cfg=cfg, sampling=sampling, plan=batch.plan,
-                       mesh=mesh)
+    state = _started(decode, batch, sampling, prefill)
+    state = _loop(decode.params, state, *args, cfg=decode.cfg, sampling=sampling,
+                  max_new_tokens=batch.plan.max_new_tokens, mesh=decode.mesh)
+    return _trim(np.asarray(state.out)[:, : int(state.step)], batch.stop_ids)
+
+
+def stream_tokens(decode: Placement, batch: Batch, sampling: SamplingConfig,
+                  prefill: Placement | None = None) -> Iterator[np.ndarray]:
+    """Step driver: yields the [B] tokens of each step (pad for rows already stopped) as they are produced."""
+    args = (batch.seed_key, batch.rows, batch.stop_ids, batch.pad_id)
+    state = _started(decode, batch, sampling, prefill)
     yield np.asarray(state.token)
     for _ in range(batch.plan.max_new_tokens - 1):
         if bool(jnp.all(state.done)):
             return
-        state = _advance_jit(params, state, *args, cfg=cfg, sampling=sampling, mesh=mesh)
+        state = _advance_jit(decode.params, state, *args, cfg=decode.cfg, sampling=sampling, mesh=decode.mesh)
         yield np.asarray(state.token)
 
 

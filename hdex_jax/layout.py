@@ -57,11 +57,19 @@ def head_layout(cfg: ModelConfig, num_device: int) -> HeadLayout:
 
 
 def padded_config(cfg: ModelConfig, num_device: int) -> ModelConfig:
-    """`cfg` with the head counts and vocabulary rows that `num_device` devices store."""
+    """`cfg` with the heads, FFN features and vocabulary rows that `num_device` devices store.
+
+    FFN features are padded like heads: zero columns of up/gate (and their biases) and zero rows of down, so
+    a padded feature contributes nothing whatever the activation.
+    """
     layout = head_layout(cfg, num_device)
-    vocab_padding = -cfg.vocab_size % num_device
     return dataclasses.replace(cfg, num_heads=layout.stored_heads, num_kv_heads=layout.stored_kv_heads,
-                               vocab_padding=vocab_padding)
+                               intermediate_size=_round_up(cfg.intermediate_size, num_device),
+                               vocab_padding=-cfg.vocab_size % num_device)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -87,20 +95,37 @@ def _pad_kv_heads(x: np.ndarray, axis: int, layout: HeadLayout) -> np.ndarray:
 def pad_params(flat: dict[str, np.ndarray], cfg: ModelConfig, num_device: int) -> dict[str, np.ndarray]:
     """Canonical flat params of `cfg` -> those of `padded_config(cfg, num_device)` (numpy, unsharded)."""
     layout = head_layout(cfg, num_device)
-    vocab = padded_config(cfg, num_device).stored_vocab_size
+    padded = padded_config(cfg, num_device)
     # Axis of the head dimension in each head-carrying weight (after the leading layer axis).
     q_axes = {"layers/attn/q/w": 2, "layers/attn/q/b": 1, "layers/attn/o/w": 1}
     kv_axes = {f"layers/attn/{n}/{p}": (2 if p == "w" else 1) for n in ("k", "v") for p in ("w", "b")}
+    # Axis of the vocabulary or FFN features in the weights that carry them.
+    vocab_axes = {"embed": 0, "lm_head/w": 1}
+    ffn_axes = {"layers/mlp/up/w": 2, "layers/mlp/up/b": 1, "layers/mlp/gate/w": 2, "layers/mlp/gate/b": 1,
+                "layers/mlp/down/w": 1}
     out = {}
     for name, value in flat.items():
         if name in q_axes:
             out[name] = _pad_q_heads(np.asarray(value), q_axes[name], layout)
         elif name in kv_axes:
             out[name] = _pad_kv_heads(np.asarray(value), kv_axes[name], layout)
-        elif name == "embed":
-            out[name] = _pad_axis(np.asarray(value), 0, vocab)
-        elif name == "lm_head/w":
-            out[name] = _pad_axis(np.asarray(value), 1, vocab)
+        elif name in vocab_axes:
+            out[name] = _pad_axis(np.asarray(value), vocab_axes[name], padded.stored_vocab_size)
+        elif name in ffn_axes:
+            out[name] = _pad_axis(np.asarray(value), ffn_axes[name], padded.intermediate_size)
         else:
             out[name] = value
     return out
+
+
+def kv_head_sources(layout: HeadLayout) -> np.ndarray:
+    """For each stored KV head, the model's KV head it holds, or -1 for a zero (padding) head."""
+    padded = np.arange(layout.stored_kv_heads) // layout.replicas
+    return np.where(padded < layout.kv_heads, padded, -1)
+
+
+def kv_head_map(src: HeadLayout, dst: HeadLayout) -> np.ndarray:
+    """For each stored KV head of `dst`, the index of a stored head of `src` holding the same data, or -1."""
+    src_sources = kv_head_sources(src)
+    first = {int(h): i for i, h in reversed(list(enumerate(src_sources))) if h >= 0}
+    return np.asarray([first[int(h)] if h >= 0 else -1 for h in kv_head_sources(dst)])

@@ -6,6 +6,7 @@ Every `PartitionSpec` in hdex_jax is derived from `LOGICAL_RULES` and the logica
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "ffn": LPU_AXIS,
     "vocab": LPU_AXIS,
 }
+
+
+VIRTUAL_CPU_DEVICES = 8
 
 
 def is_pspec(x: Any) -> bool:
@@ -58,12 +62,23 @@ def cache_partition_specs() -> Any:
     return KVCache(**{name: logical_to_spec(axes) for name, axes in CACHE_AXES.items()})
 
 
-def ensure_devices(count: int) -> list[jax.Device]:
-    """At least `count` devices, creating virtual CPU devices when the backend has not started yet."""
+def provide_virtual_devices(count: int = VIRTUAL_CPU_DEVICES) -> None:
+    """Ask JAX for `count` virtual CPU devices if its backend has not started and the user chose no count.
+
+    Called when hdex_jax is imported, so that every device count from 1 to 8 works later in the process.
+    """
     from jax._src import xla_bridge
 
-    if not xla_bridge.backends_are_initialized() and jax.config.jax_num_cpu_devices < count:
+    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""):
+        return
+    if jax.config.jax_num_cpu_devices < count:
         jax.config.update("jax_num_cpu_devices", count)
+
+
+def ensure_devices(count: int) -> list[jax.Device]:
+    """At least `count` devices, creating virtual CPU devices when the backend has not started yet."""
+    provide_virtual_devices(max(count, VIRTUAL_CPU_DEVICES))
     devices = jax.devices()
     if len(devices) < count:
         raise RuntimeError(
@@ -74,12 +89,12 @@ def ensure_devices(count: int) -> list[jax.Device]:
     return devices
 
 
-def make_mesh(num_device: int) -> Mesh:
-    """A 1-D mesh of `num_device` emulated LPU devices on axis "lpu"."""
+def make_mesh(num_device: int, first_device: int = 0) -> Mesh:
+    """A 1-D mesh on axis "lpu" of the `num_device` devices starting at `first_device`."""
     if not isinstance(num_device, int) or isinstance(num_device, bool) or num_device < 1:
         raise ValueError(f"the number of LPU devices must be a positive integer, got {num_device!r}")
-    devices = ensure_devices(num_device)
-    return Mesh(np.asarray(devices[:num_device]), (LPU_AXIS,))
+    devices = ensure_devices(first_device + num_device)
+    return Mesh(np.asarray(devices[first_device:first_device + num_device]), (LPU_AXIS,))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -10,9 +11,8 @@ import numpy as np
 
 from hdex_jax import artifacts, hub
 from hdex_jax.config import ModelConfig
-from hdex_jax.generation import prepare_batch, generate_tokens, stream_tokens
-from hdex_jax.layout import padded_config
-from hdex_jax.params import Params
+from hdex_jax.generation import Placement, generate_tokens, prepare_batch, stream_tokens
+from hdex_jax.layout import head_layout, padded_config
 from hdex_jax.sampling import SamplingConfig
 from hdex_jax.sharding import abstract_params, make_mesh
 from hdex_jax.transformers.streamer import TextStreamer
@@ -24,32 +24,46 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_REPETITION_PENALTY = 1.2
 
 
-def parse_device_map(device_map: dict[str, int] | None) -> int:
-    """The number of LPU devices in a HyperDex device_map such as {"lpu": 2}."""
+def parse_device_map(device_map: dict[str, int] | None) -> tuple[int, int]:
+    """(gpu, lpu) device counts of a HyperDex device_map such as {"lpu": 2} or {"gpu": 1, "lpu": 2}."""
     if device_map is None:
-        return 1
-    if not isinstance(device_map, dict) or set(device_map) - {"lpu", "gpu"}:
-        raise ValueError(f"device_map must be a dict with keys 'lpu' (and optionally 'gpu'), got {device_map!r}")
-    lpu = device_map.get("lpu", 1)
-    if not isinstance(lpu, int) or isinstance(lpu, bool) or lpu < 1:
-        raise ValueError(f"device_map['lpu'] must be a positive integer, got {lpu!r}")
-    if device_map.get("gpu", 0):
-        raise ValueError("device_map with 'gpu' devices (the hybrid prefill/decode split) is not supported yet; "
-                         "use {'lpu': N}")
-    return lpu
+        return 0, 1
+    if not isinstance(device_map, dict) or set(device_map) - {"lpu", "gpu"} or "lpu" not in device_map:
+        raise ValueError(f"device_map must be a dict with the key 'lpu' and optionally 'gpu', e.g. {{'lpu': 2}} or "
+                         f"{{'gpu': 1, 'lpu': 2}}; got {device_map!r}")
+    counts = {}
+    for key, minimum in (("gpu", 0), ("lpu", 1)):
+        value = device_map.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"device_map[{key!r}] must be an integer >= {minimum}, got {value!r}")
+        counts[key] = value
+    return counts["gpu"], counts["lpu"]
 
 
 class LPUModelForCausalLM:
     """A causal LM whose decode datapath runs as jitted JAX functions on a mesh of emulated LPU devices."""
 
-    def __init__(self, config: ModelConfig, params: Params, tokenizer: Any, max_length: int, num_device: int,
-                 model_id: str):
-        self.config = config
-        self.params = params
+    def __init__(self, decode: Placement, tokenizer: Any, max_length: int, model_id: str,
+                 prefill: Placement | None = None):
+        self.decode = decode
+        self.prefill = prefill
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.num_device = num_device
         self.model_id = model_id
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's config as laid out on the LPU devices (heads and vocabulary padded for them)."""
+        return self.decode.cfg
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The weights on the LPU devices, sharded by the logical-axis rules."""
+        return self.decode.params
+
+    @property
+    def num_device(self) -> int:
+        return self.decode.mesh.size
 
     # ----------------------------------------------------------------------------------------- inputs/outputs
     def _as_prompts(self, inputs: Any) -> tuple[list[list[int]], str]:
@@ -155,7 +169,7 @@ class LPUModelForCausalLM:
         prompts, kind, sampling, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p,
                                                        top_k, temperature, repetition_penalty, stop, seed)
         if streamer is None:
-            new = generate_tokens(self.params, self.config, batch, sampling)
+            new = generate_tokens(self.decode, batch, sampling, self.prefill)
         else:
             new = [[] for _ in prompts]
             for token in self._stream(prompts, batch, sampling, streamer):
@@ -182,7 +196,7 @@ class LPUModelForCausalLM:
             yield from streamer.take_pieces()
             return
         finished = [False] * len(prompts)
-        for step in stream_tokens(self.params, self.config, batch, sampling):
+        for step in stream_tokens(self.decode, batch, sampling, self.prefill):
             tokens = [None if f else int(t) for f, t in zip(finished, step)]
             finished = [f or (t in batch.stop_ids) for f, t in zip(finished, tokens)]
             yield tokens[0] if len(prompts) == 1 else tokens
@@ -194,7 +208,7 @@ class LPUModelForCausalLM:
             raise ValueError(f"a streamer takes one prompt at a time, got {len(prompts)}")
         streamer.put(np.asarray([prompts[0]]))
         try:
-            for step in stream_tokens(self.params, self.config, batch, sampling):
+            for step in stream_tokens(self.decode, batch, sampling, self.prefill):
                 token = int(step[0])
                 streamer.put(np.asarray([token]))
                 yield token
@@ -217,22 +231,33 @@ class AutoModelForCausalLM:
         """
         import transformers
 
-        from hdex_jax.tools import AutoCompiler
-
-        num_device = parse_device_map(device_map)
+        gpu, lpu = parse_device_map(device_map)
         model_dir = hub.model_dir(model_id)
-        params_dir = artifacts.param_dir(model_dir, num_device)
+        # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones.
+        decode, length = _load_placement(model_id, model_dir, lpu, 0, token, max_length)
+        prefill = _load_placement(model_id, model_dir, gpu, lpu, token, max_length)[0] if gpu else None
+        tokenizer = transformers.AutoTokenizer.from_pretrained(artifacts.ckpt_dir(model_dir))
+        return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
+
+
+def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, token: str | None,
+                    max_length: int) -> tuple[Placement, int]:
+    """Restore the weights compiled for `num_device` devices onto devices [first, first + num_device)."""
+    from hdex_jax.tools import AutoCompiler
+
+    params_dir = artifacts.param_dir(model_dir, num_device)
+    manifest = artifacts.read_manifest(params_dir)
+    if manifest is None:
+        print(f"[hdex] {model_id} is not compiled for {num_device} device(s) yet; compiling it now", flush=True)
+        AutoCompiler().compile(model_id, num_device=num_device, token=token, max_length=max_length)
         manifest = artifacts.read_manifest(params_dir)
-        if manifest is None:
-            print(f"[hdex] {model_id} is not compiled for {num_device} device(s) yet; compiling it now", flush=True)
-            AutoCompiler().compile(model_id, num_device=num_device, token=token, max_length=max_length)
-            manifest = artifacts.read_manifest(params_dir)
-        ckpt = artifacts.ckpt_dir(model_dir)
-        cfg = padded_config(ModelConfig.load(ckpt), num_device)
-        if (manifest["num_heads"], manifest["num_kv_heads"]) != (cfg.num_heads, cfg.num_kv_heads):
-            raise ValueError(f"{params_dir} holds a layout with {manifest['num_heads']} heads, not the "
-                             f"{cfg.num_heads} expected for {num_device} devices; compile again")
-        mesh = make_mesh(num_device)
-        params = artifacts.restore_params(params_dir, abstract_params(cfg, mesh))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
-        return LPUModelForCausalLM(cfg, params, tokenizer, manifest["max_length"], num_device, model_id)
+    base = ModelConfig.load(artifacts.ckpt_dir(model_dir))
+    cfg = padded_config(base, num_device)
+    found = (manifest.get("num_device"), manifest.get("num_heads"), manifest.get("num_kv_heads"))
+    if found != (num_device, cfg.num_heads, cfg.num_kv_heads):
+        raise ValueError(f"{params_dir} holds a layout for (devices, heads, kv heads) = {found}, not the "
+                         f"{(num_device, cfg.num_heads, cfg.num_kv_heads)} that {num_device} device(s) need; "
+                         f"delete it and compile again")
+    mesh = make_mesh(num_device, first_device)
+    params = artifacts.restore_params(params_dir, abstract_params(cfg, mesh))
+    return Placement(params, cfg, head_layout(base, num_device), mesh), manifest["max_length"]
