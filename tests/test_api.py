@@ -21,18 +21,6 @@ MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hdex_home")
-    old = os.environ.get("HDEX_HOME")
-    os.environ["HDEX_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("HDEX_HOME")
-    else:
-        os.environ["HDEX_HOME"] = old
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     save_tiny_tokenizer(directory)
@@ -189,6 +177,24 @@ def test_interrupted_compile_leaves_nothing_loadable(home, checkpoint, model, mo
     assert artifacts.read_manifest(target) is None
     assert not target.exists()
     assert [p.name for p in target.parent.iterdir()] == ["lpu1"]
+
+
+def test_interrupted_conversion_leaves_no_checkpoint(home, tmp_path, monkeypatch):
+    directory = save_tiny_model("qwen2", tmp_path / "tiny-qwen2")
+    save_tiny_tokenizer(directory)
+    ckpt = artifacts.ckpt_dir(hub.model_dir(str(directory)))
+
+    def interrupted(directory, cfg, flat):
+        (directory / artifacts.WEIGHTS_FILE).write_bytes(b"\0" * 100)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(artifacts, "write_ckpt", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            AutoCompiler().compile(str(directory), max_length=MAX_LENGTH)
+    assert not ckpt.exists() and list(ckpt.parent.iterdir()) == []
+    AutoCompiler().compile(str(directory), max_length=MAX_LENGTH)
+    assert artifacts.read_manifest(ckpt) is not None
 
 
 def test_unknown_model_type_lists_supported(home, tmp_path):

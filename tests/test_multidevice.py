@@ -124,18 +124,6 @@ def test_smollm2_does_not_depend_on_device_count(smollm2):
 
 
 # ------------------------------------------------------------------------------------ the compiled API path
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hdex_home")
-    old = os.environ.get("HDEX_HOME")
-    os.environ["HDEX_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("HDEX_HOME")
-    else:
-        os.environ["HDEX_HOME"] = old
-
-
 @pytest.fixture(scope="module", params=["llama", "opt"])
 def checkpoint(request, home, tmp_path_factory):
     directory = save_tiny_model(request.param, tmp_path_factory.mktemp("ckpt") / f"tiny-{request.param}")

@@ -1,6 +1,5 @@
 """Collective bytes counted from programs, and per-device parameter bytes, against hand-derived references."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -72,20 +71,12 @@ MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """The tiny llama loaded on 1 and on 2 devices (compiled into a temporary HDEX_HOME)."""
-    old = os.environ.get("HDEX_HOME")
-    os.environ["HDEX_HOME"] = str(tmp_path_factory.mktemp("hdex_home"))
+def models(home, tmp_path_factory):
+    """The tiny llama loaded on 1 and on 2 devices (compiled into the module's HDEX_HOME)."""
     checkpoint = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     save_tiny_tokenizer(checkpoint)
-    try:
-        yield {n: AutoModelForCausalLM.from_pretrained(str(checkpoint), device_map={"lpu": n}, max_length=MAX_LENGTH)
-               for n in (1, 2)}
-    finally:
-        if old is None:
-            os.environ.pop("HDEX_HOME")
-        else:
-            os.environ["HDEX_HOME"] = old
+    return {n: AutoModelForCausalLM.from_pretrained(str(checkpoint), device_map={"lpu": n}, max_length=MAX_LENGTH)
+            for n in (1, 2)}
 
 
 def _hand_sync_bytes() -> tuple[int, int]:

@@ -1,8 +1,6 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF, greedy tokens identical to transformers loading the same
 GGUF. The GGUF is fetched once into the hdex_jax cache (outside the repo) and reused."""
 
-import os
-
 import pytest
 import torch
 import transformers
@@ -31,17 +29,9 @@ def reference(gguf):
 
 
 @pytest.fixture(scope="module")
-def model(gguf, tmp_path_factory):
-    old = os.environ.get("HDEX_HOME")
-    os.environ["HDEX_HOME"] = str(tmp_path_factory.mktemp("hdex_home"))
-    try:
-        AutoCompiler().compile(str(gguf), max_length=256)
-        yield AutoModelForCausalLM.from_pretrained(str(gguf))
-    finally:
-        if old is None:
-            os.environ.pop("HDEX_HOME")
-        else:
-            os.environ["HDEX_HOME"] = old
+def model(gguf, home):
+    AutoCompiler().compile(str(gguf), max_length=256)
+    return AutoModelForCausalLM.from_pretrained(str(gguf))
 
 
 def _prompts(tokenizer):
