@@ -10,6 +10,10 @@ the decode mesh by resharding, its KV heads re-laid for the decode mesh's head l
 
 A batch is left-padded to a power-of-two bucket so new prompt lengths reuse compiled programs; the cache
 holds `bucket + new tokens` slots, also rounded up to a power of two (capped at the compiled max_length).
+
+When the meshes span processes (`hdex_jax.distributed`), every process runs this same code: jit takes the
+host inputs (numpy arrays, the seed key) as global values, the same in every process, and the outputs read
+on the host are replicated over the mesh, so each process reads them from its own devices.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import dataclasses
 import functools
 import secrets
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
@@ -151,9 +157,19 @@ def _hand_over(state: DecodeState, src: Placement, dst: Placement) -> DecodeStat
     index = tuple(int(i) for i in kv_head_map(src.layout, dst.layout))
     cache = state.cache.replace(k=_regroup_kv_heads(state.cache.k, index), v=_regroup_kv_heads(state.cache.v, index))
     shardings = jax.tree.map(lambda spec: NamedSharding(dst.mesh, spec), cache_partition_specs(), is_leaf=is_pspec)
-    replicated = NamedSharding(dst.mesh, PartitionSpec())
-    moved = jax.tree.map(lambda x: jax.device_put(x, replicated), state.replace(cache=None))
-    return moved.replace(cache=jax.device_put(cache, shardings))
+    moved = _move(state.replace(cache=None), NamedSharding(dst.mesh, PartitionSpec()))
+    return moved.replace(cache=_move(cache, shardings))
+
+
+def _move(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` of a pytree onto another mesh, also when the meshes span processes.
+
+    JAX on CPU cannot reshard between different device sets across processes, so there the arrays go through
+    the host: gathered into every process, then placed from that (now identical) host value.
+    """
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.device_put(tree, shardings)
+    return jax.device_put(multihost_utils.process_allgather(tree, tiled=True), shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +205,9 @@ def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_len
         mask[i, T - len(prompt):] = 1
     if seed is None:
         seed = secrets.randbits(31)
+        if jax.process_count() > 1:
+            # Every process of a cluster must feed the same key: process 0's draw is everyone's.
+            seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
     return Batch(tokens, mask, jax.random.key(seed), np.arange(B, dtype=np.int32),
                  np.asarray(list(stop), np.int32), np.int32(pad_id), plan)
 

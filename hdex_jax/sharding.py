@@ -66,11 +66,12 @@ def provide_virtual_devices(count: int = VIRTUAL_CPU_DEVICES) -> None:
     """Ask JAX for `count` virtual CPU devices if its backend has not started and the user chose no count.
 
     Called when hdex_jax is imported, so that every device count from 1 to 8 works later in the process.
+    A multi-process cluster keeps the per-process count `hdex_jax.distributed.initialize` chose.
     """
     from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""):
+    if xla_bridge.backends_are_initialized() or jax.distributed.is_initialized() or (
+            "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
         return
     if jax.config.jax_num_cpu_devices < count:
         jax.config.update("jax_num_cpu_devices", count)
@@ -90,11 +91,36 @@ def ensure_devices(count: int) -> list[jax.Device]:
 
 
 def make_mesh(num_device: int, first_device: int = 0) -> Mesh:
-    """A 1-D mesh on axis "lpu" of the `num_device` devices starting at `first_device`."""
+    """A 1-D mesh on axis "lpu" of the `num_device` devices starting at `first_device`.
+
+    In a multi-process cluster (`jax.distributed`), device indices count per process instead: every process
+    contributes its local devices [first_device / P, (first_device + num_device) / P) of P processes.
+    """
     if not isinstance(num_device, int) or isinstance(num_device, bool) or num_device < 1:
         raise ValueError(f"the number of LPU devices must be a positive integer, got {num_device!r}")
+    if jax.distributed.is_initialized():
+        return Mesh(np.asarray(_devices_of_every_process(num_device, first_device)), (LPU_AXIS,))
     devices = ensure_devices(first_device + num_device)
     return Mesh(np.asarray(devices[first_device:first_device + num_device]), (LPU_AXIS,))
+
+
+def _devices_of_every_process(num_device: int, first_device: int) -> list[jax.Device]:
+    """An equal share of each process's devices, in process order.
+
+    Every mesh must span every process, since a process that holds none of a mesh's devices cannot take part
+    in its programs; equal shares also keep the hybrid split's two meshes side by side in each process.
+    """
+    processes, local = jax.process_count(), jax.local_device_count()
+    if num_device % processes or first_device % processes:
+        raise ValueError(f"{num_device} device(s) from device {first_device} cannot be split evenly over "
+                         f"{processes} processes: in a multi-process cluster every device count of the "
+                         f"device_map must be a multiple of the number of processes")
+    start, count = first_device // processes, num_device // processes
+    if start + count > local:
+        raise RuntimeError(f"{first_device + num_device} devices over {processes} processes need {start + count} "
+                           f"devices per process, but this process has {local}; give each process more devices "
+                           f"(hdex_jax.distributed.initialize(..., local_device_count={start + count}))")
+    return [d for p in range(processes) for d in jax.local_devices(process_index=p)[start:start + count]]
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:

@@ -248,6 +248,12 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
     params_dir = artifacts.param_dir(model_dir, num_device)
     manifest = artifacts.read_manifest(params_dir)
     if manifest is None:
+        if jax.distributed.is_initialized():
+            # Every process would compile into the same directories at once, racing on them.
+            raise FileNotFoundError(
+                f"{model_id} is not compiled for {num_device} device(s) ({params_dir} is missing or incomplete); in a "
+                f"multi-process cluster compile it once before starting the processes, into an HDEX_HOME every "
+                f"process reads: AutoCompiler().compile({model_id!r}, num_device={num_device}, max_length=...)")
         print(f"[hdex] {model_id} is not compiled for {num_device} device(s) yet; compiling it now", flush=True)
         AutoCompiler().compile(model_id, num_device=num_device, token=token, max_length=max_length)
         manifest = artifacts.read_manifest(params_dir)
