@@ -34,11 +34,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
+from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
 from hdex_jax.model import bucket_length, decode_step_fn, prefill_fn
-from hdex_jax.params import Params
+from hdex_jax.params import Params, unflatten
 from hdex_jax.sampling import SamplingConfig, mark_seen, next_tokens, seen_tokens
-from hdex_jax.layout import HeadLayout, kv_head_map
-from hdex_jax.sharding import cache_partition_specs, is_pspec
+from hdex_jax.sharding import cache_partition_specs, device_put_params, is_pspec, make_mesh
 
 
 @struct.dataclass
@@ -140,6 +140,15 @@ class Placement:
     cfg: ModelConfig
     layout: HeadLayout
     mesh: Mesh
+
+
+def place(cfg: ModelConfig, flat: dict[str, np.ndarray], num_device: int, first_device: int = 0) -> Placement:
+    """Canonical flat weights of `cfg` (e.g. from `converters.load_checkpoint`), laid out for `num_device`
+    devices and placed on the mesh of devices [first_device, first_device + num_device), without compiling."""
+    mesh = make_mesh(num_device, first_device)
+    padded = padded_config(cfg, num_device)
+    params = device_put_params(unflatten(pad_params(flat, cfg, num_device)), padded, mesh)
+    return Placement(params, padded, head_layout(cfg, num_device), mesh)
 
 
 @functools.partial(jax.jit, static_argnames="index")

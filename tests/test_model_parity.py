@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import converters
-from hdex_jax.generation import generate_tokens, prepare_batch
+from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.model import decode_step, prefill
 from hdex_jax.params import unflatten
@@ -26,7 +26,7 @@ def tiny(request, tmp_path_factory):
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     cfg, flat = converters.load_checkpoint(directory)
     params = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-    return request.param, reference, cfg, params
+    return request.param, reference, cfg, params, flat
 
 
 def _left_pad(prompts, pad_id=0):
@@ -46,7 +46,7 @@ def _prompts(vocab, lengths, seed):
 
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 2]], ids=["single", "batch3-left-padded"])
 def test_logits_match_at_prefill_and_each_decode_step(tiny, lengths):
-    family, reference, cfg, params = tiny
+    family, reference, cfg, params, _ = tiny
     ids, mask = _left_pad(_prompts(cfg.vocab_size, lengths, seed=len(lengths)))
     cache = init_cache(cfg, len(lengths), 64)
     ours, cache = prefill(params, cache, jnp.asarray(ids), jnp.asarray(mask), cfg)
@@ -70,10 +70,10 @@ def test_logits_match_at_prefill_and_each_decode_step(tiny, lengths):
 
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 2]], ids=["single", "batch3-left-padded"])
 def test_greedy_tokens_identical(tiny, lengths):
-    family, reference, cfg, params = tiny
+    family, reference, cfg, _, flat = tiny
     prompts = _prompts(cfg.vocab_size, lengths, seed=10 + len(lengths))
     batch = prepare_batch(prompts, cfg, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0)
-    ours = generate_tokens(params, cfg, batch, SamplingConfig(do_sample=False))
+    ours = generate_tokens(place(cfg, flat, 1), batch, SamplingConfig(do_sample=False))
     ids, mask = _left_pad(prompts)
     with torch.no_grad():
         expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,

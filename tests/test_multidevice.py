@@ -14,13 +14,11 @@ import pytest
 
 import converters
 from hdex_jax import artifacts, hub
-from hdex_jax.generation import Placement, generate_tokens, prepare_batch
+from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
-from hdex_jax.layout import head_layout, pad_params, padded_config
 from hdex_jax.model import decode_step, prefill
-from hdex_jax.params import flatten, param_specs, unflatten
+from hdex_jax.params import flatten, param_specs
 from hdex_jax.sampling import SamplingConfig
-from hdex_jax.sharding import device_put_params, make_mesh
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
@@ -28,14 +26,6 @@ from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
 DEVICE_COUNTS = [2, 3, 4, 8]
 GREEDY = SamplingConfig(do_sample=False)
 SAMPLED = SamplingConfig(do_sample=True, temperature=1.0, top_k=20, top_p=0.95)
-
-
-def place(cfg, flat, num_device, first_device=0):
-    """The canonical weights laid out and placed for `num_device` devices."""
-    mesh = make_mesh(num_device, first_device)
-    padded = padded_config(cfg, num_device)
-    params = device_put_params(unflatten(pad_params(flat, cfg, num_device)), padded, mesh)
-    return Placement(params, padded, head_layout(cfg, num_device), mesh)
 
 
 def logits_trace(placement, tokens, mask, steps):
