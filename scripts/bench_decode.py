@@ -86,7 +86,7 @@ def main() -> None:
     print(f"\nmodel {model_id}, prompt {len(prompt)} tokens, {n} greedy tokens, {args.runs} runs (median), "
           f"{threads} threads")
     print(f"{'':28}{'hdex_jax':>12}{'transformers':>14}")
-    print(f"{"tokens/s (whole generate)":28}{ours_tps:12.1f}{ref_tps:14.1f}")
+    print(f"{'tokens/s (whole generate)':28}{ours_tps:12.1f}{ref_tps:14.1f}")
     print(f"{'time to first token (ms)':28}{1e3 * statistics.median(ours_ttft):12.1f}"
           f"{1e3 * statistics.median(ref_ttft):14.1f}")
     print(f"ratio hdex_jax / transformers tokens/s: {ours_tps / ref_tps:.2f}x")
