@@ -223,3 +223,14 @@ def convert(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig,
         else:
             out[target][layer] = value
     return out
+
+
+def qkv_rules(layer: str) -> list[Rule]:
+    """The q/k/v projections of a Hugging Face attention block (`self_attn.{q,k,v}_proj.{weight,bias}` under
+    the per-layer prefix `layer`), which Llama-like models and OPT name alike."""
+    rules = []
+    for name in "qkv":
+        weight, bias = (q_in, q_bias) if name == "q" else (kv_in, kv_bias)
+        rules.append(Rule(layer + rf"self_attn\.{name}_proj\.weight", f"layers/attn/{name}/w", weight))
+        rules.append(Rule(layer + rf"self_attn\.{name}_proj\.bias", f"layers/attn/{name}/b", bias))
+    return rules

@@ -12,7 +12,7 @@ from typing import Any
 
 from converters.errors import CheckpointError
 from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, kv_bias, kv_in, o_out, q_bias, q_in, transpose
+from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
 from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -109,12 +109,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"self_attn\.q_proj\.weight", "layers/attn/q/w", q_in),
-        Rule(layer + r"self_attn\.k_proj\.weight", "layers/attn/k/w", kv_in),
-        Rule(layer + r"self_attn\.v_proj\.weight", "layers/attn/v/w", kv_in),
-        Rule(layer + r"self_attn\.q_proj\.bias", "layers/attn/q/b", q_bias),
-        Rule(layer + r"self_attn\.k_proj\.bias", "layers/attn/k/b", kv_bias),
-        Rule(layer + r"self_attn\.v_proj\.bias", "layers/attn/v/b", kv_bias),
+        *qkv_rules(layer),
         Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
         Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
         Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),

@@ -11,7 +11,7 @@ from typing import Any
 
 from converters.errors import CheckpointError
 from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, kv_bias, kv_in, o_out, q_bias, q_in, transpose
+from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
 from hdex_jax.config import ModelConfig, eos_ids
 
 MODEL_TYPES = ("opt",)
@@ -75,12 +75,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(top + r"final_layer_norm\.bias", "final_norm/bias", keep),
         Rule(layer + r"self_attn_layer_norm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"self_attn_layer_norm\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"self_attn\.q_proj\.weight", "layers/attn/q/w", q_in),
-        Rule(layer + r"self_attn\.k_proj\.weight", "layers/attn/k/w", kv_in),
-        Rule(layer + r"self_attn\.v_proj\.weight", "layers/attn/v/w", kv_in),
-        Rule(layer + r"self_attn\.q_proj\.bias", "layers/attn/q/b", q_bias),
-        Rule(layer + r"self_attn\.k_proj\.bias", "layers/attn/k/b", kv_bias),
-        Rule(layer + r"self_attn\.v_proj\.bias", "layers/attn/v/b", kv_bias),
+        *qkv_rules(layer),
         Rule(layer + r"self_attn\.out_proj\.weight", "layers/attn/o/w", o_out),
         Rule(layer + r"self_attn\.out_proj\.bias", "layers/attn/o/b", keep),
         # The per-layer "final_layer_norm" is the LayerNorm around the MLP, not the decoder's final norm.

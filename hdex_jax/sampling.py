@@ -191,28 +191,23 @@ def apply_processors(logits: jax.Array, seen: jax.Array, config: SamplingConfig)
 _apply_processors_jit = jax.jit(apply_processors, static_argnames="config")
 
 
-def _as_batch(logits: Any, input_ids: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array | None, Any, bool]:
-    """Coerce user inputs; a [V] logits vector becomes a batch of one (and its [S] ids a [1, S] row)."""
+def _as_batch(logits: Any, input_ids: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array, bool]:
+    """Coerce user inputs to logits [B, V] and the seen-token mask [B, V]; a [V] logits vector becomes a batch
+    of one (and its [S] ids a [1, S] row). No ids means nothing seen."""
     logits = jnp.asarray(logits)
     single = logits.ndim == 1
     if single:
         logits = logits[None]
     if logits.ndim != 2:
         raise ValueError(f"`logits` must be [B, V] or [V], got shape {logits.shape}")
-    ids = None
-    if input_ids is not None:
-        ids = jnp.asarray(input_ids, dtype=jnp.int32)
-        if single and ids.ndim == 1:
-            ids = ids[None]  # [1, S]
-        if attention_mask is not None:
-            attention_mask = jnp.asarray(attention_mask).reshape(ids.shape)  # [B, S]
-    return logits, ids, attention_mask, single
-
-
-def _seen_or_none(ids: jax.Array | None, batch: int, vocab_size: int, attention_mask: Any) -> jax.Array:
-    if ids is None:
-        return jnp.zeros((batch, vocab_size), bool)
-    return seen_tokens(ids, vocab_size, attention_mask)
+    if input_ids is None:
+        return logits, jnp.zeros(logits.shape, bool), single
+    ids = jnp.asarray(input_ids, dtype=jnp.int32)
+    if single and ids.ndim == 1:
+        ids = ids[None]  # [1, S]
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask).reshape(ids.shape)  # [B, S]
+    return logits, seen_tokens(ids, logits.shape[1], attention_mask), single
 
 
 def process_logits(
@@ -240,8 +235,7 @@ def process_logits(
         top_p=top_p,
         min_tokens_to_keep=min_tokens_to_keep,
     )
-    logits, ids, attention_mask, single = _as_batch(logits, input_ids, attention_mask)
-    seen = _seen_or_none(ids, *logits.shape, attention_mask)  # [B, V]
+    logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
     out = _apply_processors_jit(logits, seen, config)  # [B, V]
     return out[0] if single else out
 
@@ -306,9 +300,8 @@ def sample(
         top_p=top_p,
         min_tokens_to_keep=min_tokens_to_keep,
     )
-    logits, ids, attention_mask, single = _as_batch(logits, input_ids, attention_mask)
-    batch, vocab_size = logits.shape
-    seen = _seen_or_none(ids, batch, vocab_size, attention_mask)  # [B, V]
+    logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
+    batch = logits.shape[0]
     rows = jnp.arange(batch) if rows is None else jnp.asarray(rows).reshape(batch)  # [B]
     tokens = _next_tokens_jit(logits, seen, config, jax.random.key(seed), rows, jnp.asarray(step))  # [B]
     return tokens[0] if single else tokens
