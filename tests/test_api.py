@@ -205,3 +205,16 @@ def test_unknown_model_type_lists_supported(home, tmp_path):
         AutoCompiler().compile(str(directory))
     assert "bert" in str(err.value)
     assert artifacts.read_manifest(artifacts.ckpt_dir(hub.model_dir(str(directory)))) is None
+
+
+def test_another_checkpoint_with_the_same_name_is_compiled_afresh(home, tmp_path, capsys):
+    first = save_tiny_model("llama", tmp_path / "a" / "same-name", seed=1)
+    second = save_tiny_model("opt", tmp_path / "b" / "same-name", seed=2)
+    for directory in (first, second):
+        save_tiny_tokenizer(directory)
+    AutoCompiler().compile(str(first), max_length=MAX_LENGTH)
+    model_dir = AutoCompiler().compile(str(second), max_length=MAX_LENGTH)
+    assert "compiling afresh" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(str(second))
+    assert loaded.config.model_type == "opt"
+    assert artifacts.read_manifest(artifacts.ckpt_dir(model_dir))["source"] == str(second.resolve())

@@ -10,6 +10,7 @@ Finished phases are reused, so compiling an already compiled model is quick and 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +52,12 @@ class AutoCompiler:
         params_dir = artifacts.param_dir(model_dir, num_device)
         ckpt_manifest = artifacts.read_manifest(ckpt)
         param_manifest = artifacts.read_manifest(params_dir)
+        source = hub.source_key(model_id)
+        if ckpt_manifest is not None and ckpt_manifest.get("source") != source:
+            # Another checkpoint with the same name was compiled here: its layouts are stale too.
+            _say(f"{model_dir} holds {ckpt_manifest.get('source')}, not {source}; compiling afresh")
+            shutil.rmtree(model_dir / "param", ignore_errors=True)
+            ckpt_manifest = param_manifest = None
 
         if ckpt_manifest is not None:
             cfg = ModelConfig.load(ckpt)
@@ -84,7 +91,7 @@ class AutoCompiler:
         _say(f"  {source}")
         _say(f"Phase 3/4: converting into {ckpt}")
         cfg, flat = converters.load_checkpoint(source, progress=True)
-        with artifacts.staged(ckpt, {"source": str(model_id)}) as tmp:
+        with artifacts.staged(ckpt, {"source": hub.source_key(model_id)}) as tmp:
             artifacts.write_ckpt(tmp, cfg, flat)
             converters.save_tokenizer(source, tmp)
         return cfg
