@@ -166,7 +166,7 @@ class GGUFSource:
         tensor = self._tensors[name]
         try:
             # Any type gguf can dequantize is accepted (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K- and IQ-quants);
-            # integer tensors and types gguf has no dequantizer for raise NotImplementedError.
+            # for integer tensors and types it has no dequantizer for, gguf answers with NotImplementedError.
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
             raise CheckpointError(f"tensor {name} in {self._path} has GGML type {tensor.tensor_type.name}, which "

@@ -227,14 +227,8 @@ def process_logits(
     (or [V], treated as a batch of one and returned as [V]); input_ids [B, S] (may be None when there is
     no penalty); attention_mask [B, S] with 0 for left padding. Returns float32 with removed entries at -inf.
     """
-    config = SamplingConfig(
-        do_sample=True,
-        repetition_penalty=repetition_penalty,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_tokens_to_keep=min_tokens_to_keep,
-    )
+    config = SamplingConfig(do_sample=True, repetition_penalty=repetition_penalty, temperature=temperature,
+                            top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
     logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
     out = _apply_processors_jit(logits, seen, config)  # [B, V]
     return out[0] if single else out
@@ -292,14 +286,8 @@ def sample(
     `jax.random.key(seed)`, then calls `next_tokens`. `rows` [B] defaults to arange(B); pass the original
     row ids to reproduce a row of a larger batch. Returns int32 tokens [B].
     """
-    config = SamplingConfig(
-        do_sample=do_sample,
-        repetition_penalty=repetition_penalty,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_tokens_to_keep=min_tokens_to_keep,
-    )
+    config = SamplingConfig(do_sample=do_sample, repetition_penalty=repetition_penalty, temperature=temperature,
+                            top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
     logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
     batch = logits.shape[0]
     rows = jnp.arange(batch) if rows is None else jnp.asarray(rows).reshape(batch)  # [B]
