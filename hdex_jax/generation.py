@@ -2,18 +2,20 @@
 
 `_start` (prefill + first token) and `_advance` (decode one token + sample) are the only step functions.
 `generate_tokens` runs `_advance` inside one jitted `lax.while_loop` that stops when every row has hit a stop
-token or the token budget; `stream_tokens` calls it from Python, one token at a time, for streamers and
+token or its token budget; `stream_tokens` calls it from Python, one token at a time, for streamers and
 `generate_yield`. Both produce identical tokens.
+
+Everything that varies between calls with the same shapes is a runtime input (`Request`): the sampling
+values, seeds, stop ids and token budget of each row. The compiled programs depend only on the model, the
+mesh and four power-of-two buckets: batch rows, prompt length, cache length and stop-id slots. So a sweep
+over sampling values, seeds, stop ids or budgets within a cache bucket compiles nothing.
 
 With the hybrid split, `_start` runs on the prefill mesh and the state (KV cache included) is handed over to
 the decode mesh by resharding, its KV heads re-laid for the decode mesh's head layout.
 
-A batch is left-padded to a power-of-two bucket so new prompt lengths reuse compiled programs; the cache
-holds `bucket + new tokens` slots, also rounded up to a power of two (capped at the compiled max_length).
-
 When the meshes span processes (`hdex_jax.distributed`), every process runs this same code: jit takes the
-host inputs (numpy arrays, the seed key) as global values, the same in every process, and the outputs read
-on the host are replicated over the mesh, so each process reads them from its own devices.
+host inputs (numpy arrays) as global values, the same in every process, and the outputs read on the host are
+replicated over the mesh, so each process reads them from its own devices.
 """
 
 from __future__ import annotations
@@ -37,8 +39,22 @@ from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
 from hdex_jax.model import bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params, unflatten
-from hdex_jax.sampling import SamplingConfig, mark_seen, next_tokens, seen_tokens
-from hdex_jax.sharding import cache_partition_specs, device_put_params, is_pspec, make_mesh
+from hdex_jax.sampling import SamplingConfig, SamplingParams, mark_seen, next_tokens, seed_key_data, seen_tokens
+from hdex_jax.sharding import cache_partition_specs, is_pspec, make_mesh, runtime_params
+
+# Stop-id slots per row come in buckets of at least this many, so a few more stop ids do not recompile.
+_MIN_STOP_SLOTS = 4
+
+
+@struct.dataclass
+class Request:
+    """The runtime inputs of one generation besides the prompts, one entry per row."""
+
+    sampling: SamplingParams
+    key_data: jax.Array  # [B, 2] uint32: each row's seed as threefry key data
+    stop_ids: jax.Array  # [B, K] int32: each row's stop ids, -1 in unused slots
+    budget: jax.Array  # [B] int32: new tokens each row may produce (0 for padding rows)
+    pad_id: jax.Array  # [] int32
 
 
 @struct.dataclass
@@ -46,7 +62,7 @@ class DecodeState:
     cache: KVCache
     seen: jax.Array  # [B, V] bool: ids already in each row (repetition penalty)
     token: jax.Array  # [B] int32: the last token produced
-    done: jax.Array  # [B] bool: the row has produced a stop token
+    done: jax.Array  # [B] bool: the row has produced a stop token or spent its budget
     step: jax.Array  # [] int32: tokens produced so far
     out: jax.Array  # [B, N] int32: tokens produced (pad after a row's stop token)
 
@@ -57,7 +73,6 @@ class Plan:
 
     prompt_bucket: int  # padded prompt length T
     cache_length: int  # cache slots S
-    max_new_tokens: int
 
     @property
     def out_length(self) -> int:
@@ -77,59 +92,50 @@ def plan_generation(prompt_length: int, max_new_tokens: int, max_length: int) ->
                          "max_length")
     bucket = min(bucket_length(prompt_length), max_length - max_new_tokens)
     cache_length = min(max_length, bucket_length(bucket + max_new_tokens))
-    return Plan(bucket, cache_length, max_new_tokens)
+    return Plan(bucket, cache_length)
 
 
-def _record(state: DecodeState, token: jax.Array, stop_ids: jax.Array, pad_id: jax.Array) -> DecodeState:
-    token = jnp.where(state.done, pad_id, token).astype(jnp.int32)  # finished rows emit padding
+def _record(state: DecodeState, token: jax.Array, request: Request) -> DecodeState:
+    token = jnp.where(state.done, request.pad_id, token).astype(jnp.int32)  # finished rows emit padding
+    stopped = jnp.any(token[:, None] == request.stop_ids, axis=-1)  # [B]
     return state.replace(
         token=token,
         out=lax.dynamic_update_slice(state.out, token[:, None], (0, state.step)),
-        done=state.done | jnp.isin(token, stop_ids),
+        done=state.done | stopped | (state.step + 1 >= request.budget),
         seen=mark_seen(state.seen, token),
         step=state.step + 1,
     )
 
 
-def _start(params: Params, tokens: jax.Array, mask: jax.Array, seed_key: jax.Array, rows: jax.Array,
-           stop_ids: jax.Array, pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "mesh"))
+def _start(params: Params, tokens: jax.Array, mask: jax.Array, request: Request, *, cfg: ModelConfig,
            plan: Plan, mesh: Mesh) -> DecodeState:
     """Prefill the left-padded prompts [B, T] and produce the first token."""
     B = tokens.shape[0]
     cache = init_cache(cfg, B, plan.cache_length)
     logits, cache = prefill_fn(params, cache, tokens, mask, cfg, mesh)  # [B, V]
     seen = seen_tokens(tokens, cfg.vocab_size, mask)  # [B, V]
-    state = DecodeState(cache=cache, seen=seen, token=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
-                        step=jnp.zeros((), jnp.int32), out=jnp.full((B, plan.out_length), pad_id, jnp.int32))
-    first = next_tokens(logits, seen, sampling, seed_key, rows, state.step)
-    return _record(state, first, stop_ids, pad_id)
+    state = DecodeState(cache=cache, seen=seen, token=jnp.zeros((B,), jnp.int32), done=request.budget < 1,
+                        step=jnp.zeros((), jnp.int32), out=jnp.full((B, plan.out_length), request.pad_id, jnp.int32))
+    first = next_tokens(logits, seen, request.sampling, request.key_data, state.step)
+    return _record(state, first, request)
 
 
-def _advance(params: Params, state: DecodeState, seed_key: jax.Array, rows: jax.Array, stop_ids: jax.Array,
-             pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig, mesh: Mesh) -> DecodeState:
+def _advance(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
     """Feed the last token, sample the next one."""
     logits, cache = decode_step_fn(params, state.cache, state.token, cfg, mesh)  # [B, V]
-    token = next_tokens(logits, state.seen, sampling, seed_key, rows, state.step)
-    return _record(state.replace(cache=cache), token, stop_ids, pad_id)
+    token = next_tokens(logits, state.seen, request.sampling, request.key_data, state.step)
+    return _record(state.replace(cache=cache), token, request)
 
 
-_start_jit = jax.jit(_start, static_argnames=("cfg", "sampling", "plan", "mesh"))
-_advance_jit = jax.jit(_advance, static_argnames=("cfg", "sampling", "mesh"), donate_argnames="state")
+_advance_jit = jax.jit(_advance, static_argnames=("cfg", "mesh"), donate_argnames="state")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh"), donate_argnames="state")
-def _loop(params: Params, state: DecodeState, seed_key: jax.Array, rows: jax.Array, stop_ids: jax.Array,
-          pad_id: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig, max_new_tokens: int,
-          mesh: Mesh) -> DecodeState:
-    """`_advance` inside one `lax.while_loop` until every row stopped or the budget is spent."""
-
-    def running(s: DecodeState) -> jax.Array:
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s: DecodeState) -> DecodeState:
-        return _advance(params, s, seed_key, rows, stop_ids, pad_id, cfg=cfg, sampling=sampling, mesh=mesh)
-
-    return lax.while_loop(running, body, state)
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames="state")
+def _loop(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
+    """`_advance` inside one `lax.while_loop` until every row stopped or spent its budget."""
+    return lax.while_loop(lambda s: ~jnp.all(s.done),
+                          lambda s: _advance(params, s, request, cfg=cfg, mesh=mesh), state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +153,17 @@ def place(cfg: ModelConfig, flat: dict[str, np.ndarray], num_device: int, first_
     devices and placed on the mesh of devices [first_device, first_device + num_device), without compiling."""
     mesh = make_mesh(num_device, first_device)
     padded = padded_config(cfg, num_device)
-    params = device_put_params(unflatten(pad_params(flat, cfg, num_device)), padded, mesh)
+    params = runtime_params(unflatten(pad_params(flat, cfg, num_device)), padded, mesh)
     return Placement(params, padded, head_layout(cfg, num_device), mesh)
 
 
 @functools.partial(jax.jit, static_argnames="index")
-def _regroup_kv_heads(x: jax.Array, index: tuple[int, ...]) -> jax.Array:
-    """[L, B, KV_src, S, hd] -> [L, B, KV_dst, S, hd]: KV head j of the result is source head index[j], or zeros."""
+def _regroup_kv_heads(layers: tuple[jax.Array, ...], index: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """L x [B, KV_src, S, hd] -> L x [B, KV_dst, S, hd]: KV head j of the result is source head index[j], or
+    zeros."""
     idx = np.asarray(index)
-    picked = jnp.take(x, np.maximum(idx, 0), axis=2)
-    return jnp.where((idx >= 0)[None, None, :, None, None], picked, 0)
+    return tuple(jnp.where((idx >= 0)[None, :, None, None], jnp.take(x, np.maximum(idx, 0), axis=1), 0)
+                 for x in layers)
 
 
 def _hand_over(state: DecodeState, src: Placement, dst: Placement) -> DecodeState:
@@ -165,7 +172,8 @@ def _hand_over(state: DecodeState, src: Placement, dst: Placement) -> DecodeStat
         return state
     index = tuple(int(i) for i in kv_head_map(src.layout, dst.layout))
     cache = state.cache.replace(k=_regroup_kv_heads(state.cache.k, index), v=_regroup_kv_heads(state.cache.v, index))
-    shardings = jax.tree.map(lambda spec: NamedSharding(dst.mesh, spec), cache_partition_specs(), is_leaf=is_pspec)
+    shardings = jax.tree.map(lambda spec: NamedSharding(dst.mesh, spec), cache_partition_specs(dst.cfg),
+                             is_leaf=is_pspec)
     moved = _move(state.replace(cache=None), NamedSharding(dst.mesh, PartitionSpec()))
     return moved.replace(cache=_move(cache, shardings))
 
@@ -183,20 +191,46 @@ def _move(tree: Any, shardings: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """Left-padded prompts and everything a driver needs besides params."""
+    """Left-padded prompts (rows padded to a power of two) and the request that goes with them."""
 
     tokens: np.ndarray  # [B, T] int32
     mask: np.ndarray  # [B, T] int32
-    seed_key: jax.Array
-    rows: np.ndarray  # [B] int32
-    stop_ids: np.ndarray  # [K] int32
-    pad_id: np.int32
+    request: Request
+    rows: int  # the caller's rows; rows beyond are padding
     plan: Plan
+
+    @property
+    def stop_ids(self) -> np.ndarray:
+        """[rows, K] stop ids of the caller's rows (-1 in unused slots)."""
+        return np.asarray(self.request.stop_ids)[: self.rows]
+
+
+def _fresh_seeds(count: int) -> list[int]:
+    """`count` random 64-bit seeds; in a cluster, process 0's draw is everyone's so all feed the same keys."""
+    data = np.array([[secrets.randbits(32), secrets.randbits(32)] for _ in range(count)], np.uint32)
+    if jax.process_count() > 1:
+        data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return [(int(hi) << 32) | int(lo) for hi, lo in data]
+
+
+def _per_row(value: Any, rows: int, name: str) -> list[Any]:
+    """One value for every row, or a list with one value per row."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != rows:
+            raise ValueError(f"{name} has {len(value)} entries for {rows} prompts; give one value or one per prompt")
+        return list(value)
+    return [value] * rows
 
 
 def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_length: int,
-                  max_new_tokens: int, stop: Sequence[int], pad_id: int, seed: int | None) -> Batch:
-    """Validate prompts and left-pad them into their bucket."""
+                  max_new_tokens: int | Sequence[int], stop: Sequence[int] | Sequence[Sequence[int]], pad_id: int,
+                  seed: int | None | Sequence[int | None],
+                  sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig()) -> Batch:
+    """Validate prompts and left-pad them into their bucket; per-row values become the runtime `Request`.
+
+    `max_new_tokens`, `seed` and `sampling` take one value or one per prompt; `stop` is a list of ids for every
+    row or a list of such lists, one per prompt. A seed of None draws a fresh 64-bit seed.
+    """
     if len(prompts) == 0:
         raise ValueError("inputs is empty: give at least one prompt")
     for i, prompt in enumerate(prompts):
@@ -205,63 +239,71 @@ def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_len
         bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-    plan = plan_generation(max(len(p) for p in prompts), max_new_tokens, max_length)
-    B, T = len(prompts), plan.prompt_bucket
+    rows = len(prompts)
+    budgets = [int(n) for n in _per_row(max_new_tokens, rows, "max_new_tokens")]
+    stops = [list(s) for s in stop] if stop and isinstance(stop[0], (list, tuple)) else [list(stop)] * rows
+    if len(stops) != rows:
+        raise ValueError(f"stop has {len(stops)} lists for {rows} prompts; give one list or one per prompt")
+    seeds = _per_row(seed, rows, "seed")
+    fresh = iter(_fresh_seeds(sum(s is None for s in seeds)))
+    seeds = [next(fresh) if s is None else s for s in seeds]
+    configs = _per_row(sampling, rows, "sampling")
+
+    plan = plan_generation(max(len(p) for p in prompts), max(budgets), max_length)
+    B, T = bucket_length(rows, minimum=1), plan.prompt_bucket
     tokens = np.full((B, T), pad_id, np.int32)
     mask = np.zeros((B, T), np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, T - len(prompt):] = prompt
         mask[i, T - len(prompt):] = 1
-    if seed is None:
-        seed = secrets.randbits(31)
-        if jax.process_count() > 1:
-            # Every process of a cluster must feed the same key: process 0's draw is everyone's.
-            seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
-    return Batch(tokens, mask, jax.random.key(seed), np.arange(B, dtype=np.int32),
-                 np.asarray(list(stop), np.int32), np.int32(pad_id), plan)
+    padding = B - rows  # padding rows: no prompt, no budget, greedy, so they cost no sampling work
+    stop_ids = np.full((B, bucket_length(max(map(len, stops)), _MIN_STOP_SLOTS)), -1, np.int32)
+    for i, ids in enumerate(stops):
+        stop_ids[i, : len(ids)] = ids
+    request = Request(
+        sampling=SamplingParams.from_configs(configs + [SamplingConfig()] * padding),
+        key_data=np.stack([seed_key_data(s) for s in seeds + [0] * padding]),
+        stop_ids=stop_ids,
+        budget=np.asarray(budgets + [0] * padding, np.int32),
+        pad_id=np.int32(pad_id),
+    )
+    return Batch(tokens, mask, request, rows, plan)
 
 
-def _started(decode: Placement, batch: Batch, sampling: SamplingConfig,
-             prefill: Placement | None) -> DecodeState:
+def _started(decode: Placement, batch: Batch, prefill: Placement | None) -> DecodeState:
     """Prefill (on the prefill placement if given) and the first token, handed over to the decode placement."""
     src = prefill if prefill is not None else decode
-    state = _start_jit(src.params, batch.tokens, batch.mask, batch.seed_key, batch.rows, batch.stop_ids,
-                       batch.pad_id, cfg=src.cfg, sampling=sampling, plan=batch.plan, mesh=src.mesh)
+    state = _start(src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan, mesh=src.mesh)
     return _hand_over(state, src, decode)
 
 
-def generate_tokens(decode: Placement, batch: Batch, sampling: SamplingConfig,
-                    prefill: Placement | None = None) -> list[list[int]]:
+def generate_tokens(decode: Placement, batch: Batch, prefill: Placement | None = None) -> list[list[int]]:
     """Whole decode in one jitted while loop: the new tokens of each row, up to and including its stop token.
 
     Prefill runs on `prefill` when given (the hybrid split), else on `decode`.
     """
-    args = (batch.seed_key, batch.rows, batch.stop_ids, batch.pad_id)
-    state = _started(decode, batch, sampling, prefill)
-    state = _loop(decode.params, state, *args, cfg=decode.cfg, sampling=sampling,
-                  max_new_tokens=batch.plan.max_new_tokens, mesh=decode.mesh)
-    return _trim(np.asarray(state.out)[:, : int(state.step)], batch.stop_ids)
+    state = _started(decode, batch, prefill)
+    state = _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
+    out = np.asarray(state.out)[: batch.rows, : int(state.step)]
+    return _trim(out, batch.stop_ids, np.asarray(batch.request.budget)[: batch.rows])
 
 
-def stream_tokens(decode: Placement, batch: Batch, sampling: SamplingConfig,
-                  prefill: Placement | None = None) -> Iterator[np.ndarray]:
-    """Step driver: yields the [B] tokens of each step (pad for rows already stopped) as they are produced."""
-    args = (batch.seed_key, batch.rows, batch.stop_ids, batch.pad_id)
-    state = _started(decode, batch, sampling, prefill)
-    yield np.asarray(state.token)
-    for _ in range(batch.plan.max_new_tokens - 1):
-        if bool(jnp.all(state.done)):
-            return
-        state = _advance_jit(decode.params, state, *args, cfg=decode.cfg, sampling=sampling, mesh=decode.mesh)
-        yield np.asarray(state.token)
+def stream_tokens(decode: Placement, batch: Batch, prefill: Placement | None = None) -> Iterator[np.ndarray]:
+    """Step driver: yields the [rows] tokens of each step (pad for rows already stopped) as they are produced."""
+    state = _started(decode, batch, prefill)
+    yield np.asarray(state.token)[: batch.rows]
+    while not bool(jnp.all(state.done)):
+        state = _advance_jit(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
+        yield np.asarray(state.token)[: batch.rows]
 
 
-def _trim(out: np.ndarray, stop_ids: np.ndarray) -> list[list[int]]:
-    """Cut each row after its first stop token."""
+def _trim(out: np.ndarray, stop_ids: np.ndarray, budgets: np.ndarray) -> list[list[int]]:
+    """Cut each row after its first stop token and at its budget."""
     rows = []
-    for row in out.tolist():
+    for row, stops, budget in zip(out.tolist(), stop_ids.tolist(), budgets.tolist()):
+        row = row[:budget]
         for j, token in enumerate(row):
-            if token in stop_ids:
+            if token in stops:
                 row = row[: j + 1]
                 break
         rows.append(row)

@@ -2,6 +2,7 @@
 
 Slots are columns of the (left-padded) batch: the prompt fills slots [0, T), generated tokens follow one
 slot per step, so every row writes the same slot at a step and one `dynamic_update_slice` serves the batch.
+Each layer has its own k and v arrays, read and updated in place by the unrolled layer loop.
 """
 
 from __future__ import annotations
@@ -15,23 +16,23 @@ from hdex_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, KV, S, hd]
-    v: jax.Array  # [L, B, KV, S, hd]
+    k: tuple[jax.Array, ...]  # L x [B, KV, S, hd]
+    v: tuple[jax.Array, ...]  # L x [B, KV, S, hd]
     valid: jax.Array  # [B, S] bool: the slot holds a real (not padding) token
     next_slot: jax.Array  # [] int32: slot the next token is written to
     next_pos: jax.Array  # [B] int32: position id of each row's next token
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> KVCache:
     """An empty cache for `batch` rows of up to `max_length` tokens each."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, cfg.dtype),
-        v=jnp.zeros(shape, cfg.dtype),
+        k=tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
         valid=jnp.zeros((batch, max_length), bool),
         next_slot=jnp.zeros((), jnp.int32),
         next_pos=jnp.zeros((batch,), jnp.int32),

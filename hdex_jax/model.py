@@ -3,6 +3,10 @@
 `prefill` and `decode_step` both run `_forward` over a block of T tokens written to consecutive cache slots:
 T = prompt bucket for prefill, T = 1 for decode. Families differ only through `ModelConfig` fields.
 
+The layer loop is unrolled over a list of per-layer weights and per-layer cache arrays (`params.unstack_layers`):
+on XLA CPU a `lax.scan` over stacked weights cost about 40% more per token, and a static slice out of a stack is
+a copy of the weight every step. docs/performance.md has the measurements.
+
 `_forward` is the program of one LPU device inside `shard_map` over the mesh axis "lpu" (Megatron layout):
 it holds 1/N of the query and KV heads, of the FFN and of the vocabulary. q/k/v and up/gate are
 column-parallel; o and down are row-parallel and followed by `lax.psum` (the ESL sync); the embedding and the
@@ -51,8 +55,15 @@ def _linear(x: jax.Array, p: dict, spec: str) -> jax.Array:
     return y + p["b"] if "b" in p else y
 
 
+def _single_device() -> bool:
+    """True inside a one-device mesh, where every collective is the identity and is left out of the program."""
+    return lax.axis_size(LPU_AXIS) == 1
+
+
 def _esl_sync(x: jax.Array) -> jax.Array:
     """Sum the devices' partial results: the LPU's ESL synchronisation."""
+    if _single_device():
+        return x
     with jax.named_scope("esl_sync"):
         return lax.psum(x, LPU_AXIS)
 
@@ -63,13 +74,21 @@ def _row_parallel(x: jax.Array, p: dict, spec: str) -> jax.Array:
     return y + p["b"] if "b" in p else y
 
 
-def _rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face layout) on the first `rope_dim` features of each head."""
-    # x: [B, T, N, hd], positions: [B, T]
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, 1, rope_dim] of the positions [B, T]: built once per forward, shared by every layer."""
     inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)  # [rd/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rd]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array] | None, cfg: ModelConfig) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout) on the first `rope_dim` features of each head; models with
+    other positions pass `tables=None` and are returned unchanged."""
+    # x: [B, T, N, hd]
+    if tables is None:
+        return x
+    cos, sin = tables
     rd = cfg.rope_dim
     rot, rest = x[..., :rd], x[..., rd:]
     half = rd // 2
@@ -119,11 +138,38 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
         h = _norm(h, params["final_norm"], cfg)
     if cfg.projects_embeddings:
         h = h @ params["project_out"]  # [B, E]
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]["w"]  # [E, V/N]
-    local = jnp.einsum("be,ev->bv", h, w, preferred_element_type=jnp.float32)  # [B, V/N]
-    with jax.named_scope("esl_sync"):
-        logits = lax.all_gather(local, LPU_AXIS, axis=1, tiled=True)  # [B, V + padding]
-    return logits[:, : cfg.vocab_size]
+    # A tied head contracts the embedding [V/N, E] on E as it is stored: a transpose would copy it every step.
+    if cfg.tie_embeddings:
+        local = jnp.einsum("be,ve->bv", h, params["embed"], preferred_element_type=jnp.float32)  # [B, V/N]
+    else:
+        local = jnp.einsum("be,ev->bv", h, params["lm_head"]["w"], preferred_element_type=jnp.float32)
+    if not _single_device():
+        with jax.named_scope("esl_sync"):
+            local = lax.all_gather(local, LPU_AXIS, axis=1, tiled=True)  # [B, V + padding]
+    return local[:, : cfg.vocab_size]
+
+
+def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
+           tables: tuple[jax.Array, jax.Array] | None, mask: jax.Array,
+           cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache."""
+    # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; mask: [B, T, S]
+    x = _norm(h, lp["ln1"], cfg) if cfg.pre_norm else h
+    with jax.named_scope("qkv"):
+        q = _rope(_linear(x, lp["attn"]["q"], "btd,dhk->bthk"), tables, cfg)  # [B, T, H, hd]
+        k = _rope(_linear(x, lp["attn"]["k"], "btd,dhk->bthk"), tables, cfg)  # [B, T, KV, hd]
+        v = _linear(x, lp["attn"]["v"], "btd,dhk->bthk")  # [B, T, KV, hd]
+    with jax.named_scope("attention"):
+        k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))
+        v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
+        attn = _attention(q, k_cache, v_cache, mask, cfg)  # [B, T, H, hd]
+        attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
+    h = h + attn if cfg.pre_norm else _norm(h + attn, lp["ln1"], cfg)
+    with jax.named_scope("ffn"):
+        x = _norm(h, lp["ln2"], cfg) if cfg.pre_norm else h
+        out = _mlp(x, lp["mlp"], cfg)
+    h = h + out if cfg.pre_norm else _norm(h + out, lp["ln2"], cfg)
+    return h, k_cache, v_cache
 
 
 def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
@@ -135,6 +181,7 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
     start = cache.next_slot
     with jax.named_scope("embed"):
         h = _embed(params, tokens, positions, cfg)  # [B, T, D]
+    tables = rope_tables(positions, cfg) if cfg.positions == "rope" else None
 
     q_slot = start + jnp.arange(T)  # [T]
     k_slot = jnp.arange(S)  # [S]
@@ -143,35 +190,15 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
         visible &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
     mask = visible[None] & key_valid[:, None, :]  # [B, T, S]
 
-    def layer(carry, lp):
-        h, k_cache, v_cache, i = carry
-        x = _norm(h, lp["ln1"], cfg) if cfg.pre_norm else h
-        with jax.named_scope("qkv"):
-            q = _rope_if(_linear(x, lp["attn"]["q"], "btd,dhk->bthk"), positions, cfg)  # [B, T, H, hd]
-            k = _rope_if(_linear(x, lp["attn"]["k"], "btd,dhk->bthk"), positions, cfg)  # [B, T, KV, hd]
-            v = _linear(x, lp["attn"]["v"], "btd,dhk->bthk")  # [B, T, KV, hd]
-        with jax.named_scope("attention"):
-            # Write this block's keys/values into layer i's slots, then attend over the whole layer.
-            k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
-            v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
-            attn = _attention(q, k_cache[i], v_cache[i], mask, cfg)  # [B, T, H, hd]
-            attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
-        h = h + attn if cfg.pre_norm else _norm(h + attn, lp["ln1"], cfg)
-        with jax.named_scope("ffn"):
-            x = _norm(h, lp["ln2"], cfg) if cfg.pre_norm else h
-            out = _mlp(x, lp["mlp"], cfg)
-        h = h + out if cfg.pre_norm else _norm(h + out, lp["ln2"], cfg)
-        return (h, k_cache, v_cache, i + 1), None
-
-    (h, k_cache, v_cache, _), _ = lax.scan(layer, (h, cache.k, cache.v, jnp.int32(0)), params["layers"])
+    k_out, v_out = [], []
+    for lp, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
+        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, tables, mask, cfg)
+        k_out.append(k_cache)
+        v_out.append(v_cache)
     with jax.named_scope("lm_head"):
         logits = _lm_head(params, h[:, -1], cfg)  # [B, V]
-    cache = cache.replace(k=k_cache, v=v_cache, valid=key_valid, next_slot=start + T)
+    cache = cache.replace(k=tuple(k_out), v=tuple(v_out), valid=key_valid, next_slot=start + T)
     return logits, cache
-
-
-def _rope_if(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return _rope(x, positions, cfg) if cfg.positions == "rope" else x
 
 
 def prefill_positions(mask: jax.Array) -> jax.Array:
@@ -184,17 +211,19 @@ def _on_mesh(fn, cfg: ModelConfig, mesh: Mesh | None, num_inputs: int):
     inputs and logits replicated."""
     mesh = mesh if mesh is not None else make_mesh(1)
     replicated = PartitionSpec()
+    cache_specs = cache_partition_specs(cfg)
     # check_vma is off because JAX cannot infer that all_gather's result (the logits) is replicated.
     return jax.shard_map(functools.partial(fn, cfg=cfg), mesh=mesh,
-                         in_specs=(param_partition_specs(cfg), cache_partition_specs(), *[replicated] * num_inputs),
-                         out_specs=(replicated, cache_partition_specs()), check_vma=False)
+                         in_specs=(param_partition_specs(cfg), cache_specs, *[replicated] * num_inputs),
+                         out_specs=(replicated, cache_specs), check_vma=False)
 
 
 def prefill_fn(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
                mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Prompt pass over a fresh cache: left-padded tokens [B, T] with mask [B, T] -> last logits [B, V].
 
-    `params` must be laid out for the mesh's device count (`layout.padded_config`); mesh None is one device.
+    `params` must be laid out for the mesh's device count (`layout.padded_config`) with per-layer weights
+    (`params.unstack_layers`); mesh None is one device.
     """
     return _on_mesh(_prefill_local, cfg, mesh, 2)(params, cache, tokens, mask)
 

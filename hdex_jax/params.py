@@ -2,7 +2,8 @@
 
 `param_specs(cfg)` is the single declaration of every weight: its shape, dtype and logical axes. Random
 init for tests, the converters' shape checks, the sharding rules and loading are all derived from it.
-Per-layer weights are stacked on a leading "layers" axis so that the forward pass can `lax.scan` them.
+Per-layer weights are declared and stored stacked on a leading "layers" axis (one tensor per name in the
+checkpoints); the forward pass reads them as a list of per-layer trees (`unstack_layers`, `runtime_specs`).
 
 Names are '/'-joined paths into a nested dict, e.g. "layers/attn/q/w".
 """
@@ -102,16 +103,37 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     return specs
 
 
+def runtime_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The declaration in the form the forward pass reads: "layers" is a list of per-layer trees, each weight
+    without its leading layer axis."""
+    specs = param_specs(cfg)
+    layer = jax.tree.map(lambda s: dataclasses.replace(s, shape=s.shape[1:], axes=s.axes[1:]), specs["layers"],
+                         is_leaf=is_spec)
+    return {**specs, "layers": [layer] * cfg.num_layers}
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Stacked params (`param_specs` form) -> the `runtime_specs` form: one tree of weights per layer.
+
+    The unrolled forward pass then reads each weight as it is stored; a slice of a stacked weight inside the
+    decode program would copy it every step.
+    """
+    layers = params["layers"]
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)]}
+
+
 def is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}."""
+    """Nested dict -> {"a/b/c": leaf}; a list (per-layer weights) contributes its indices: "layers/0/attn/q/w"."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
+    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree)
+    for key, value in items:
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, (Mapping, list)):
             flat.update(flatten(value, name + "/"))
         else:
             flat[name] = value

@@ -146,8 +146,8 @@ def sync_bytes_per_token(model: LPUModelForCausalLM) -> CollectiveBytes:
     Traces `hdex_jax.model.decode_step_fn` on the model's decode placement (its params, padded config and
     mesh) with an abstract cache of the model's max_length. In the Megatron layout that is one psum of the
     hidden vector after each row-parallel o and down projection, one psum of the embedding row, and the
-    all-gather of the vocab-split logits; `total` counts them as traced. On one device they are identities:
-    `across_devices` is then 0, because nothing crosses a link. Prefill is not included.
+    all-gather of the vocab-split logits; `total` counts them as traced. On one device the forward pass leaves
+    them out of the program (they would be identities), so everything is 0. Prefill is not included.
     """
     placement = model.decode
     cache = jax.eval_shape(functools.partial(init_cache, placement.cfg, 1, model.max_length))

@@ -1,4 +1,4 @@
-"""Next-token selection with Hugging Face `generate` semantics and explicit PRNG keys.
+"""Next-token selection with Hugging Face `generate` semantics, per-row runtime values and explicit PRNG keys.
 
 Processing order, as in transformers' `generate` (processors first, then the sampling warpers):
 
@@ -8,26 +8,45 @@ Processing order, as in transformers' `generate` (processors first, then the sam
 3. top-k: keep every score >= the k-th largest, so ties with the k-th value survive;
 4. top-p: HF's formula (ascending sort, softmax, cumulative sum, remove where cumprob <= 1 - top_p,
    always keep the `min_tokens_to_keep` most likely);
-5. greedy = argmax, sampling = `jax.random.categorical`.
+5. greedy = argmax, sampling = `jax.random.categorical` of the processed scores.
 
-Removed entries are -inf. Logits are float32 before any processor, so bf16 models pick the same tokens
-as an HF model run in float32 on the same logits.
+Removed entries are -inf. Logits are float32 before any processor.
 
-Randomness is explicit and never global: `seed` -> `jax.random.key(seed)`, and the key of batch row `r`
-at decode step `t` is `fold_in(fold_in(key, r), t)`. A token therefore depends only on (seed, row, step,
-logits): the same seed gives the same tokens across runs, device counts, streaming or whole-loop
-generation, and whatever else is in the batch.
+Every sampling value is a runtime array with one entry per row (`SamplingParams`): a new temperature, top-p,
+top-k, penalty or do_sample compiles nothing, and each row of a batch is processed with its own values.
+
+Decode must not sort the vocabulary. Top-k and top-p are decided on the `CANDIDATES` largest scores
+(`lax.top_k`, cheap) whenever that is exact: every token that can survive is a candidate and no other token
+ties with one. Otherwise (k above CANDIDATES, a tie across the candidate boundary, a nucleus wider than the
+candidates) the whole vocabulary is sorted, as HF does. Both paths keep the same tokens, and the draw adds
+Gumbel noise over the whole vocabulary, so a row's token does not depend on the path its batch took.
+
+Randomness is explicit and belongs to the row. A seed s in [0, 2**64) is the threefry key with data
+[s >> 32, s & 0xFFFFFFFF] (`seed_key_data`; for s < 2**32 that is exactly `jax.random.key(s)`), and the key of
+a row at decode step t is `fold_in(key(seed), t)`. A token therefore depends only on its row's logits, seed,
+step and values: never on the row's position in the batch, the other rows, the device count or streaming.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+from jax import lax
+
+# Scores examined before falling back to a full sort of the vocabulary (see the module docstring).
+CANDIDATES = 256
+# Seeds are 64-bit: every integer in [0, SEED_LIMIT) is a distinct key.
+SEED_LIMIT = 2**64
+# The candidates decide top-p alone only when the mass outside them is clearly below 1 - top_p; this margin
+# keeps float32 summation noise (the full path sums in another order) from deciding a boundary token.
+_TAIL_MARGIN = 1e-5
 
 
 def _check_number(name: str, value: Any, *, integer: bool) -> None:
@@ -40,7 +59,7 @@ def _check_number(name: str, value: Any, *, integer: bool) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Static sampling parameters; frozen and hashable so it can be a static argument of `jax.jit`.
+    """One row's sampling values, validated; `SamplingParams` stacks them into runtime arrays.
 
     Validation matches transformers' processors (same `ValueError` messages), except that integers are
     accepted where a float is wanted and `top_k=0` means "off". `temperature` is only checked when
@@ -88,7 +107,7 @@ class SamplingConfig:
                 f"`min_tokens_to_keep` has to be a positive integer, but is {self.min_tokens_to_keep}"
             )
 
-        # Normalise numpy scalars etc. to plain Python values so equal configs hash equal under jit.
+        # Normalise numpy scalars etc. to plain Python values.
         set_ = object.__setattr__
         set_(self, "do_sample", bool(self.do_sample))
         set_(self, "repetition_penalty", float(self.repetition_penalty))
@@ -131,64 +150,177 @@ def mark_seen(seen: jax.Array, tokens: jax.Array) -> jax.Array:
     return seen.at[jnp.arange(batch), ids].set(True, mode="drop")
 
 
-def _divide(x: jax.Array, divisor: float) -> jax.Array:
-    """x / divisor, correctly rounded like torch.
+def _divide(x: jax.Array, divisor: jax.Array) -> jax.Array:
+    """x [B, V] / divisor [B, 1], correctly rounded like torch.
 
-    XLA rewrites division by a (broadcast) scalar into multiplication by its reciprocal, which is off by
-    one ulp for about a quarter of the values; that is enough to move a top-p or top-k boundary away from
-    HF's. Hiding the divisor behind an optimization barrier keeps a true division.
+    XLA rewrites division by a broadcast value into multiplication by its reciprocal, which is off by one ulp
+    for about a quarter of the values; that is enough to move a top-p or top-k boundary away from HF's.
+    Hiding the divisor behind an optimization barrier keeps a true division.
     """
-    return x / jax.lax.optimization_barrier(jnp.full_like(x, divisor))
+    return x / lax.optimization_barrier(jnp.broadcast_to(divisor, x.shape))
 
 
-def _repetition_penalty(scores: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """[2] uint32 threefry key data of a seed in [0, 2**64): [seed >> 32, seed & 0xFFFFFFFF].
+
+    For seeds below 2**32 this is exactly the data of `jax.random.key(seed)`.
+    """
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+@struct.dataclass
+class SamplingParams:
+    """Per-row sampling values as runtime arrays, one entry per row: changing them never recompiles."""
+
+    do_sample: jax.Array  # [B] bool
+    temperature: jax.Array  # [B] float32 (1 for greedy rows, whose temperature HF ignores)
+    top_k: jax.Array  # [B] int32, 0 = off
+    top_p: jax.Array  # [B] float32, 1 = off
+    repetition_penalty: jax.Array  # [B] float32, 1 = off
+    min_tokens_to_keep: jax.Array  # [B] int32
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[SamplingConfig]) -> SamplingParams:
+        """Stack one validated `SamplingConfig` per row (host numpy arrays, ready to feed a jitted program)."""
+        return cls(
+            do_sample=np.array([c.do_sample for c in configs], bool),
+            temperature=np.array([c.temperature if c.do_sample else 1.0 for c in configs], np.float32),
+            top_k=np.array([c.top_k for c in configs], np.int32),
+            top_p=np.array([c.top_p for c in configs], np.float32),
+            repetition_penalty=np.array([c.repetition_penalty for c in configs], np.float32),
+            min_tokens_to_keep=np.array([c.min_tokens_to_keep for c in configs], np.int32),
+        )
+
+
+def _repetition_penalty(scores: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """scores [B, V], seen [B, V] bool, penalty [B] -> [B, V]; a penalty of 1 changes nothing, exactly."""
+    penalty = penalty[:, None]  # [B, 1]
     # Negative scores are multiplied so that a penalty > 1 always lowers the score.
     penalized = jnp.where(scores < 0, scores * penalty, _divide(scores, penalty))  # [B, V]
     return jnp.where(seen, penalized, scores)
 
 
-def _top_k(scores: jax.Array, k: int) -> jax.Array:
-    kth = jax.lax.top_k(scores, k)[0][..., -1:]  # [B, 1]
-    # `<` rather than a rank cut so that every score tied with the k-th one survives, as in HF.
-    return jnp.where(scores < kth, -jnp.inf, scores)
+def _top_k_size(params: SamplingParams, vocab_size: int) -> jax.Array:
+    """[B] how many top scores top-k keeps (HF: max(top_k, min_tokens_to_keep) capped at V; V when off)."""
+    k = jnp.minimum(jnp.maximum(params.top_k, params.min_tokens_to_keep), vocab_size)
+    return jnp.where(params.top_k > 0, k, vocab_size)
 
 
-def _top_p(scores: jax.Array, top_p: float, min_tokens_to_keep: int) -> jax.Array:
+def _top_p_removes(cumprobs: jax.Array, rank_from_top: jax.Array, params: SamplingParams) -> jax.Array:
+    """HF's top-p rule on ascending cumulative probabilities [B, N]: remove where cumprob <= 1 - top_p, except the
+    `min_tokens_to_keep` most likely; rows with top_p = 1 skip the warper, as HF does."""
+    return ((cumprobs <= 1 - params.top_p[:, None]) & (rank_from_top >= params.min_tokens_to_keep[:, None])
+            & (params.top_p < 1)[:, None])
+
+
+def _keep_sorted(scores: jax.Array, params: SamplingParams) -> jax.Array:
+    """[B, V] scores after temperature -> [B, V] bool kept by top-k and top-p, with a full (stable) sort."""
     batch, vocab_size = scores.shape
-    order = jnp.argsort(scores, axis=-1)  # [B, V] ascending, like HF
-    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)  # [B, V]
-    cumprobs = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)  # [B, V]
-    # HF's formula: the low tail whose total mass is <= 1 - p goes; the top entries are always kept.
-    remove_sorted = cumprobs <= 1 - top_p
-    remove_sorted = remove_sorted.at[:, max(vocab_size - min_tokens_to_keep, 0) :].set(False)
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(batch)[:, None], order].set(remove_sorted)  # [B, V]
-    return jnp.where(remove, -jnp.inf, scores)
+    order = jnp.argsort(scores, axis=-1)  # [B, V] ascending, like HF; stable, so ties go lowest id first
+    ascending = jnp.take_along_axis(scores, order, axis=-1)  # [B, V]
+    kth = jnp.take_along_axis(ascending, (vocab_size - _top_k_size(params, vocab_size))[:, None], axis=-1)
+    in_top_k = ascending >= kth  # [B, V]; every score tied with the k-th survives
+    cumprobs = jnp.cumsum(jax.nn.softmax(jnp.where(in_top_k, ascending, -jnp.inf), axis=-1), axis=-1)
+    keep = in_top_k & ~_top_p_removes(cumprobs, vocab_size - 1 - jnp.arange(vocab_size), params)  # [B, V]
+    return jnp.zeros_like(keep).at[jnp.arange(batch)[:, None], order].set(keep)
 
 
-def apply_processors(logits: jax.Array, seen: jax.Array, config: SamplingConfig) -> jax.Array:
+def _keep_candidates(scores: jax.Array, params: SamplingParams, candidates: int) -> tuple[jax.Array, jax.Array]:
+    """Like `_keep_sorted` from the `candidates` largest scores only; also returns [B] bool: that row's result is
+    exact (equal to `_keep_sorted`'s)."""
+    batch, vocab_size = scores.shape
+    count = min(candidates, vocab_size)
+    top_scores, top_ids = lax.top_k(scores, count)  # [B, C] descending
+    # Ascending by score, ties by id: the order of the stable full sort.
+    ascending, ids = lax.sort((top_scores, top_ids), dimension=-1, num_keys=2)  # [B, C]
+    k = _top_k_size(params, vocab_size)  # [B]
+    filtered = k < vocab_size  # [B]: top-k removes something
+    kth = jnp.take_along_axis(ascending, jnp.clip(count - k, 0, count - 1)[:, None], axis=-1)  # [B, 1]
+    lowest = jnp.where(filtered[:, None], kth, ascending[:, :1])  # [B, 1] lowest score that may survive
+    in_top_k = ascending >= lowest  # [B, C]
+    masked = jnp.where(in_top_k, ascending, -jnp.inf)  # [B, C]
+    # Top-p normalises over the top-k survivors: all candidates when top-k filters, else the whole vocabulary.
+    log_norm = jnp.where(filtered, jax.nn.logsumexp(masked, axis=-1), jax.nn.logsumexp(scores, axis=-1))  # [B]
+    probs = jnp.exp(masked - log_norm[:, None])  # [B, C]
+    tail = jnp.where(filtered, 0.0, 1.0 - jnp.sum(probs, axis=-1))  # [B] mass below the candidates
+    cumprobs = tail[:, None] + jnp.cumsum(probs, axis=-1)  # [B, C]: HF's cumulative sum at each candidate
+    keep_candidates = in_top_k & ~_top_p_removes(cumprobs, count - 1 - jnp.arange(count), params)  # [B, C]
+    keeps_all = ~filtered & (params.top_p >= 1)  # [B]: neither warper removes anything
+    keep = jnp.zeros((batch, vocab_size), bool).at[jnp.arange(batch)[:, None], ids].set(keep_candidates)
+    keep = keep | keeps_all[:, None]  # [B, V]
+    # Exact when no token outside the candidates ties with or beats the lowest possible survivor, and either
+    # top-k bounds the survivors within the candidates or top-p certainly removes everything outside them.
+    boundary_clear = jnp.sum(scores >= lowest, axis=-1) <= count  # [B]
+    bounded = jnp.where(filtered, k <= count, (params.min_tokens_to_keep <= count)
+                        & (tail <= 1 - params.top_p - _TAIL_MARGIN))  # [B]
+    return keep, keeps_all | (boundary_clear & bounded)
+
+
+def _keep(scores: jax.Array, params: SamplingParams, candidates: int = CANDIDATES) -> jax.Array:
+    """[B, V] scores after temperature -> [B, V] bool: the tokens top-k and top-p keep, per row.
+
+    The candidate path serves whenever it is exact for every sampling row; otherwise the whole vocabulary is
+    sorted. Greedy rows never force the sort: their kept set is not used.
+    """
+    keep, exact = _keep_candidates(scores, params, candidates)
+    return lax.cond(jnp.all(exact | ~params.do_sample), lambda: keep, lambda: _keep_sorted(scores, params))
+
+
+def _first_max(scores: jax.Array) -> jax.Array:
+    """[B, V] -> [B] int32 index of each row's largest score, lowest index among ties (like argmax).
+
+    `lax.top_k` with k = 1 rather than `argmax`: on XLA CPU it is several times faster over a vocabulary.
+    """
+    return lax.top_k(scores, 1)[1][:, 0].astype(jnp.int32)
+
+
+def _scaled(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """(penalised scores, penalised scores / temperature), both [B, V] float32."""
+    scores = _repetition_penalty(jnp.asarray(logits).astype(jnp.float32), seen, params.repetition_penalty)
+    return scores, _divide(scores, params.temperature[:, None])
+
+
+def apply_processors(logits: jax.Array, seen: jax.Array, params: SamplingParams,
+                     candidates: int = CANDIDATES) -> jax.Array:
     """[B, V] logits -> [B, V] float32 processed scores, in HF order; removed entries are -inf.
 
-    Repetition penalty over `seen` [B, V] bool (divide positive scores, multiply negative), then, only if
-    `config.do_sample`: temperature -> top-k (ties with the k-th value kept, k = max(top_k,
-    min_tokens_to_keep) capped at V) -> top-p (HF formula, the last `min_tokens_to_keep` always kept).
-    Processors that are off are skipped at trace time. Jittable with `config` static.
+    Repetition penalty over `seen` [B, V] bool, then, for rows with `do_sample`: temperature -> top-k ->
+    top-p. Greedy rows get the penalised scores only, as in HF. Jittable; `params` are runtime arrays.
     """
-    scores = jnp.asarray(logits).astype(jnp.float32)  # [B, V]
-    vocab_size = scores.shape[-1]
-    if config.repetition_penalty != 1.0:
-        scores = _repetition_penalty(scores, seen, config.repetition_penalty)
-    if not config.do_sample:
-        return scores
-    if config.temperature != 1.0:
-        scores = _divide(scores, config.temperature)
-    if config.top_k != 0:
-        scores = _top_k(scores, min(max(config.top_k, config.min_tokens_to_keep), vocab_size))
-    if config.top_p < 1.0:
-        scores = _top_p(scores, config.top_p, config.min_tokens_to_keep)
-    return scores
+    scores, scaled = _scaled(logits, seen, params)
+    processed = jnp.where(_keep(scaled, params, candidates), scaled, -jnp.inf)
+    return jnp.where(params.do_sample[:, None], processed, scores)
 
 
-_apply_processors_jit = jax.jit(apply_processors, static_argnames="config")
+def step_keys(key_data: jax.Array, step: jax.Array) -> jax.Array:
+    """[B, 2] uint32 row key data, scalar step -> [B] keys fold_in(key(seed), step). Never global state."""
+    return jax.vmap(lambda data: jax.random.fold_in(jax.random.wrap_key_data(data), step))(key_data)
+
+
+def next_tokens(logits: jax.Array, seen: jax.Array, params: SamplingParams, key_data: jax.Array,
+                step: jax.Array, candidates: int = CANDIDATES) -> jax.Array:
+    """[B, V] logits, [B, V] seen, [B, 2] uint32 row key data, scalar step -> [B] int32 tokens.
+
+    Greedy rows take the argmax after the repetition penalty; sampling rows draw
+    `jax.random.categorical(fold_in(key(seed), step), processed scores)`, written out as its Gumbel-max so the
+    noise covers the whole vocabulary whichever path decided the kept set. A batch with no sampling row skips
+    the sampling work entirely. Jittable; everything is a runtime array.
+    """
+    scores, scaled = _scaled(logits, seen, params)
+
+    def sampled() -> jax.Array:
+        keep = _keep(scaled, params, candidates)  # [B, V]
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], scaled.dtype))(
+            step_keys(key_data, step))  # [B, V]
+        drawn = _first_max(jnp.where(keep, noise + scaled, -jnp.inf))  # [B]
+        return jnp.where(params.do_sample, drawn, _first_max(scores))
+
+    return lax.cond(jnp.any(params.do_sample), sampled, lambda: _first_max(scores))
 
 
 def _as_batch(logits: Any, input_ids: Any, attention_mask: Any) -> tuple[jax.Array, jax.Array, bool]:
@@ -208,6 +340,10 @@ def _as_batch(logits: Any, input_ids: Any, attention_mask: Any) -> tuple[jax.Arr
     if attention_mask is not None:
         attention_mask = jnp.asarray(attention_mask).reshape(ids.shape)  # [B, S]
     return logits, seen_tokens(ids, logits.shape[1], attention_mask), single
+
+
+_apply_processors_jit = jax.jit(apply_processors, static_argnames="candidates")
+_next_tokens_jit = jax.jit(next_tokens, static_argnames="candidates")
 
 
 def process_logits(
@@ -230,48 +366,17 @@ def process_logits(
     config = SamplingConfig(do_sample=True, repetition_penalty=repetition_penalty, temperature=temperature,
                             top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
     logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
-    out = _apply_processors_jit(logits, seen, config)  # [B, V]
+    params = SamplingParams.from_configs([config] * logits.shape[0])
+    out = _apply_processors_jit(logits, seen, params)  # [B, V]
     return out[0] if single else out
-
-
-def step_key(seed_key: jax.Array, row: jax.Array, step: jax.Array) -> jax.Array:
-    """Key for one row at one step: fold_in(fold_in(seed_key, row), step). Never global state."""
-    return jax.random.fold_in(jax.random.fold_in(seed_key, row), step)
-
-
-def next_tokens(
-    logits: jax.Array,
-    seen: jax.Array,
-    config: SamplingConfig,
-    seed_key: jax.Array,
-    rows: jax.Array,
-    step: jax.Array,
-) -> jax.Array:
-    """[B, V] logits, [B, V] seen, [B] row ids, scalar step -> [B] int32 tokens.
-
-    Greedy (`config.do_sample=False`) is the argmax after the repetition penalty; sampling draws from
-    `jax.random.categorical` with each row's own `step_key`, so a row's token does not depend on the rest
-    of the batch. `rows` are the rows' ids in the whole request, not their positions in this batch.
-    Jittable with `config` static.
-    """
-    scores = apply_processors(logits, seen, config)  # [B, V]
-    if not config.do_sample:
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    keys = jax.vmap(step_key, in_axes=(None, 0, None))(seed_key, jnp.asarray(rows), step)  # [B] keys
-    tokens = jax.vmap(jax.random.categorical)(keys, scores)  # [B]
-    return tokens.astype(jnp.int32)
-
-
-_next_tokens_jit = jax.jit(next_tokens, static_argnames="config")
 
 
 def sample(
     logits: Any,
     input_ids: Any = None,
     *,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     step: int = 0,
-    rows: Any = None,
     do_sample: bool = True,
     repetition_penalty: float = 1.0,
     temperature: float = 1.0,
@@ -282,14 +387,17 @@ def sample(
 ) -> jax.Array:
     """Pick next tokens from [B, V] logits (or [V], giving a scalar) with HF semantics.
 
-    Builds the `SamplingConfig`, the seen-token mask from `input_ids` [B, S] (and `attention_mask`) and
-    `jax.random.key(seed)`, then calls `next_tokens`. `rows` [B] defaults to arange(B); pass the original
-    row ids to reproduce a row of a larger batch. Returns int32 tokens [B].
+    `seed` is one seed for every row or one per row; row r draws with `fold_in(key(seed_r), step)`, so a row
+    gives the same token whatever the rest of the batch. Returns int32 tokens [B].
     """
     config = SamplingConfig(do_sample=do_sample, repetition_penalty=repetition_penalty, temperature=temperature,
                             top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
     logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
     batch = logits.shape[0]
-    rows = jnp.arange(batch) if rows is None else jnp.asarray(rows).reshape(batch)  # [B]
-    tokens = _next_tokens_jit(logits, seen, config, jax.random.key(seed), rows, jnp.asarray(step))  # [B]
+    seeds = [seed] * batch if isinstance(seed, numbers.Integral) else list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"seed has {len(seeds)} entries for {batch} rows; give one seed or one per row")
+    key_data = np.stack([seed_key_data(s) for s in seeds])  # [B, 2]
+    params = SamplingParams.from_configs([config] * batch)
+    tokens = _next_tokens_jit(logits, seen, params, key_data, jnp.asarray(step, jnp.int32))  # [B]
     return tokens[0] if single else tokens

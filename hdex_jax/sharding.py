@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
-from hdex_jax.params import ParamSpec, is_spec, param_specs
+from hdex_jax.params import ParamSpec, is_spec, param_specs, runtime_specs, unstack_layers
 
 LPU_AXIS = "lpu"
 
@@ -40,26 +40,26 @@ def logical_to_spec(axes: tuple[str | None, ...]) -> PartitionSpec:
     return PartitionSpec(*(LOGICAL_RULES.get(a) if a else None for a in axes))
 
 
-# Logical axes of the KV cache's arrays: k and v are split over kv heads like the k/v projections.
-CACHE_AXES = {
-    "k": ("layers", "batch", "kv_heads", "seq", "head_dim"),
-    "v": ("layers", "batch", "kv_heads", "seq", "head_dim"),
-    "valid": ("batch", "seq"),
-    "next_slot": (),
-    "next_pos": ("batch",),
-}
+# Logical axes of the KV cache's arrays: each layer's k and v are split over kv heads like the k/v projections.
+LAYER_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+CACHE_AXES = {"valid": ("batch", "seq"), "next_slot": (), "next_pos": ("batch",)}
+
+
+def _partition_specs(specs: Any) -> Any:
+    return jax.tree.map(lambda s: logical_to_spec(s.axes), specs, is_leaf=is_spec)
 
 
 def param_partition_specs(cfg: ModelConfig) -> dict[str, Any]:
-    """PartitionSpec of every declared weight (a pytree matching the params)."""
-    return jax.tree.map(lambda s: logical_to_spec(s.axes), param_specs(cfg), is_leaf=is_spec)
+    """PartitionSpec of every weight in the form the forward pass reads (`params.runtime_specs`)."""
+    return _partition_specs(runtime_specs(cfg))
 
 
-def cache_partition_specs() -> Any:
-    """PartitionSpecs of a `KVCache`, as a KVCache of specs."""
+def cache_partition_specs(cfg: ModelConfig) -> Any:
+    """PartitionSpecs of a `KVCache` of `cfg`, as a KVCache of specs."""
     from hdex_jax.kv_cache import KVCache
 
-    return KVCache(**{name: logical_to_spec(axes) for name, axes in CACHE_AXES.items()})
+    per_layer = (logical_to_spec(LAYER_CACHE_AXES),) * cfg.num_layers
+    return KVCache(k=per_layer, v=per_layer, **{name: logical_to_spec(axes) for name, axes in CACHE_AXES.items()})
 
 
 def provide_virtual_devices(count: int = VIRTUAL_CPU_DEVICES) -> None:
@@ -124,12 +124,12 @@ def _devices_of_every_process(num_device: int, first_device: int) -> list[jax.De
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """NamedSharding for every declared weight of `cfg` (a pytree matching the params)."""
+    """NamedSharding for every weight of `cfg` in the form the forward pass reads."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_partition_specs(cfg), is_leaf=is_pspec)
 
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """ShapeDtypeStruct leaves with their shardings: the restore target for orbax."""
+    """ShapeDtypeStruct leaves with their shardings, stacked as stored: the restore target for orbax."""
 
     def leaf(spec: ParamSpec) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(spec.shape, spec.dtype,
@@ -138,6 +138,8 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     return jax.tree.map(leaf, param_specs(cfg), is_leaf=is_spec)
 
 
-def device_put_params(params: Mapping[str, Any], cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """Place a host param pytree onto the mesh following the rules."""
-    return jax.tree.map(jax.device_put, dict(params), param_shardings(cfg, mesh))
+def runtime_params(stacked: Mapping[str, Any], cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """Stacked params (host arrays, or restored onto `mesh`) -> per-layer params placed on `mesh` by the rules:
+    the form the forward pass reads."""
+    # One program slices every layer out (eager slicing would compile one small program per weight and layer).
+    return jax.jit(unstack_layers, out_shardings=param_shardings(cfg, mesh))(dict(stacked))

@@ -10,7 +10,7 @@ import converters
 from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.model import decode_step, prefill
-from hdex_jax.params import unflatten
+from hdex_jax.params import unflatten, unstack_layers
 from hdex_jax.sampling import SamplingConfig
 from tests.helpers_tiny import save_tiny_model
 
@@ -25,7 +25,7 @@ def tiny(request, tmp_path_factory):
     directory = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     cfg, flat = converters.load_checkpoint(directory)
-    params = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+    params = unstack_layers(unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
     return request.param, reference, cfg, params, flat
 
 
@@ -72,8 +72,9 @@ def test_logits_match_at_prefill_and_each_decode_step(tiny, lengths):
 def test_greedy_tokens_identical(tiny, lengths):
     family, reference, cfg, _, flat = tiny
     prompts = _prompts(cfg.vocab_size, lengths, seed=10 + len(lengths))
-    batch = prepare_batch(prompts, cfg, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0)
-    ours = generate_tokens(place(cfg, flat, 1), batch, SamplingConfig(do_sample=False))
+    batch = prepare_batch(prompts, cfg, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0,
+                          sampling=SamplingConfig(do_sample=False))
+    ours = generate_tokens(place(cfg, flat, 1), batch)
     ids, mask = _left_pad(prompts)
     with torch.no_grad():
         expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,

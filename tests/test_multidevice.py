@@ -17,7 +17,7 @@ from hdex_jax import artifacts, hub
 from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.model import decode_step, prefill
-from hdex_jax.params import flatten, param_specs
+from hdex_jax.params import flatten, runtime_specs
 from hdex_jax.sampling import SamplingConfig
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
@@ -43,8 +43,8 @@ def logits_trace(placement, tokens, mask, steps):
 
 def tokens_of(placement, prompts, sampling, n=40, max_length=64):
     batch = prepare_batch(prompts, placement.cfg, max_length=max_length, max_new_tokens=n, stop=[], pad_id=0,
-                          seed=5)
-    return generate_tokens(placement, batch, sampling)
+                          seed=5, sampling=sampling)
+    return generate_tokens(placement, batch)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "opt", "opt350m"])
@@ -124,7 +124,7 @@ def checkpoint(request, home, tmp_path_factory):
 def test_each_device_holds_its_shard(checkpoint):
     n = 4
     model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": n}, max_length=64)
-    specs = flatten(param_specs(model.config))
+    specs = flatten(runtime_specs(model.config))
     for name, array in flatten(model.params).items():
         split = [i for i, axis in enumerate(specs[name].axes) if axis in ("heads", "kv_heads", "ffn", "vocab")]
         expected = list(array.shape)
@@ -136,9 +136,9 @@ def test_each_device_holds_its_shard(checkpoint):
     cache = init_cache(model.config, 2, 32)
     tokens, mask = _left_pad(PROMPTS)
     _, cache = prefill(model.params, cache, jnp.asarray(tokens), jnp.asarray(mask), model.config, model.decode.mesh)
-    for array in (cache.k, cache.v):
+    for array in cache.k + cache.v:  # [B, KV, S, hd] per layer, split over KV heads
         shapes = {tuple(s.data.shape) for s in array.addressable_shards}
-        assert shapes == {(array.shape[0], array.shape[1], array.shape[2] // n, *array.shape[3:])}
+        assert shapes == {(array.shape[0], array.shape[1] // n, *array.shape[2:])}
 
 
 @pytest.mark.parametrize("device_map", [{"gpu": 2, "lpu": 4}, {"gpu": 1, "lpu": 3}, {"gpu": 0, "lpu": 2}])

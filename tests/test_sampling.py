@@ -23,13 +23,17 @@ from transformers.generation.logits_process import (
 
 from hdex_jax.sampling import (
     SamplingConfig,
+    SamplingParams,
+    _keep_candidates,
+    _keep_sorted,
     apply_processors,
     mark_seen,
     next_tokens,
     process_logits,
     sample,
+    seed_key_data,
     seen_tokens,
-    step_key,
+    step_keys,
 )
 
 INF = float("inf")
@@ -210,10 +214,14 @@ def test_random_inputs_match_hf_eager_and_jit(hf_args):
     )
     ours = process_logits(logits, ids, **kwargs)
     assert_same_as_hf(ours, ref, no_top_p)
-    # The jitted path the generation loop uses gives the same scores.
+    # The jitted path the generation loop uses gives the same scores, also with each row's values as runtime
+    # arrays in one batch with other values.
     config = SamplingConfig(do_sample=True, **kwargs)
-    jitted = jax.jit(apply_processors, static_argnames="config")(logits, seen_tokens(ids, vocab), config)
+    params = SamplingParams.from_configs([config] * batch)
+    jitted = jax.jit(apply_processors)(logits, seen_tokens(ids, vocab), params)
     np.testing.assert_array_equal(jitted, ours)
+    mixed = SamplingParams.from_configs([config, SamplingConfig(do_sample=True, temperature=0.5, top_k=2)] * 2)
+    np.testing.assert_array_equal(jax.jit(apply_processors)(logits, seen_tokens(ids, vocab), mixed)[::2], ours[::2])
     # bf16 logits are promoted to float32 first.
     bf16 = jnp.asarray(logits, jnp.bfloat16)
     ours_bf16 = process_logits(bf16, ids, **kwargs)
@@ -388,23 +396,34 @@ def test_same_seed_same_tokens_and_different_seeds_differ():
     assert first.dtype == jnp.int32 and first.shape == (64,)
     assert (first != sample(logits, seed=8, step=3, temperature=1.2)).sum() > 32
     assert (first != sample(logits, seed=7, step=4, temperature=1.2)).sum() > 32
-    # Identical rows still get independent draws, because the row id is folded in.
-    same_rows = sample(np.tile(logits[:1], (64, 1)), seed=7)
-    assert len(np.unique(same_rows)) > 10
+    # The key belongs to the seed, not to the row: identical rows with one seed draw the same token, and
+    # per-row seeds give independent draws.
+    same_rows = np.tile(logits[:1], (64, 1))
+    assert len(np.unique(sample(same_rows, seed=7))) == 1
+    assert len(np.unique(sample(same_rows, seed=list(range(64))))) > 10
+
+
+def test_seeds_are_64_bit_and_match_jax_keys_below_2_32():
+    for seed in (0, 5, 2**31 + 5, 2**32 - 1):
+        np.testing.assert_array_equal(seed_key_data(seed), jax.random.key_data(jax.random.key(seed)))
+    logits = np.random.default_rng(9).standard_normal((1, 1000)).astype(np.float32)
+    draws = {int(sample(logits, seed=s, temperature=2.0)[0]) for s in (0, 2**32, 2**63, 2**64 - 1)}
+    assert len(draws) == 4  # 2**32 is not 0 again: all 64 bits count
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            seed_key_data(bad)
 
 
 def test_key_derivation_is_documented_fold_in_chain():
     logits = np.random.default_rng(3).standard_normal((3, 40)).astype(np.float32)
-    tokens = sample(logits, seed=11, step=5, rows=[4, 9, 2], top_k=10)
+    seeds = [11, 2**40 + 3, 11]
+    tokens = sample(logits, seed=seeds, step=5, top_k=10)
     processed = process_logits(logits, None, top_k=10)
-    key = jax.random.key(11)
-    for b, row in enumerate([4, 9, 2]):
-        manual = jax.random.categorical(jax.random.fold_in(jax.random.fold_in(key, row), 5), processed[b])
-        assert int(tokens[b]) == int(manual)
-        np.testing.assert_array_equal(
-            jax.random.key_data(step_key(key, row, 5)),
-            jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, row), 5)),
-        )
+    for b, seed in enumerate(seeds):
+        key = jax.random.fold_in(jax.random.wrap_key_data(seed_key_data(seed)), 5)
+        assert int(tokens[b]) == int(jax.random.categorical(key, processed[b]))
+        np.testing.assert_array_equal(jax.random.key_data(step_keys(jnp.asarray([seed_key_data(seed)]), 5))[0],
+                                      jax.random.key_data(key))
 
 
 def test_row_tokens_do_not_depend_on_the_rest_of_the_batch():
@@ -412,21 +431,76 @@ def test_row_tokens_do_not_depend_on_the_rest_of_the_batch():
     vocab = 30
     logits = rng.standard_normal((4, vocab)).astype(np.float32)
     ids = rng.integers(0, vocab, size=(4, 6))
-    config = SamplingConfig(do_sample=True, repetition_penalty=1.3, temperature=0.9, top_k=12, top_p=0.9)
-    key = jax.random.key(5)
+    configs = [SamplingConfig(do_sample=True, repetition_penalty=1.3, temperature=0.9, top_k=12, top_p=0.9),
+               SamplingConfig(do_sample=False, repetition_penalty=1.1),
+               SamplingConfig(do_sample=True, temperature=1.7),
+               SamplingConfig(do_sample=True, top_k=3, top_p=0.5, min_tokens_to_keep=2)]
+    key_data = np.stack([seed_key_data(s) for s in (5, 6, 7, 8)])
     step = jnp.int32(17)
-    step_fn = jax.jit(next_tokens, static_argnames="config")
-    batch = step_fn(logits, seen_tokens(ids, vocab), config, key, jnp.arange(4), step)
-    alone = step_fn(logits[2:3], seen_tokens(ids[2:3], vocab), config, key, jnp.array([2]), step)
-    assert int(alone[0]) == int(batch[2])
+    step_fn = jax.jit(next_tokens)
+    batch = step_fn(logits, seen_tokens(ids, vocab), SamplingParams.from_configs(configs), key_data, step)
+    for r in range(4):
+        alone = step_fn(logits[r:r + 1], seen_tokens(ids[r:r + 1], vocab), SamplingParams.from_configs([configs[r]]),
+                        key_data[r:r + 1], step)
+        assert int(alone[0]) == int(batch[r])
     perm = np.array([3, 1, 0, 2])
-    shuffled = step_fn(logits[perm], seen_tokens(ids[perm], vocab), config, key, jnp.asarray(perm), step)
+    shuffled = step_fn(logits[perm], seen_tokens(ids[perm], vocab),
+                       SamplingParams.from_configs([configs[i] for i in perm]), key_data[perm], step)
     np.testing.assert_array_equal(shuffled, np.asarray(batch)[perm])
     # The wrapper agrees with next_tokens.
     single = sample(
-        logits[2], ids[2], seed=5, step=17, rows=[2], repetition_penalty=1.3, temperature=0.9, top_k=12, top_p=0.9
+        logits[0], ids[0], seed=5, step=17, repetition_penalty=1.3, temperature=0.9, top_k=12, top_p=0.9
     )
-    assert single.shape == () and int(single) == int(batch[2])
+    assert single.shape == () and int(single) == int(batch[0])
+
+
+def _random_case(rng, vocab):
+    scale = float(rng.choice([0.1, 1.0, 6.0]))
+    logits = (rng.standard_normal((3, vocab)) * scale).astype(np.float32)
+    if rng.random() < 0.3:
+        logits = np.round(logits)  # ties, also across the candidate boundary
+    configs = [SamplingConfig(do_sample=True, top_k=int(rng.choice([0, 1, 3, 20, 100])),
+                              top_p=float(rng.choice([1.0, 0.95, 0.9, 0.5, 0.0])),
+                              min_tokens_to_keep=int(rng.choice([1, 2]))) for _ in range(3)]
+    return logits, SamplingParams.from_configs(configs)
+
+
+def test_candidate_path_equals_full_sort_whenever_it_claims_exactness():
+    """The no-sort path (top candidates only) keeps exactly the full sort's tokens, or defers to it."""
+    rng = np.random.default_rng(12)
+    exact_rows = fallback_rows = 0
+    for _ in range(150):
+        logits, params = _random_case(rng, int(rng.choice([50, 300, 2000])))
+        candidates = int(rng.choice([4, 16, 64]))
+        keep, exact = _keep_candidates(jnp.asarray(logits), params, candidates)
+        full = np.asarray(_keep_sorted(jnp.asarray(logits), params))
+        exact = np.asarray(exact)
+        np.testing.assert_array_equal(np.asarray(keep)[exact], full[exact])
+        exact_rows += exact.sum()
+        fallback_rows += (~exact).sum()
+    assert exact_rows > 200 and fallback_rows > 50  # both paths were exercised
+
+
+def test_tokens_do_not_depend_on_the_path_taken():
+    """A batch forced onto the full sort by another row draws the same tokens for the rows that did not need it."""
+    rng = np.random.default_rng(13)
+    vocab = 3000
+    logits = rng.standard_normal((2, vocab)).astype(np.float32) * 4
+    flat = np.zeros((1, vocab), np.float32)  # top_p 0.99 over a flat row: a nucleus far wider than the candidates
+    ids = np.zeros((3, 0), np.int32)
+    configs = [SamplingConfig(do_sample=True, top_k=40, top_p=0.9), SamplingConfig(do_sample=True, top_p=0.5),
+               SamplingConfig(do_sample=True, top_p=0.99)]
+    key_data = np.stack([seed_key_data(s) for s in (1, 2, 3)])
+    both = np.concatenate([logits, flat])
+    params = SamplingParams.from_configs(configs)
+    _, exact = _keep_candidates(jnp.asarray(both), params, 64)
+    assert np.asarray(exact).tolist() == [True, True, False]
+    step_fn = jax.jit(next_tokens, static_argnames="candidates")
+    for step in range(20):
+        batch = step_fn(both, seen_tokens(ids, vocab), params, key_data, jnp.int32(step), candidates=64)
+        alone = step_fn(logits, seen_tokens(ids[:2], vocab), SamplingParams.from_configs(configs[:2]), key_data[:2],
+                        jnp.int32(step), candidates=64)
+        np.testing.assert_array_equal(np.asarray(batch)[:2], alone)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -456,7 +530,8 @@ def test_sample_frequencies_chi_square(config, kept):
     )[0]
     probs = np.asarray(jax.nn.softmax(processed), np.float64)
     assert int((probs > 0).sum()) == kept
-    draw = jax.jit(jax.vmap(lambda t: next_tokens(logits, seen, config, jax.random.key(0), jnp.arange(1), t)[0]))
+    params = SamplingParams.from_configs([config])
+    draw = jax.jit(jax.vmap(lambda t: next_tokens(logits, seen, params, seed_key_data(0)[None], t)[0]))
     counts = np.bincount(np.asarray(draw(jnp.arange(n))), minlength=8)
     assert counts[probs == 0].sum() == 0  # removed tokens never appear
     expected = n * probs[probs > 0]
@@ -477,8 +552,9 @@ def test_greedy_is_argmax_after_repetition_penalty():
     ref = RepetitionPenaltyLogitsProcessor(1.4)(torch.as_tensor(ids), torch.as_tensor(logits).clone()).argmax(-1)
     # Temperature and the filters are ignored when greedy, as in HF (temperature=0 is even allowed).
     config = SamplingConfig(do_sample=False, repetition_penalty=1.4, temperature=0.0, top_k=1, top_p=0.1)
-    ours = jax.jit(next_tokens, static_argnames="config")(
-        logits, seen_tokens(ids, vocab), config, jax.random.key(0), jnp.arange(6), jnp.int32(0)
+    ours = jax.jit(next_tokens)(
+        logits, seen_tokens(ids, vocab), SamplingParams.from_configs([config] * 6),
+        np.stack([seed_key_data(0)] * 6), jnp.int32(0)
     )
     np.testing.assert_array_equal(ours, ref.numpy())
     assert ours.dtype == jnp.int32

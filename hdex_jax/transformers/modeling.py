@@ -11,10 +11,10 @@ import numpy as np
 
 from hdex_jax import artifacts, hub
 from hdex_jax.config import ModelConfig
-from hdex_jax.generation import Placement, generate_tokens, prepare_batch, stream_tokens
+from hdex_jax.generation import Batch, Placement, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
-from hdex_jax.sampling import SamplingConfig
-from hdex_jax.sharding import abstract_params, make_mesh
+from hdex_jax.sampling import SEED_LIMIT, SamplingConfig
+from hdex_jax.sharding import abstract_params, make_mesh, runtime_params
 from hdex_jax.transformers.streamer import TextStreamer
 
 # HyperDex's sampling defaults.
@@ -111,9 +111,18 @@ class LPUModelForCausalLM:
             return cfg.pad_token_id
         return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
 
-    def _stop_ids(self, stop: int | Sequence[int] | None) -> list[int]:
+    def _stop_ids(self, stop: Any, rows: int) -> list[list[int]]:
+        """Each row's stop ids: None (the model's eos ids), one id or a list of ids for every row, or a list of
+        such lists, one per prompt."""
         if stop is None:
-            return list(self.config.eos_token_ids)
+            return [list(self.config.eos_token_ids)] * rows
+        per_row = isinstance(stop, (list, tuple)) and len(stop) > 0 and all(
+            isinstance(s, (list, tuple)) for s in stop)
+        if per_row and len(stop) != rows:
+            raise ValueError(f"stop has {len(stop)} lists for {rows} prompts; give one list of ids or one per prompt")
+        return [self._stop_list(s) for s in stop] if per_row else [self._stop_list(stop)] * rows
+
+    def _stop_list(self, stop: Any) -> list[int]:
         ids = [stop] if isinstance(stop, (int, np.integer)) else list(stop)
         for t in ids:
             if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < self.config.vocab_size:
@@ -132,26 +141,34 @@ class LPUModelForCausalLM:
             return max_length - longest
         return max(self.max_length - longest, 1)
 
-    def _prepare(self, inputs: Any, max_new_tokens: int | None, max_length: int | None, do_sample: bool,
-                 top_p: float, top_k: int, temperature: float, repetition_penalty: float,
-                 stop: int | Sequence[int] | None, seed: int | None):
+    def _prepare(self, inputs: Any, max_new_tokens: Any, max_length: int | None, do_sample: Any, top_p: Any,
+                 top_k: Any, temperature: Any, repetition_penalty: Any, stop: Any, seed: Any):
+        """Validate every argument (one value, or one per prompt) and build the padded batch."""
         prompts, kind = self._as_prompts(inputs)
-        sampling = SamplingConfig(do_sample=bool(do_sample), repetition_penalty=repetition_penalty,
-                                  temperature=temperature, top_k=top_k, top_p=top_p)
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        rows = len(prompts)
+        values = zip(*(_per_row(value, rows, name) for name, value in (
+            ("do_sample", do_sample), ("repetition_penalty", repetition_penalty), ("temperature", temperature),
+            ("top_k", top_k), ("top_p", top_p))))
+        sampling = [SamplingConfig(do_sample=d, repetition_penalty=r, temperature=t, top_k=k, top_p=p)
+                    for d, r, t, k, p in values]
+        seeds = _per_row(seed, rows, "seed")
+        for s in seeds:
+            if s is not None and (not isinstance(s, (int, np.integer)) or isinstance(s, bool)
+                                  or not 0 <= s < SEED_LIMIT):
+                raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {s!r}")
         longest = max((len(p) for p in prompts), default=0)
-        batch = prepare_batch(prompts, self.config, max_length=self.max_length,
-                              max_new_tokens=self._budget(longest, max_new_tokens, max_length),
-                              stop=self._stop_ids(stop), pad_id=self._pad_id(), seed=seed)
-        return prompts, kind, sampling, batch
+        budgets = [self._budget(longest, n, max_length) for n in _per_row(max_new_tokens, rows, "max_new_tokens")]
+        batch = prepare_batch(prompts, self.config, max_length=self.max_length, max_new_tokens=budgets,
+                              stop=self._stop_ids(stop, rows), pad_id=self._pad_id(), seed=seeds, sampling=sampling)
+        return prompts, kind, batch
 
     # --------------------------------------------------------------------------------------------- generate
-    def generate(self, inputs: Any, max_new_tokens: int | None = None, max_length: int | None = None,
-                 do_sample: bool = True, top_p: float = DEFAULT_TOP_P, top_k: int = DEFAULT_TOP_K,
-                 temperature: float = DEFAULT_TEMPERATURE, repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-                 stop: int | Sequence[int] | None = None, seed: int | None = None,
-                 streamer: TextStreamer | None = None) -> Any:
+    def generate(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None, max_length: int | None = None,
+                 do_sample: bool | Sequence[bool] = True, top_p: float | Sequence[float] = DEFAULT_TOP_P,
+                 top_k: int | Sequence[int] = DEFAULT_TOP_K, temperature: float | Sequence[float] = DEFAULT_TEMPERATURE,
+                 repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
+                 stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
+                 seed: int | Sequence[int] | None = None, streamer: TextStreamer | None = None) -> Any:
         """Generate continuations of `inputs`; the output has the type of `inputs` and includes the prompt.
 
         Args:
@@ -163,59 +180,80 @@ class LPUModelForCausalLM:
                 order, with HyperDex's defaults (top_p 0.7, top_k 1, temperature 1.0, repetition penalty 1.2).
                 `do_sample=False` is greedy after the repetition penalty. `top_k=0` and `top_p=1.0` disable.
             stop: a token id or list of ids that end a row (kept in the output); defaults to the model's eos.
-            seed: the PRNG seed; the same seed gives the same tokens. None draws a fresh random seed.
+                A list of lists gives each prompt its own stop ids.
+            seed: the PRNG seed, an integer in [0, 2**64); the same seed gives the same tokens, whatever the
+                other rows of the batch. None draws a fresh random seed.
             streamer: a `TextStreamer`, which receives the tokens as they are produced (one prompt only).
+
+        `max_new_tokens`, `do_sample`, `top_p`, `top_k`, `temperature`, `repetition_penalty` and `seed` take one
+        value for every prompt or a list with one value per prompt; each row then gets exactly the tokens it
+        would get alone with its values. None of these values recompiles anything.
         """
-        prompts, kind, sampling, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p,
-                                                       top_k, temperature, repetition_penalty, stop, seed)
+        prompts, kind, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
+                                             temperature, repetition_penalty, stop, seed)
         if streamer is None:
-            new = generate_tokens(self.decode, batch, sampling, self.prefill)
+            new = generate_tokens(self.decode, batch, self.prefill)
         else:
-            new = [[] for _ in prompts]
-            for token in self._stream(prompts, batch, sampling, streamer):
-                new[0].append(token)
+            new = [list(self._stream(prompts, batch, streamer))]
         return self._format(prompts, new, kind)
 
-    def generate_yield(self, inputs: Any, max_new_tokens: int | None = None, max_length: int | None = None,
-                       do_sample: bool = True, top_p: float = DEFAULT_TOP_P, top_k: int = DEFAULT_TOP_K,
-                       temperature: float = DEFAULT_TEMPERATURE,
-                       repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
-                       stop: int | Sequence[int] | None = None, seed: int | None = None,
+    def generate_yield(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None,
+                       max_length: int | None = None, do_sample: bool | Sequence[bool] = True,
+                       top_p: float | Sequence[float] = DEFAULT_TOP_P, top_k: int | Sequence[int] = DEFAULT_TOP_K,
+                       temperature: float | Sequence[float] = DEFAULT_TEMPERATURE,
+                       repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
+                       stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
+                       seed: int | Sequence[int] | None = None,
                        streamer: TextStreamer | None = None) -> Iterator[Any]:
         """Like `generate`, but a generator of what is produced, as it is produced.
 
         Yields each new token id (one prompt), or each step's list of ids (several prompts; rows that have
-        stopped are absent from later steps' lists as None). Given a `TextStreamer(..., use_print=False)`,
-        yields text pieces instead.
+        stopped are None in later steps' lists). Given a `TextStreamer(..., use_print=False)`, yields text pieces
+        instead. Arguments are checked when it is called, before the first token.
         """
-        prompts, _, sampling, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
-                                                    temperature, repetition_penalty, stop, seed)
+        prompts, _, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k, temperature,
+                                          repetition_penalty, stop, seed)
         if streamer is not None:
-            for _ in self._stream(prompts, batch, sampling, streamer):
-                yield from streamer.take_pieces()
+            if len(prompts) != 1:
+                raise ValueError(f"a streamer takes one prompt at a time, got {len(prompts)}")
+            return self._yield_pieces(prompts, batch, streamer)
+        return self._yield_tokens(prompts, batch)
+
+    def _yield_pieces(self, prompts: list[list[int]], batch: Batch, streamer: TextStreamer) -> Iterator[str]:
+        for _ in self._stream(prompts, batch, streamer):
             yield from streamer.take_pieces()
-            return
+        yield from streamer.take_pieces()
+
+    def _yield_tokens(self, prompts: list[list[int]], batch: Batch) -> Iterator[Any]:
         finished = [False] * len(prompts)
-        for step in stream_tokens(self.decode, batch, sampling, self.prefill):
+        for step in stream_tokens(self.decode, batch, self.prefill):
             tokens = [None if f else int(t) for f, t in zip(finished, step)]
-            finished = [f or (t in batch.stop_ids) for f, t in zip(finished, tokens)]
+            finished = [f or t is None or t in stops for f, t, stops in zip(finished, tokens, batch.stop_ids)]
             yield tokens[0] if len(prompts) == 1 else tokens
 
-    def _stream(self, prompts: list[list[int]], batch, sampling: SamplingConfig,
-                streamer: TextStreamer) -> Iterator[int]:
+    def _stream(self, prompts: list[list[int]], batch: Batch, streamer: TextStreamer) -> Iterator[int]:
         """Drive `streamer` over one prompt's tokens; yields each new token id."""
         if len(prompts) != 1:
             raise ValueError(f"a streamer takes one prompt at a time, got {len(prompts)}")
         streamer.put(np.asarray([prompts[0]]))
         try:
-            for step in stream_tokens(self.decode, batch, sampling, self.prefill):
+            for step in stream_tokens(self.decode, batch, self.prefill):
                 token = int(step[0])
                 streamer.put(np.asarray([token]))
                 yield token
-                if token in batch.stop_ids:
+                if token in batch.stop_ids[0]:
                     break
         finally:
             streamer.end()
+
+
+def _per_row(value: Any, rows: int, name: str) -> list[Any]:
+    """One value for every prompt, or a list or tuple with one value per prompt."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != rows:
+            raise ValueError(f"{name} has {len(value)} values for {rows} prompts; give one value or one per prompt")
+        return list(value)
+    return [value] * rows
 
 
 class AutoModelForCausalLM:
@@ -265,5 +303,5 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
                          f"{(num_device, cfg.num_heads, cfg.num_kv_heads)} that {num_device} device(s) need; "
                          f"delete it and compile again")
     mesh = make_mesh(num_device, first_device)
-    params = artifacts.restore_params(params_dir, abstract_params(cfg, mesh))
+    params = runtime_params(artifacts.restore_params(params_dir, abstract_params(cfg, mesh)), cfg, mesh)
     return Placement(params, cfg, head_layout(base, num_device), mesh), manifest["max_length"]
