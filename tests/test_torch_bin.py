@@ -21,14 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 import transformers
 from huggingface_hub import save_torch_state_dict
+from huggingface_hub.utils import filter_repo_objects
 
 from converters import CheckpointError, load_checkpoint
 from converters.torch_bin import TorchBinSource
+from hdex_jax import hub
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.helpers_tiny import save_tiny_tokenizer, tiny_model
@@ -283,3 +286,40 @@ def test_a_directory_without_weights_names_what_it_holds(tmp_path: Path) -> None
                                               r"or pytorch_model\.bin\.index\.json; it holds config\.json, "
                                               r"model\.ckpt"):
         load_checkpoint(directory)
+
+
+def _fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, repo_files: list[str]) -> list[list[str]]:
+    """Replace huggingface_hub.snapshot_download by a local one over a repo holding `repo_files` (empty files),
+    which keeps exactly the files the real one would (same pattern filter). Returns the allow_patterns of
+    each call."""
+    calls = []
+
+    def snapshot_download(repo_id: str, token: str | None = None, allow_patterns: list[str] | None = None) -> str:
+        calls.append(allow_patterns)
+        snapshot = tmp_path / "snapshot"
+        for name in filter_repo_objects(repo_files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).touch()
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hub_fetches_safetensors_only_when_the_repo_has_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_hub(monkeypatch, tmp_path, ["config.json", "tokenizer.json", "model.safetensors",
+                                              "pytorch_model.bin", "training_args.bin"])
+    snapshot = hub.fetch_checkpoint("org/both-formats")
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert len(calls) == 1
+
+
+def test_hub_fetches_pytorch_bin_when_the_repo_has_no_safetensors(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    calls = _fake_hub(monkeypatch, tmp_path, ["config.json", "tokenizer.json", "pytorch_model.bin.index.json",
+                                              "training_args.bin", "optimizer.pt", *shards])
+    snapshot = hub.fetch_checkpoint("org/bin-only")
+    assert len(calls) == 2
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", *shards, "pytorch_model.bin.index.json",
+                                                          "tokenizer.json"]
