@@ -1,4 +1,5 @@
-"""Checkpoint converters: Hugging Face safetensors directories and GGUF files -> canonical hdex_jax params.
+"""Checkpoint converters: Hugging Face checkpoint directories (safetensors or pytorch_model.bin) and GGUF files
+-> canonical hdex_jax params.
 
     cfg, params = load_checkpoint("path/to/hf_dir")   # or "model.Q8_0.gguf"
     # params: {"embed": [V, E], "layers/attn/q/w": [L, D, H, hd], ...} float32 numpy,
@@ -18,9 +19,10 @@ import numpy as np
 from converters import gguf_file
 from converters.errors import CheckpointError, UnsupportedModelError
 from converters.hf_config import CONFIG_JSON, read_config_json
-from converters.keymap import convert
+from converters.keymap import TensorSource, convert
 from converters.registry import SUPPORTED_MODEL_TYPES, get_converter
-from converters.safetensors_files import SafetensorsSource
+from converters.safetensors_files import INDEX_FILE, SINGLE_FILE, SafetensorsSource
+from converters.torch_bin import BIN_FILE, BIN_INDEX_FILE, TorchBinSource
 from hdex_jax.config import ModelConfig
 
 __all__ = [
@@ -57,13 +59,27 @@ def load_config(path: str | Path) -> ModelConfig:
     return config_from_hf(read_config_json(config_path), str(config_path))
 
 
+def _tensor_source(directory: Path) -> TensorSource:
+    """The weights of a checkpoint directory: safetensors when it has them (preferred: no pickle to vet at all),
+    else pytorch_model.bin read by the restricted reader of converters/torch_bin.py."""
+    if (directory / SINGLE_FILE).is_file() or (directory / INDEX_FILE).is_file():
+        return SafetensorsSource(directory)
+    if (directory / BIN_FILE).is_file() or (directory / BIN_INDEX_FILE).is_file():
+        return TorchBinSource(directory)
+    found = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory} has no weights: expected {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or "
+                          f"{BIN_INDEX_FILE}; it holds {', '.join(found) if found else 'nothing'}")
+
+
 def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Convert a checkpoint to `(ModelConfig, {canonical name: float32 numpy array})`.
 
     `path` is a Hugging Face checkpoint directory (config.json + model.safetensors, or shards with
-    model.safetensors.index.json) or a `.gguf` file. The result has exactly the weights `param_specs(cfg)`
-    declares. Every checkpoint tensor must be mapped; any unmapped, missing or duplicate tensor, a missing,
-    truncated or corrupt file raises CheckpointError naming it. `progress=True` shows a tqdm bar.
+    model.safetensors.index.json; without safetensors, pytorch_model.bin or shards with
+    pytorch_model.bin.index.json, read without running pickle code) or a `.gguf` file. The result has
+    exactly the weights `param_specs(cfg)` declares. Every checkpoint tensor must be mapped; any unmapped,
+    missing or duplicate tensor, a missing, truncated or corrupt file, or a pickle naming anything but tensor
+    records raises CheckpointError naming it. `progress=True` shows a tqdm bar.
     """
     path = Path(path)
     if _is_gguf(path):
@@ -73,7 +89,7 @@ def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConf
         hf = read_config_json(config_path)
         converter = get_converter(hf.get("model_type"), str(config_path))
         cfg = converter.config_from_hf(hf, str(config_path))
-        source, rules = SafetensorsSource(path), converter.key_map(cfg)
+        source, rules = _tensor_source(path), converter.key_map(cfg)
     elif not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     else:

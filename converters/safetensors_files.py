@@ -20,7 +20,6 @@ from converters.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_PYTORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # Stored dtype -> numpy dtype of the raw little-endian items. BF16 is read as its 16 raw bits and widened
 # to float32 by hand (bfloat16 is the top half of a float32).
@@ -102,10 +101,6 @@ class SafetensorsSource:
             self._infos = _read_header(directory / SINGLE_FILE)
         elif (directory / INDEX_FILE).is_file():
             self._infos = _read_sharded(directory / INDEX_FILE)
-        elif any((directory / name).is_file() for name in _PYTORCH_FILES):
-            raise CheckpointError(f"{directory} only has PyTorch pickle weights (pytorch_model.bin); only "
-                                  f"safetensors and GGUF checkpoints are read. Convert it to safetensors first "
-                                  f"(e.g. save_pretrained with safe_serialization=True).")
         else:
             raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 

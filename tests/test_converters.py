@@ -344,15 +344,6 @@ def test_corrupt_safetensors_header(tmp_path: Path, saved: Callable[..., Path]) 
         load_checkpoint(directory)
 
 
-def test_only_pytorch_bin(tmp_path: Path, saved: Callable[..., Path]) -> None:
-    directory = tmp_path / "ckpt"
-    directory.mkdir()
-    shutil.copy(saved("opt") / "config.json", directory)
-    torch.save({"decoder.embed_tokens.weight": torch.zeros(2, 2)}, directory / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*only safetensors and GGUF"):
-        load_checkpoint(directory)
-
-
 def _rewrite(file: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:
     tensors = load_file(file)
     change(tensors)
