@@ -1,0 +1,100 @@
+"""Generation with per-row runtime values on a tiny Llama: no recompilation across sampling values, seeds, stop ids
+and budgets; each row of a batch gets exactly the tokens it gets alone, at any batch position, whatever the
+other rows."""
+
+import contextlib
+
+import jax
+import pytest
+from jax._src import dispatch
+
+from hdex_jax.tools import AutoCompiler
+from hdex_jax.transformers import AutoModelForCausalLM
+from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+
+PROMPTS = [[3, 17, 42, 9, 5], [8, 8, 1], [60, 2, 2, 7], [11, 12]]
+
+
+@pytest.fixture(scope="module")
+def model(home, tmp_path_factory):
+    directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
+    save_tiny_tokenizer(directory)
+    AutoCompiler().compile(str(directory), max_length=64)
+    return AutoModelForCausalLM.from_pretrained(str(directory))
+
+
+@contextlib.contextmanager
+def counting_compilations():
+    """Count XLA backend compilations (jax.monitoring's compile event) inside the block."""
+    count = []
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            count.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+SWEEP = [
+    dict(temperature=0.7), dict(temperature=1.3), dict(top_p=0.5), dict(top_p=0.95), dict(top_k=0),
+    dict(top_k=5), dict(repetition_penalty=1.0), dict(repetition_penalty=1.5), dict(do_sample=False),
+    dict(seed=2**63 + 1), dict(seed=[1, 2, 3]), dict(stop=[4]), dict(stop=[[4], [5, 6], []]),
+    dict(max_new_tokens=5), dict(max_new_tokens=[3, 9, 7]), dict(temperature=[0.5, 1.0, 2.0], top_k=[0, 3, 50]),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole-loop", "step-driver"])
+def test_sweeping_runtime_values_compiles_nothing(model, stream):
+    prompts = PROMPTS[:3]
+    base = dict(max_new_tokens=9, do_sample=True, seed=0)
+
+    def run(**kwargs):
+        args = {**base, **kwargs}
+        if stream:
+            return list(model.generate_yield(prompts, **args))
+        return model.generate(prompts, **args)
+
+    with counting_compilations() as warm_up:
+        run()  # one compilation per program of this (batch, prompt, cache) bucket
+    assert warm_up, "the warm-up compiled nothing: the counter does not see compilations"
+    with counting_compilations() as compiled:
+        for values in SWEEP:
+            run(**values)
+    assert compiled == [], f"{len(compiled)} compilations during the sweep"
+
+
+def test_each_row_gets_its_tokens_alone_at_any_position_in_any_company(model):
+    values = dict(temperature=[0.6, 1.0, 1.6, 1.0], top_k=[0, 5, 0, 1], top_p=[0.9, 1.0, 0.8, 0.7],
+                  repetition_penalty=[1.0, 1.3, 1.1, 1.2], do_sample=[True, True, True, False],
+                  max_new_tokens=[12, 7, 10, 5], seed=[3, 7, 2**40, 9], stop=[[], [4], [], []])
+    batch = model.generate(PROMPTS, **values)
+    for r, prompt in enumerate(PROMPTS):
+        alone = {name: value[r] for name, value in values.items()}
+        assert model.generate(prompt, **alone) == batch[r], r
+    # Reversed order, and in other company: row 0 with two different prompts beside it.
+    reversed_batch = model.generate(PROMPTS[::-1], **{name: value[::-1] for name, value in values.items()})
+    assert reversed_batch == batch[::-1]
+    first = {name: value[0] for name, value in values.items()}
+    company = model.generate([[9, 9, 9, 9, 9, 9, 9], PROMPTS[0]], **{**first, "seed": [1, first["seed"]]})
+    assert company[1] == batch[0]
+
+
+def test_one_seed_gives_every_row_its_single_run_tokens(model):
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=0, top_p=0.95, temperature=1.4, stop=[])
+    together = model.generate(PROMPTS[:3], seed=7, **kwargs)
+    assert [model.generate(p, seed=7, **kwargs) for p in PROMPTS[:3]] == together
+    # The same prompt twice in a batch with one seed: the same tokens; with two seeds: (almost surely) not.
+    twice = model.generate([PROMPTS[0], PROMPTS[0]], seed=7, **kwargs)
+    assert twice[0] == twice[1] == together[0]
+    assert model.generate([PROMPTS[0], PROMPTS[0]], seed=[7, 8], **kwargs)[1] != together[0]
+
+
+def test_per_row_value_lists_must_match_the_batch(model):
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(PROMPTS[:2], temperature=[0.5, 1.0, 2.0])
+    with pytest.raises(ValueError, match="stop"):
+        model.generate(PROMPTS[:2], stop=[[1], [2], [3]])
