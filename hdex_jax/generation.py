@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
-from hdex_jax.model import bucket_length, decode_step_fn, prefill_fn
+from hdex_jax.model import COMPILER_OPTIONS, bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params, unflatten
 from hdex_jax.sampling import SamplingConfig, SamplingParams, mark_seen, next_tokens, seed_key_data, seen_tokens
 from hdex_jax.sharding import cache_partition_specs, is_pspec, make_mesh, runtime_params
@@ -107,7 +107,7 @@ def _record(state: DecodeState, token: jax.Array, request: Request) -> DecodeSta
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "mesh"), compiler_options=COMPILER_OPTIONS)
 def _start(params: Params, tokens: jax.Array, mask: jax.Array, request: Request, *, cfg: ModelConfig,
            plan: Plan, mesh: Mesh) -> DecodeState:
     """Prefill the left-padded prompts [B, T] and produce the first token."""
@@ -128,10 +128,12 @@ def _advance(params: Params, state: DecodeState, request: Request, *, cfg: Model
     return _record(state.replace(cache=cache), token, request)
 
 
-_advance_jit = jax.jit(_advance, static_argnames=("cfg", "mesh"), donate_argnames="state")
+_advance_jit = jax.jit(_advance, static_argnames=("cfg", "mesh"), donate_argnames="state",
+                       compiler_options=COMPILER_OPTIONS)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames="state")
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames="state",
+                   compiler_options=COMPILER_OPTIONS)
 def _loop(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
     """`_advance` inside one `lax.while_loop` until every row stopped or spent its budget."""
     return lax.while_loop(lambda s: ~jnp.all(s.done),

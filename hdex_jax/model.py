@@ -97,18 +97,22 @@ def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array] | None, cfg: ModelCo
     return jnp.concatenate([out, rest], axis=-1)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Grouped-query attention of T queries over all S cache slots."""
-    # q: [B, T, H, hd], k/v: [B, KV, S, hd], mask: [B, T, S]
+def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+               masks: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Grouped-query attention of a block of T queries over the cache slots written before it and the block's
+    own keys and values (which are written to the cache only afterwards)."""
+    # q: [B, T, H, hd]; k_cache, v_cache: [B, KV, S, hd]; k, v: [B, T, KV, hd]; masks: [B, T, S], [B, T, T]
     B, T, H, hd = q.shape
-    KV = k.shape[1]
+    KV, S = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)  # [B, KV, G, T, S]
+    cached = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
+    block = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, T]
+    scores = jnp.concatenate([cached, block], axis=-1) * (hd ** -0.5)  # [B, KV, G, T, S + T]
+    mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S + T]
     # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)  # [B, T, KV, G, hd]
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_cache)
+           + jnp.einsum("bkgtu,bukd->btkgd", probs[..., S:], v))  # [B, T, KV, G, hd]
     return out.reshape(B, T, H, hd)
 
 
@@ -150,20 +154,22 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-           tables: tuple[jax.Array, jax.Array] | None, mask: jax.Array,
+           tables: tuple[jax.Array, jax.Array] | None, masks: tuple[jax.Array, jax.Array],
            cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache."""
-    # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; mask: [B, T, S]
+    # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; masks: [B, T, S] over the cache, [B, T, T] in the block
     x = _norm(h, lp["ln1"], cfg) if cfg.pre_norm else h
     with jax.named_scope("qkv"):
         q = _rope(_linear(x, lp["attn"]["q"], "btd,dhk->bthk"), tables, cfg)  # [B, T, H, hd]
         k = _rope(_linear(x, lp["attn"]["k"], "btd,dhk->bthk"), tables, cfg)  # [B, T, KV, hd]
         v = _linear(x, lp["attn"]["v"], "btd,dhk->bthk")  # [B, T, KV, hd]
     with jax.named_scope("attention"):
+        attn = _attention(q, k_cache, v_cache, k, v, masks)  # [B, T, H, hd]
+        attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
+        # Written after attention has read the cache: the update is then done in place (with
+        # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
         k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))
         v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
-        attn = _attention(q, k_cache, v_cache, mask, cfg)  # [B, T, H, hd]
-        attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
     h = h + attn if cfg.pre_norm else _norm(h + attn, lp["ln1"], cfg)
     with jax.named_scope("ffn"):
         x = _norm(h, lp["ln2"], cfg) if cfg.pre_norm else h
@@ -185,14 +191,16 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
 
     q_slot = start + jnp.arange(T)  # [T]
     k_slot = jnp.arange(S)  # [S]
-    visible = k_slot[None, :] <= q_slot[:, None]  # [T, S] causal
-    if cfg.sliding_window is not None:
-        visible &= q_slot[:, None] - k_slot[None, :] < cfg.sliding_window
-    mask = visible[None] & key_valid[:, None, :]  # [B, T, S]
+    block_slot = start + jnp.arange(T)  # [T]
+    cached = (k_slot[None, :] < start) & (q_slot[:, None] - k_slot[None, :] < (cfg.sliding_window or S + T))
+    in_block = (block_slot[None, :] <= q_slot[:, None]) & (
+        q_slot[:, None] - block_slot[None, :] < (cfg.sliding_window or S + T))  # [T, T] causal
+    block_valid = lax.dynamic_slice_in_dim(key_valid, start, T, axis=1)  # [B, T]
+    masks = (cached[None] & key_valid[:, None, :], in_block[None] & block_valid[:, None, :])  # [B,T,S], [B,T,T]
 
     k_out, v_out = [], []
     for lp, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
-        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, tables, mask, cfg)
+        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, tables, masks, cfg)
         k_out.append(k_cache)
         v_out.append(v_cache)
     with jax.named_scope("lm_head"):
@@ -251,9 +259,16 @@ def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelCo
     return logits, cache.replace(next_pos=cache.next_pos + 1)
 
 
-prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache")
+# XLA options of every program that updates the cache. Region analysis lets copy insertion see that attention
+# reads a layer's cache before its update, so the update happens in place: without it XLA CPU copies every
+# layer's k and v twice per decode step (docs/performance.md). The field is shared by all backends' options.
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
+                  compiler_options=COMPILER_OPTIONS)
 prefill.__doc__ = prefill_fn.__doc__
-decode_step = jax.jit(decode_step_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache")
+decode_step = jax.jit(decode_step_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
+                      compiler_options=COMPILER_OPTIONS)
 decode_step.__doc__ = decode_step_fn.__doc__
 
 
