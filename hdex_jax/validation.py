@@ -54,10 +54,6 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not _is_bool(value)
-
-
 def _number(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -86,7 +82,7 @@ def check_bool(name: str, value: Any) -> bool:
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as an int if it is an integer (Python or numpy; not a bool, not a float) within the bounds."""
     value = _unwrap(value)
-    if not _is_int(value):
+    if _is_bool(value) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {_given(value)}")
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -119,22 +115,8 @@ def check_float(name: str, value: Any, *, minimum: float | None = None, maximum:
 
 
 def check_seed(name: str, value: Any) -> int:
-    """A seed: any integer from 0 to 2**64 - 1 (each a distinct seed); bool, float and others are errors."""
-    value = _unwrap(value)
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an integer from 0 to 2**64-1, got {_given(value)}")
-    if not 0 <= int(value) < SEED_LIMIT:
-        raise ValueError(f"{name} must be an integer from 0 to 2**64-1 ({SEED_LIMIT - 1}), got {int(value)}")
-    return int(value)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """`value` if it is one of the strings `choices`."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {_given(value)}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+    """A seed: any integer from 0 to 2**64 - 1, each a distinct seed; bool, float and others are errors."""
+    return check_int(name, value, minimum=0, maximum=SEED_LIMIT - 1)
 
 
 def per_row(name: str, value: Any, batch: int, check: Callable[[str, Any], T]) -> list[T]:
