@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from hdex_jax import artifacts, hub
