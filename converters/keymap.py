@@ -6,7 +6,8 @@ whose regex has a `layer` group maps one layer of a per-layer weight; those are 
 
 The mapping is strict, because a silently skipped or doubled tensor gives a model that runs but is wrong:
 every checkpoint tensor must match exactly one rule, every declared weight (and every layer of it) must be
-found exactly once, and every transformed tensor must have the shape `param_specs` declares.
+found exactly once, every transformed tensor must have the shape `param_specs` declares, and every value
+must be finite (a NaN or inf weight converts and runs, and silently turns every output into garbage).
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def convert(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig,
             progress: bool = False) -> dict[str, np.ndarray]:
     """Read and transform every tensor of `source` into the flat canonical params of `cfg` (float32 numpy).
 
-    All names are matched and checked before any tensor data is read, so a bad checkpoint fails fast.
+    All names are matched and checked before any tensor data is read, so a bad checkpoint fails fast; a tensor
+    with NaN or infinite values is a CheckpointError naming it.
     """
     specs = flatten(param_specs(cfg))
     plan = _plan(source, rules, cfg)
@@ -218,6 +220,10 @@ def convert(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig,
         if value.shape != expected:
             raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape {raw.shape}; "
                                   f"as {target!r} it should be {expected} but is {value.shape}")
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has "
+                                  f"{int(np.isnan(value).sum())} NaN and {int(np.isinf(value).sum())} infinite "
+                                  f"value(s); the checkpoint is corrupt or overflowed its dtype")
         if layer is None:
             out[target][...] = value
         else:

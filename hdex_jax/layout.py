@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from hdex_jax.config import ModelConfig
+from hdex_jax.validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,7 @@ class HeadLayout:
 
 def head_layout(cfg: ModelConfig, num_device: int) -> HeadLayout:
     """The head arrangement of `cfg` over `num_device` devices."""
-    if not isinstance(num_device, int) or num_device < 1:
-        raise ValueError(f"num_device must be a positive integer, got {num_device!r}")
+    num_device = check_int("num_device", num_device, minimum=1)
     kv, group = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     if num_device <= kv:
         kv_padded, replicas = math.ceil(kv / num_device) * num_device, 1

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.params import ParamSpec, is_spec, param_specs, runtime_specs, unstack_layers
+from hdex_jax.validation import VIRTUAL_CPU_DEVICES, check_num_device
 
 LPU_AXIS = "lpu"
 
@@ -26,9 +27,6 @@ LOGICAL_RULES: dict[str, str | None] = {
     "ffn": LPU_AXIS,
     "vocab": LPU_AXIS,
 }
-
-
-VIRTUAL_CPU_DEVICES = 8
 
 
 def is_pspec(x: Any) -> bool:
@@ -96,8 +94,7 @@ def make_mesh(num_device: int, first_device: int = 0) -> Mesh:
     In a multi-process cluster (`jax.distributed`), device indices count per process instead: every process
     contributes its local devices [first_device / P, (first_device + num_device) / P) of P processes.
     """
-    if not isinstance(num_device, int) or isinstance(num_device, bool) or num_device < 1:
-        raise ValueError(f"the number of LPU devices must be a positive integer, got {num_device!r}")
+    num_device = check_num_device("num_device", num_device)
     if jax.distributed.is_initialized():
         return Mesh(np.asarray(_devices_of_every_process(num_device, first_device)), (LPU_AXIS,))
     devices = ensure_devices(first_device + num_device)

@@ -156,8 +156,8 @@ def test_bad_sampling_values(model, kwargs, message):
 
 
 def test_bad_device_map(model, checkpoint):
-    for device_map in ({"npu": 1}, {"lpu": 0}, {"lpu": "2"}):
-        with pytest.raises(ValueError, match="device_map"):
+    for device_map, error in (({"npu": 1}, ValueError), ({"lpu": 0}, ValueError), ({"lpu": "2"}, TypeError)):
+        with pytest.raises(error, match="device_map"):
             AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device_map)
 
 

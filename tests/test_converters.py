@@ -393,6 +393,20 @@ def test_wrong_shape(tmp_path: Path, saved: Callable[..., Path]) -> None:
         load_checkpoint(directory)
 
 
+@pytest.mark.parametrize("value, counts", [(np.nan, "1 NaN and 0 infinite"), (-np.inf, "0 NaN and 1 infinite")])
+def test_non_finite_weight(value: float, counts: str, tmp_path: Path, saved: Callable[..., Path]) -> None:
+    """A NaN or inf weight converts and runs, and makes every output garbage: it is refused, by name."""
+    directory = _copy(saved("llama", shards=True), tmp_path / "ckpt")
+    shard = next(f for f in directory.glob("model-*.safetensors") if "model.norm.weight" in load_file(f))
+
+    def poison(tensors: dict[str, np.ndarray]) -> None:
+        tensors["model.norm.weight"][5] = value
+
+    _rewrite(shard, poison)
+    with pytest.raises(CheckpointError, match=rf"tensor model\.norm\.weight \(in .*{shard.name}\) has {counts}"):
+        load_checkpoint(directory)
+
+
 def test_duplicate_tensor_across_shards(tmp_path: Path, saved: Callable[..., Path]) -> None:
     directory = _copy(saved("llama", shards=True), tmp_path / "ckpt")
     first, second = sorted(directory.glob("model-*.safetensors"))[:2]

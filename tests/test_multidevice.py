@@ -156,25 +156,30 @@ def test_hybrid_split_gives_the_same_tokens(checkpoint, device_map):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("device_map, message", [
-    ({"npu": 2}, "device_map"),
-    ({"gpu": 1}, "device_map"),
-    ({"lpu": 0}, "lpu"),
-    ({"lpu": -2}, "lpu"),
-    ({"lpu": 2.0}, "lpu"),
-    ({"gpu": -1, "lpu": 1}, "gpu"),
-    ("lpu", "device_map"),
+@pytest.mark.parametrize("device_map, error, message", [
+    ({"npu": 2}, ValueError, "device_map"),
+    ({"gpu": 1}, ValueError, "device_map"),
+    ({"lpu": 0}, ValueError, "lpu"),
+    ({"lpu": -2}, ValueError, "lpu"),
+    ({"lpu": 2.0}, TypeError, "lpu"),
+    ({"gpu": -1, "lpu": 1}, ValueError, "gpu"),
+    ("lpu", TypeError, "device_map"),
 ])
-def test_bad_device_map(checkpoint, device_map, message):
+def test_bad_device_map(checkpoint, device_map, error, message):
+    with pytest.raises(error, match=message):
+        AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device_map)
+
+
+@pytest.mark.parametrize("device_map, message", [
+    ({"lpu": 9}, r"device_map\['lpu'\] must be an integer from 1 to 8"),
+    ({"gpu": 4, "lpu": 5}, r"device_map\['gpu'\] \+ device_map\['lpu'\] must be an integer from 1 to 8"),
+])
+def test_more_devices_than_available(checkpoint, device_map, message):
+    """Refused before anything is compiled or loaded; compiling for them is refused too."""
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device_map)
-
-
-@pytest.mark.parametrize("device_map", [{"lpu": 9}, {"gpu": 4, "lpu": 5}])
-def test_more_devices_than_available(checkpoint, device_map):
-    AutoCompiler().compile(checkpoint, num_device=device_map["lpu"], max_length=64)
-    with pytest.raises(RuntimeError, match="devices are needed but JAX has 8"):
-        AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device_map)
+    with pytest.raises(ValueError, match="num_device must be an integer from 1 to 8"):
+        AutoCompiler().compile(checkpoint, num_device=9)
 
 
 def test_layout_that_does_not_match_is_refused(checkpoint):

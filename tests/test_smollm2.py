@@ -1,5 +1,5 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF, greedy tokens identical to transformers loading the same
-GGUF. The GGUF is fetched once into the hdex_jax cache (outside the repo) and reused."""
+GGUF. The GGUF is fetched at most once per test session, into the session's temporary HDEX_HOME (conftest.py)."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
 """`hdex estimate MODEL --devices 1,2,4,8`: the LPU performance model from the command line.
 
 MODEL needs only a model description, never weights: a Hugging Face config.json (or a directory holding
-one), a .gguf file, a compiled model (its `hdex_config.json` under `$HDEX_HOME/hub/<org>/<name>/ckpt/`), or a
-Hub id whose config.json is in the local Hugging Face cache.
+one), a .gguf file, a compiled model (its directory, or its id: its `hdex_config.json` under
+`$HDEX_HOME/hub/<org>/<name>/ckpt/`), or a Hub id whose config.json is in the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hdex_jax.config import CONFIG_FILE, ModelConfig
-from hdex_jax.hub import model_dir
 from hdex_jax.lpu.calibration import CALIBRATION_CONTEXT
+from hdex_jax.lpu.config_source import model_config
 from hdex_jax.lpu.model import DEFAULT_DTYPE
 from hdex_jax.lpu.presets import PRESETS, get_preset
 from hdex_jax.lpu.report import format_table, plot_scaling, scaling, write_csv
@@ -48,61 +47,14 @@ def add_estimate_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run_estimate)
 
 
-def _load_with_converters(path: Path) -> ModelConfig:
-    import converters
-
-    return converters.load_config(path)
-
-
-def _cached_hub_config(model_id: str) -> Path | None:
-    """config.json of a Hub id when the local Hugging Face cache has it (no download)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(model_id, "config.json")
-    except ValueError:  # not a valid repo id
-        return None
-    return Path(found) if isinstance(found, str) else None
-
-
-def load_model_config(model: str) -> ModelConfig:
-    """The `ModelConfig` of MODEL, from the first of: a local path, a compiled model, the HF cache."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if path.is_dir() and (path / CONFIG_FILE).is_file():
-            return ModelConfig.load(path)
-        return _load_with_converters(path)
-    looked = [f"a file or directory {str(path)!r}"]
-    try:
-        ckpt = model_dir(model) / "ckpt"
-    except ValueError:  # neither a path nor an "org/name" id
-        ckpt = None
-    if ckpt is not None:
-        if (ckpt / CONFIG_FILE).is_file():
-            return ModelConfig.load(ckpt)
-        looked.append(f"a compiled model's {ckpt / CONFIG_FILE}")
-        cached = _cached_hub_config(model)
-        if cached is not None:
-            return _load_with_converters(cached)
-        looked.append(f"{model}'s config.json in the local Hugging Face cache")
-    raise FileNotFoundError(f"no model {model!r}: looked for " + "; ".join(looked) + ". Pass a Hugging Face "
-                            "config.json (or its directory) or a .gguf file, or compile the model first.")
-
-
 def run_estimate(args: argparse.Namespace) -> int:
-    """Print the scaling table of `args.model`; write CSV and PNG when asked. Returns the exit status."""
-    try:
-        hw = get_preset(args.preset)
-        cfg = load_model_config(args.model)
-        context = args.context if args.context is not None else min(CALIBRATION_CONTEXT,
-                                                                    cfg.max_position_embeddings - 1)
-        devices = sorted(set(args.devices))
-        if not devices:
-            raise ValueError("--devices needs at least one device count")
-        estimates = scaling(cfg, devices, context, preset=hw, batch=args.batch, dtype=args.dtype)
-    except (ValueError, OSError, ImportError) as err:
-        print(f"hdex estimate: error: {err}", file=sys.stderr)
-        return 2
+    """Print the scaling table of `args.model`; write CSV and PNG when asked. Returns the exit status; bad input
+    raises (TypeError, ValueError, OSError), which `hdex_jax.cli.main` reports."""
+    hw = get_preset(args.preset)
+    cfg = model_config(args.model, "MODEL")
+    context = args.context if args.context is not None else min(CALIBRATION_CONTEXT,
+                                                                cfg.max_position_embeddings - 1)
+    estimates = scaling(cfg, sorted(set(args.devices)), context, preset=hw, batch=args.batch, dtype=args.dtype)
     weights_gb = total_bytes(dataclasses.replace(cfg, dtype=estimates[0].dtype)) / 1e9
     print(f"{args.model}: {cfg.model_type}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{weights_gb:.2f} GB of {estimates[0].dtype} weights")
@@ -122,13 +74,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m hdex_jax.lpu.cli estimate ...`, the same as `hdex estimate ...`."""
-    parser = argparse.ArgumentParser(prog="hdex")
-    add_estimate_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from hdex_jax.cli import main
+
+    sys.exit(main())  # `python -m hdex_jax.lpu.cli estimate ...` is `hdex estimate ...`

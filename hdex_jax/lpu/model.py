@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.layout import padded_config
+from hdex_jax.lpu.config_source import model_config
 from hdex_jax.lpu.presets import Hardware, get_preset
 from hdex_jax.params import ParamSpec, flatten, param_specs
 from hdex_jax.sharding import LOGICAL_RULES
+from hdex_jax.validation import check_int, quote
 
 # Logical axes split over the LPU devices; every other axis is replicated.
 SPLIT_AXES = frozenset(axis for axis, mesh_axis in LOGICAL_RULES.items() if mesh_axis)
@@ -263,43 +266,52 @@ def _sync_cost(sync: _Sync, hw: Hardware, num_device: int) -> SyncCost:
                     1e3 * sync.count * exposed, 1e3 * sync.count * baseline)
 
 
-def estimate(config: ModelConfig, num_device: int, context_len: int, *, preset: str | Hardware = "asic",
+def estimate(config: ModelConfig | Any, num_device: int, context_len: int, *, preset: str | Hardware = "asic",
              batch: int = 1, dtype: str = DEFAULT_DTYPE) -> Estimate:
     """Estimated per-token decode latency of `config` on `num_device` LPU devices.
 
     Args:
-      config: the model, as the datapath runs it (heads are padded for `num_device` here).
+      config: the model: a `ModelConfig` (as the datapath runs it; heads are padded for `num_device` here), a
+        dict of config.json contents, a transformers `PretrainedConfig`, a path to a config.json,
+        hdex_config.json or .gguf file or to a model directory, or a compiled or locally cached model id
+        (`hdex_jax.lpu.config_source.model_config`).
       num_device: number of LPU devices the model is split over (tensor parallel, >= 1).
       context_len: tokens already in the KV cache when the token is generated (>= 0). A generation's mean
         ms/token is the estimate at its mean context (prompt + half the output), the cost being linear in it.
       preset: "asic", "fpga-u55c" (see `PRESETS`), or a `Hardware` of your own.
       batch: rows decoded together (weights are streamed once for all of them).
-      dtype: storage type of weights and KV entries; the LPU uses float16.
+      dtype: storage type of weights and KV entries (a numpy dtype or its name); the LPU uses float16.
 
     Returns:
       An `Estimate`: `ms_per_token` is the sum of `stages`; `syncs` splits each ESL sync into its overlapped
       and exposed time; `baseline_ms_per_token` is the GPU-style comparison.
 
     Raises:
+      TypeError: for an argument of the wrong type (naming it).
       ValueError: for an unknown preset, num_device < 1, a negative context_len or one past the model's
-        positions, batch < 1 or an unknown dtype.
+        positions, batch < 1, an unknown dtype, or a config of an unsupported family.
+      FileNotFoundError: for a config path or model id that leads to no config.
     """
     hw = get_preset(preset)
-    if not isinstance(num_device, int) or isinstance(num_device, bool) or num_device < 1:
-        raise ValueError(f"num_device must be a positive integer, got {num_device!r}")
-    if not isinstance(context_len, int) or context_len < 0:
-        raise ValueError(f"context_len must be a non-negative integer, got {context_len!r}")
+    num_device = check_int("num_device", num_device, minimum=1)
+    context_len = check_int("context_len", context_len, minimum=0)
+    batch = check_int("batch", batch, minimum=1)
+    if not isinstance(dtype, (str, np.dtype)):
+        raise TypeError(f"dtype must be a numpy dtype or its name, e.g. 'float16', got {quote(dtype)} "
+                        f"({type(dtype).__name__})")
+    try:
+        numeric = np.dtype(dtype).kind in "fiuV"  # floats, ints, and ml_dtypes' bfloat16 / float8 (kind V)
+    except TypeError:
+        numeric = False
+    if not numeric or np.dtype(dtype).itemsize == 0:
+        raise ValueError(f"dtype {dtype!r} is not a numeric numpy dtype name (e.g. 'float16', 'bfloat16', 'int8')")
+    dtype = str(np.dtype(dtype))
+    config = model_config(config)
     if context_len >= config.max_position_embeddings:
         raise ValueError(f"context_len {context_len} leaves no position for the new token: {config.model_type} "
                          f"has max_position_embeddings={config.max_position_embeddings}")
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    try:
-        np.dtype(dtype)
-    except TypeError as err:
-        raise ValueError(f"dtype {dtype!r} is not a numpy dtype name (e.g. 'float16', 'bfloat16')") from err
 
-    t = _traffic(config, num_device, context_len, batch, str(np.dtype(dtype)))
+    t = _traffic(config, num_device, context_len, batch, dtype)
     syncs = tuple(_sync_cost(s, hw, num_device) for s in t.syncs)
     stages = {
         "weights": 1e3 * _matrix_seconds(t.weight_bytes, t.weight_macs, hw),
@@ -311,7 +323,7 @@ def estimate(config: ModelConfig, num_device: int, context_len: int, *, preset: 
     ms = sum(stages.values())
     return Estimate(
         model_type=config.model_type, preset=hw.name, num_device=num_device, context_len=context_len,
-        batch=batch, dtype=str(np.dtype(dtype)), ms_per_token=ms, stages=stages, syncs=syncs,
+        batch=batch, dtype=dtype, ms_per_token=ms, stages=stages, syncs=syncs,
         baseline_ms_per_token=ms - stages["esl_sync"] + sum(s.baseline_ms for s in syncs),
         weight_bytes=t.total_weight_bytes, device_weight_bytes=t.device_weight_bytes,
         device_kv_cache_bytes=t.kv_cache_bytes, weight_stream_bytes=t.weight_bytes, kv_stream_bytes=t.kv_bytes,

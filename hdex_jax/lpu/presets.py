@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from hdex_jax.validation import quote
+
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
@@ -125,6 +127,9 @@ def get_preset(preset: str | Hardware) -> Hardware:
     """`preset` itself when it is a `Hardware`, else the preset of that name."""
     if isinstance(preset, Hardware):
         return preset
+    if not isinstance(preset, str):
+        raise TypeError(f"preset must be the name of an LPU preset ({', '.join(sorted(PRESETS))}) or a "
+                        f"hdex_jax.lpu.Hardware, got {quote(preset)} ({type(preset).__name__})")
     if preset not in PRESETS:
         raise ValueError(f"unknown LPU preset {preset!r}; known presets: {', '.join(sorted(PRESETS))} "
                          f"(or pass a hdex_jax.lpu.Hardware)")

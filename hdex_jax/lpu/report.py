@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from hdex_jax.config import ModelConfig
+from hdex_jax.lpu.config_source import model_config
 from hdex_jax.lpu.model import DEFAULT_DTYPE, Estimate, estimate
 from hdex_jax.lpu.presets import Hardware
+from hdex_jax.validation import quote
 
 # (CSV column, printed header, format) of each row; speedups are relative to the first device count.
 _PRINTED = (
@@ -27,9 +30,14 @@ _PRINTED = (
 )
 
 
-def scaling(config: ModelConfig, devices: Sequence[int], context_len: int, *, preset: str | Hardware = "asic",
-            batch: int = 1, dtype: str = DEFAULT_DTYPE) -> list[Estimate]:
-    """One estimate per device count, in the order given."""
+def scaling(config: ModelConfig | Any, devices: Sequence[int], context_len: int, *,
+            preset: str | Hardware = "asic", batch: int = 1, dtype: str = DEFAULT_DTYPE) -> list[Estimate]:
+    """One estimate per device count, in the order given; `config` is anything `estimate` takes."""
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        raise TypeError(f"devices must be a list of device counts, got {quote(devices)} ({type(devices).__name__})")
+    if not devices:
+        raise ValueError("devices is empty: give at least one device count")
+    config = model_config(config)
     return [estimate(config, n, context_len, preset=preset, batch=batch, dtype=dtype) for n in devices]
 
 

@@ -15,7 +15,9 @@ from hdex_jax.generation import Batch, Placement, generate_tokens, prepare_batch
 from hdex_jax.layout import head_layout, padded_config
 from hdex_jax.sampling import SEED_LIMIT, SamplingConfig
 from hdex_jax.sharding import abstract_params, make_mesh, runtime_params
+from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH, AutoCompiler, cap_max_length
 from hdex_jax.transformers.streamer import TextStreamer
+from hdex_jax.validation import check_int, check_max_length, check_num_device, check_token, quote
 
 # HyperDex's sampling defaults.
 DEFAULT_TOP_P = 0.7
@@ -25,19 +27,24 @@ DEFAULT_REPETITION_PENALTY = 1.2
 
 
 def parse_device_map(device_map: dict[str, int] | None) -> tuple[int, int]:
-    """(gpu, lpu) device counts of a HyperDex device_map such as {"lpu": 2} or {"gpu": 1, "lpu": 2}."""
+    """(gpu, lpu) device counts of a HyperDex device_map such as {"lpu": 2} or {"gpu": 1, "lpu": 2}.
+
+    "lpu" is 1 to the devices JAX can provide, "gpu" 0 or more, and together they fit in those devices.
+    """
     if device_map is None:
         return 0, 1
-    if not isinstance(device_map, dict) or set(device_map) - {"lpu", "gpu"} or "lpu" not in device_map:
-        raise ValueError(f"device_map must be a dict with the key 'lpu' and optionally 'gpu', e.g. {{'lpu': 2}} or "
-                         f"{{'gpu': 1, 'lpu': 2}}; got {device_map!r}")
-    counts = {}
-    for key, minimum in (("gpu", 0), ("lpu", 1)):
-        value = device_map.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"device_map[{key!r}] must be an integer >= {minimum}, got {value!r}")
-        counts[key] = value
-    return counts["gpu"], counts["lpu"]
+    example = "e.g. {'lpu': 2} or {'gpu': 1, 'lpu': 2}"
+    if not isinstance(device_map, dict):
+        raise TypeError(f"device_map must be a dict with the key 'lpu' and optionally 'gpu', {example}; got "
+                        f"{quote(device_map)} ({type(device_map).__name__})")
+    if set(device_map) - {"lpu", "gpu"} or "lpu" not in device_map:
+        raise ValueError(f"device_map must be a dict with the key 'lpu' and optionally 'gpu', {example}; got "
+                         f"{quote(device_map)}")
+    lpu = check_num_device("device_map['lpu']", device_map["lpu"])
+    gpu = check_int("device_map['gpu']", device_map.get("gpu", 0), minimum=0)
+    if gpu:
+        check_num_device("device_map['gpu'] + device_map['lpu']", gpu + lpu)
+    return gpu, lpu
 
 
 class LPUModelForCausalLM:
@@ -261,39 +268,52 @@ class AutoModelForCausalLM:
 
     @staticmethod
     def from_pretrained(model_id: str = hub.DEFAULT_MODEL, device_map: dict[str, int] | None = None,
-                        token: str | None = None, max_length: int = 4096) -> LPUModelForCausalLM:
+                        token: str | bool | None = None, max_length: int | None = None) -> LPUModelForCausalLM:
         """Load a compiled model onto `device_map["lpu"]` emulated devices.
 
-        A model or device count that was not compiled yet is compiled first (with a notice) for `max_length`;
-        otherwise the compiled max_length is used.
+        A model or device count that was not compiled yet is compiled first, with a notice, for `max_length`
+        (None: 4096, capped at the model's positions with a notice). Otherwise the compiled max_length is used,
+        unless `max_length` asks for another one: then the model is compiled again for it (only the recorded
+        max_length changes; the converted weights and their layout are reused).
         """
         import transformers
 
         gpu, lpu = parse_device_map(device_map)
+        if max_length is not None:
+            max_length = check_max_length("max_length", max_length)
+        token = check_token("token", token)
         model_dir = hub.model_dir(model_id)
-        # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones.
+        # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones, with the
+        # max_length the decode mesh settled on.
         decode, length = _load_placement(model_id, model_dir, lpu, 0, token, max_length)
-        prefill = _load_placement(model_id, model_dir, gpu, lpu, token, max_length)[0] if gpu else None
+        prefill = _load_placement(model_id, model_dir, gpu, lpu, token, length)[0] if gpu else None
         tokenizer = transformers.AutoTokenizer.from_pretrained(artifacts.ckpt_dir(model_dir))
         return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
 
 
-def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, token: str | None,
-                    max_length: int) -> tuple[Placement, int]:
-    """Restore the weights compiled for `num_device` devices onto devices [first, first + num_device)."""
-    from hdex_jax.tools import AutoCompiler
-
+def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, token: str | bool | None,
+                    max_length: int | None) -> tuple[Placement, int]:
+    """Restore the weights compiled for `num_device` devices onto devices [first, first + num_device), compiling
+    them first when they are missing or compiled for another `max_length` (None: any)."""
     params_dir = artifacts.param_dir(model_dir, num_device)
     manifest = artifacts.read_manifest(params_dir)
+    reason = None
     if manifest is None:
+        reason = f"{model_id} is not compiled for {num_device} device(s) yet"
+    elif max_length is not None:
+        max_length = cap_max_length(model_id, max_length, ModelConfig.load(artifacts.ckpt_dir(model_dir)))
+        if manifest["max_length"] != max_length:
+            reason = f"{model_id} is compiled for max_length {manifest['max_length']}, not {max_length}"
+    if reason is not None:
         if jax.distributed.is_initialized():
             # Every process would compile into the same directories at once, racing on them.
             raise FileNotFoundError(
-                f"{model_id} is not compiled for {num_device} device(s) ({params_dir} is missing or incomplete); in a "
-                f"multi-process cluster compile it once before starting the processes, into an HDEX_HOME every "
-                f"process reads: AutoCompiler().compile({model_id!r}, num_device={num_device}, max_length=...)")
-        print(f"[hdex] {model_id} is not compiled for {num_device} device(s) yet; compiling it now", flush=True)
-        AutoCompiler().compile(model_id, num_device=num_device, token=token, max_length=max_length)
+                f"{reason} ({params_dir}); in a multi-process cluster compile it once before starting the "
+                f"processes, into an HDEX_HOME every process reads: AutoCompiler().compile({model_id!r}, "
+                f"num_device={num_device}, max_length=...)")
+        print(f"[hdex] {reason}; compiling it now", flush=True)
+        AutoCompiler().compile(model_id, num_device=num_device, token=token,
+                               max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length)
         manifest = artifacts.read_manifest(params_dir)
     base = ModelConfig.load(artifacts.ckpt_dir(model_dir))
     cfg = padded_config(base, num_device)

@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from hdex_jax import artifacts, hub
+from hdex_jax.validation import check_token
 
 
 class AutoTokenizer:
     """Loads the Hugging Face tokenizer that belongs to a model id."""
 
     @staticmethod
-    def from_pretrained(model_id: str, token: str | None = None, **kwargs: Any) -> Any:
+    def from_pretrained(model_id: str, token: str | bool | None = None, **kwargs: Any) -> Any:
         """The tokenizer saved in the compiled `ckpt/` of `model_id`; if the model is not compiled yet, the
         tokenizer of its source (a local directory, a GGUF file, the default model or the Hub)."""
         import converters
         import transformers
 
+        token = check_token("token", token)
         ckpt = artifacts.ckpt_dir(hub.model_dir(model_id))
         if artifacts.read_manifest(ckpt) is not None:
             return transformers.AutoTokenizer.from_pretrained(ckpt, **kwargs)
