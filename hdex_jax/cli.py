@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from hdex_jax import hub
-from hdex_jax.transformers import modeling
+# Without torch, importing transformers advises that "Models won't be available"; hdex_jax's models run on JAX
+# and use only transformers' tokenizers, so that advice would only mislead. Set before transformers is imported.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from hdex_jax import hub  # noqa: E402  (after the environment above)
+from hdex_jax.transformers import modeling  # noqa: E402
 
 
 def _generate(args: argparse.Namespace) -> int:
