@@ -98,19 +98,27 @@ def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConf
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:
-    """The transformers tokenizer of a checkpoint directory or a `.gguf` file (for GGUF, transformers builds
-    it from the file's metadata). `kwargs` go to `AutoTokenizer.from_pretrained`."""
-    from transformers import AutoTokenizer  # heavy import, only needed here
+    """The transformers tokenizer of a checkpoint directory or a `.gguf` file, without torch.
+
+    For GGUF it is built from the file's metadata (`converters.gguf_tokenizer`), because transformers' own
+    GGUF entry point needs torch; its tokens equal those of that entry point. `kwargs` go to
+    `AutoTokenizer.from_pretrained` for a directory and to the tokenizer's constructor for GGUF.
+    """
+    # Heavy imports (transformers), only needed here.
+    from transformers import AutoTokenizer
+
+    from converters.gguf_tokenizer import gguf_tokenizer
 
     path = Path(path)
     try:
         if _is_gguf(path):
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+            return gguf_tokenizer(path, **kwargs)
         return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load a tokenizer from {path}: {e}") from e
 
 
 def save_tokenizer(path: str | Path, out_dir: str | Path) -> None:
-    """Save the tokenizer of a checkpoint directory or a `.gguf` file to `out_dir` in Hugging Face format."""
+    """Save the tokenizer of a checkpoint directory or a `.gguf` file to `out_dir` in Hugging Face format
+    (tokenizer.json, tokenizer_config.json, chat template), loadable with `AutoTokenizer` without torch."""
     load_tokenizer(path).save_pretrained(str(out_dir))

@@ -8,6 +8,7 @@ any model is loaded or compiled.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 

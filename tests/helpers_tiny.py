@@ -89,6 +89,33 @@ def _byte_level_vocab() -> tuple[list[str], list[str]]:
     return tokens, [" ".join(m) for m in merges]
 
 
+# A chat template in SmolLM2's form, with the bos/eos tokens both tiny vocabularies have ("<s>", "</s>").
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<s>' + message['role'] + '\\n' + message['content'] + '</s>\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}")
+
+
+def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A llama (sentencepiece BPE) vocabulary of VOCAB tokens as llama.cpp writes it: tokens, scores, token types.
+
+    unk/bos/eos first, byte-fallback tokens for the control bytes (tab and newline among them), "▁" and single
+    characters, then pieces that merge two of those; a higher score merges first, as in sentencepiece.
+    """
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(16)]
+    singles = ["\u2581", *"abcdefghijklmnopqrstuvwxyz", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ", *"0123456789", *".,!?'"]
+    pieces = ["\u2581t", "he", "\u2581the", "in", "\u2581a", "er", "on", "re", "at", "en", "or", "is", "\u2581s",
+              "\u2581w", "es", "\u2581b", "ll", "\u2581c", "it", "\u2581h", "\u2581m", "\u2581f", "ou", "\u2581p",
+              "ed", "\u2581i", "nd", "\u2581o", "an", "\u2581in", "\u2581is", "\u2581an", "ing", "\u2581and",
+              "\u2581of", "\u2581to", "ar", "le", "al", "ro", "st"]
+    tokens = specials + byte_tokens + singles + pieces
+    assert len(tokens) == VOCAB, len(tokens)
+    scores = [0.0] * (len(specials) + len(byte_tokens)) + [-1000.0 - i for i in range(len(singles))] \
+        + [-float(i) for i in range(len(pieces))]
+    types = [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.BYTE] * len(byte_tokens) \
+        + [gguf.TokenType.NORMAL] * (len(singles) + len(pieces))
+    return tokens, scores, [int(t) for t in types]
+
+
 def save_tiny_tokenizer(directory: str | Path) -> Path:
     """Save a tiny byte-level BPE tokenizer (VOCAB tokens, ids 1/2/3 = bos/eos/pad) to `directory`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -150,7 +177,8 @@ def write_tiny_gguf(path: str | Path, tensor_type: gguf.GGMLQuantizationType | s
                     tied: bool = False, architecture: str = "llama",
                     tensor_types: Mapping[str, gguf.GGMLQuantizationType | str] | None = None,
                     extra_tensors: Mapping[str, np.ndarray] | None = None,
-                    rope_scaling: tuple[str, float] | None = None) -> dict[str, np.ndarray]:
+                    rope_scaling: tuple[str, float] | None = None, tokenizer_model: str = "gpt2",
+                    chat_template: str | None = None) -> dict[str, np.ndarray]:
     """Write a tiny random llama (the "llama" tiny config) as a GGUF file, the way llama.cpp does.
 
     2-D weights are stored as `tensor_type` (F32, F16, BF16 or a type gguf can quantize, e.g. Q8_0, Q4_0,
@@ -158,6 +186,9 @@ def write_tiny_gguf(path: str | Path, tensor_type: gguf.GGMLQuantizationType | s
     `tied` leaves out output.weight. For error tests: `tensor_types` overrides the type of single tensors
     (by GGUF name), `extra_tensors` adds F32 tensors, `rope_scaling` = (type, factor) adds rope scaling
     metadata, `architecture` changes general.architecture and the metadata prefix.
+    The tokenizer is `tokenizer_model` "gpt2" (byte-level BPE with merges; ids 1/2/3 = bos/eos/pad, ids 0-3
+    control tokens) or "llama" (sentencepiece with scores and byte tokens; ids 0/1/2 = unk/bos/eos), with
+    `chat_template` if given.
     Returns the float32 weights it was written from, by HF name, in HF layout (unpermuted, unquantized).
     """
     qtype = _ggml_type(tensor_type)
@@ -165,8 +196,6 @@ def write_tiny_gguf(path: str | Path, tensor_type: gguf.GGMLQuantizationType | s
     weights = {name: t.detach().numpy().copy() for name, t in tiny_model("llama", seed).state_dict().items()}
     if tied:
         del weights["lm_head.weight"]
-    tokens, merges = _byte_level_vocab()
-
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name("tiny-random")  # not "mistral": transformers would then read it as a mistral model
     writer.add_block_count(hf.num_hidden_layers)
@@ -178,14 +207,25 @@ def write_tiny_gguf(path: str | Path, tensor_type: gguf.GGMLQuantizationType | s
     writer.add_rope_dimension_count(hf.head_dim)
     writer.add_rope_freq_base(hf.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(hf.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.NORMAL] * (len(tokens) - 4))
-    writer.add_token_merges(merges)
+    writer.add_tokenizer_model(tokenizer_model)
+    if tokenizer_model == "gpt2":
+        tokens, merges = _byte_level_vocab()
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.NORMAL] * (len(tokens) - 4))
+        writer.add_token_merges(merges)
+        writer.add_pad_token_id(3)
+    elif tokenizer_model == "llama":
+        tokens, scores, types = _sentencepiece_vocab()
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+    else:
+        raise ValueError(f"unknown tiny tokenizer model {tokenizer_model!r} (known: gpt2, llama)")
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_pad_token_id(3)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     if rope_scaling is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
         writer.add_rope_scaling_factor(rope_scaling[1])
