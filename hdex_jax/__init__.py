@@ -6,8 +6,8 @@ import os
 # and use only transformers' tokenizers, so that advice would only mislead. Set before transformers is imported.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from hdex_jax.config import ModelConfig
-from hdex_jax.sharding import provide_virtual_devices
+from hdex_jax.config import ModelConfig  # noqa: E402  (after the environment above)
+from hdex_jax.sharding import provide_virtual_devices  # noqa: E402
 
 provide_virtual_devices()
 

@@ -8,7 +8,6 @@ any model is loaded or compiled.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import NoReturn
 

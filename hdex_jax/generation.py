@@ -41,6 +41,7 @@ from hdex_jax.model import COMPILER_OPTIONS, bucket_length, decode_step_fn, pref
 from hdex_jax.params import Params, unflatten
 from hdex_jax.sampling import SamplingConfig, SamplingParams, mark_seen, next_tokens, seed_key_data, seen_tokens
 from hdex_jax.sharding import cache_partition_specs, is_pspec, make_mesh, runtime_params
+from hdex_jax.validation import per_row
 
 # Stop-id slots per row come in buckets of at least this many, so a few more stop ids do not recompile.
 _MIN_STOP_SLOTS = 4
@@ -215,41 +216,25 @@ def _fresh_seeds(count: int) -> list[int]:
     return [(int(hi) << 32) | int(lo) for hi, lo in data]
 
 
-def _per_row(value: Any, rows: int, name: str) -> list[Any]:
-    """One value for every row, or a list with one value per row."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != rows:
-            raise ValueError(f"{name} has {len(value)} entries for {rows} prompts; give one value or one per prompt")
-        return list(value)
-    return [value] * rows
-
-
 def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_length: int,
                   max_new_tokens: int | Sequence[int], stop: Sequence[int] | Sequence[Sequence[int]], pad_id: int,
                   seed: int | None | Sequence[int | None],
                   sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig()) -> Batch:
-    """Validate prompts and left-pad them into their bucket; per-row values become the runtime `Request`.
+    """Left-pad checked prompts (non-empty lists of ids in the vocabulary) into their bucket; per-row values
+    become the runtime `Request`.
 
     `max_new_tokens`, `seed` and `sampling` take one value or one per prompt; `stop` is a list of ids for every
     row or a list of such lists, one per prompt. A seed of None draws a fresh 64-bit seed.
     """
     if len(prompts) == 0:
         raise ValueError("inputs is empty: give at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
     rows = len(prompts)
-    budgets = [int(n) for n in _per_row(max_new_tokens, rows, "max_new_tokens")]
-    stops = [list(s) for s in stop] if stop and isinstance(stop[0], (list, tuple)) else [list(stop)] * rows
-    if len(stops) != rows:
-        raise ValueError(f"stop has {len(stops)} lists for {rows} prompts; give one list or one per prompt")
-    seeds = _per_row(seed, rows, "seed")
+    budgets = per_row("max_new_tokens", max_new_tokens, rows)
+    stops = per_row("stop", stop, rows) if stop and isinstance(stop[0], (list, tuple)) else [list(stop)] * rows
+    seeds = per_row("seed", seed, rows)
     fresh = iter(_fresh_seeds(sum(s is None for s in seeds)))
     seeds = [next(fresh) if s is None else s for s in seeds]
-    configs = _per_row(sampling, rows, "sampling")
+    configs = per_row("sampling", sampling, rows)
 
     plan = plan_generation(max(len(p) for p in prompts), max(budgets), max_length)
     B, T = bucket_length(rows, minimum=1), plan.prompt_bucket

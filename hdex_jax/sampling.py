@@ -30,7 +30,6 @@ step and values: never on the row's position in the batch, the other rows, the d
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,30 +39,31 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from hdex_jax.validation import (
+    check_bool,
+    check_float,
+    check_int,
+    check_repetition_penalty,
+    check_seed,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    per_row,
+)
+
 # Scores examined before falling back to a full sort of the vocabulary (see the module docstring).
 CANDIDATES = 256
-# Seeds are 64-bit: every integer in [0, SEED_LIMIT) is a distinct key.
-SEED_LIMIT = 2**64
 # The candidates decide top-p alone only when the mass outside them is clearly below 1 - top_p; this margin
 # keeps float32 summation noise (the full path sums in another order) from deciding a boundary token.
 _TAIL_MARGIN = 1e-5
 
 
-def _check_number(name: str, value: Any, *, integer: bool) -> None:
-    """Reject bools and non-numbers up front, so the HF-style range checks below only see numbers."""
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        wanted = "an integer" if integer else "a float"
-        raise ValueError(f"`{name}` has to be {wanted}, but is {value!r} of type {type(value).__name__}")
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """One row's sampling values, validated; `SamplingParams` stacks them into runtime arrays.
+    """One row's sampling values, checked by `hdex_jax.validation`; `SamplingParams` stacks them into runtime arrays.
 
-    Validation matches transformers' processors (same `ValueError` messages), except that integers are
-    accepted where a float is wanted and `top_k=0` means "off". `temperature` is only checked when
-    `do_sample` is True, because HF ignores it for greedy decoding.
+    Accepted as in transformers' processors, with a TypeError or ValueError naming the argument: integers where
+    a float is wanted, `top_k=0` and `top_p=1` for "off", and any temperature when `do_sample` is False.
     """
 
     do_sample: bool = False
@@ -74,48 +74,15 @@ class SamplingConfig:
     min_tokens_to_keep: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.do_sample, (bool, np.bool_)):
-            raise ValueError(f"`do_sample` has to be a bool, but is {self.do_sample!r}")
-
-        _check_number("repetition_penalty", self.repetition_penalty, integer=False)
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"`penalty` has to be a strictly positive float, but is {self.repetition_penalty}")
-
-        if self.do_sample:
-            _check_number("temperature", self.temperature, integer=False)
-            if not self.temperature > 0:
-                msg = (
-                    f"`temperature` (={self.temperature}) has to be a strictly positive float, otherwise your next "
-                    "token scores will be invalid."
-                )
-                if self.temperature == 0:
-                    msg += " If you're looking for greedy decoding strategies, set `do_sample=False`."
-                raise ValueError(msg)
-
-        _check_number("top_k", self.top_k, integer=True)
-        if self.top_k < 0:
-            raise ValueError(f"`top_k` has to be a strictly positive integer, but is {self.top_k}")
-
-        _check_number("top_p", self.top_p, integer=False)
-        # `not 0 <= p <= 1` (rather than HF's `p < 0 or p > 1`) also rejects NaN.
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"`top_p` has to be a float > 0 and < 1, but is {float(self.top_p)}")
-
-        _check_number("min_tokens_to_keep", self.min_tokens_to_keep, integer=True)
-        if self.min_tokens_to_keep < 1:
-            raise ValueError(
-                f"`min_tokens_to_keep` has to be a positive integer, but is {self.min_tokens_to_keep}"
-            )
-
-        # Normalise numpy scalars etc. to plain Python values.
-        set_ = object.__setattr__
-        set_(self, "do_sample", bool(self.do_sample))
-        set_(self, "repetition_penalty", float(self.repetition_penalty))
-        if self.do_sample:
-            set_(self, "temperature", float(self.temperature))
-        set_(self, "top_k", int(self.top_k))
-        set_(self, "top_p", float(self.top_p))
-        set_(self, "min_tokens_to_keep", int(self.min_tokens_to_keep))
+        set_ = object.__setattr__  # frozen: store the checked, normalised (plain Python) values
+        set_(self, "do_sample", check_bool("do_sample", self.do_sample))
+        set_(self, "repetition_penalty", check_repetition_penalty("repetition_penalty", self.repetition_penalty))
+        # Greedy decoding ignores the temperature, as transformers does (temperature=0 is allowed there).
+        check = check_temperature if self.do_sample else check_float
+        set_(self, "temperature", check("temperature", self.temperature))
+        set_(self, "top_k", check_top_k("top_k", self.top_k))
+        set_(self, "top_p", check_top_p("top_p", self.top_p))
+        set_(self, "min_tokens_to_keep", check_int("min_tokens_to_keep", self.min_tokens_to_keep, minimum=1))
 
 
 def _ids_in_vocab(ids: jax.Array, vocab_size: int, keep: jax.Array | bool = True) -> jax.Array:
@@ -167,9 +134,7 @@ def seed_key_data(seed: int) -> np.ndarray:
 
     For seeds below 2**32 this is exactly the data of `jax.random.key(seed)`.
     """
-    seed = int(seed)
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    seed = check_seed("seed", seed)
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
@@ -393,11 +358,7 @@ def sample(
     config = SamplingConfig(do_sample=do_sample, repetition_penalty=repetition_penalty, temperature=temperature,
                             top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
     logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
-    batch = logits.shape[0]
-    seeds = [seed] * batch if isinstance(seed, numbers.Integral) else list(seed)
-    if len(seeds) != batch:
-        raise ValueError(f"seed has {len(seeds)} entries for {batch} rows; give one seed or one per row")
-    key_data = np.stack([seed_key_data(s) for s in seeds])  # [B, 2]
-    params = SamplingParams.from_configs([config] * batch)
+    key_data = np.stack([seed_key_data(s) for s in per_row("seed", seed, logits.shape[0])])  # [B, 2]
+    params = SamplingParams.from_configs([config] * logits.shape[0])
     tokens = _next_tokens_jit(logits, seen, params, key_data, jnp.asarray(step, jnp.int32))  # [B]
     return tokens[0] if single else tokens

@@ -119,12 +119,15 @@ def check_seed(name: str, value: Any) -> int:
     return check_int(name, value, minimum=0, maximum=SEED_LIMIT - 1)
 
 
-def per_row(name: str, value: Any, batch: int, check: Callable[[str, Any], T]) -> list[T]:
+def per_row(name: str, value: Any, batch: int, check: Callable[[str, Any], T] | None = None) -> list[T]:
     """One checked value per row of a batch of `batch` rows.
 
     A scalar applies to every row; a list, tuple or 1-D array must have exactly one value per row, each
-    checked under the name `name[i]`.
+    checked under the name `name[i]`. Without `check`, values are only split into rows (for values checked
+    later, together with the rest of their row).
     """
+    if check is None:
+        return per_row(name, value, batch, lambda _, v: v)
     if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) >= 1:
         values = list(value) if isinstance(value, (list, tuple)) else list(np.asarray(value))
         if getattr(value, "ndim", 1) != 1:

@@ -325,12 +325,6 @@ def test_seen_tokens_and_mark_seen():
 # 2. validation: transformers' messages
 
 
-def hf_message(factory) -> str:
-    with pytest.raises(ValueError) as info:
-        factory()
-    return str(info.value)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "hf_factory"),
     [
@@ -344,15 +338,15 @@ def hf_message(factory) -> str:
         (dict(min_tokens_to_keep=0), lambda: TopPLogitsWarper(0.5, min_tokens_to_keep=0)),
     ],
 )
-def test_invalid_values_raise_hf_messages(kwargs, hf_factory):
-    expected = hf_message(hf_factory)
-    with pytest.raises(ValueError) as info:
-        SamplingConfig(do_sample=True, **kwargs)
-    assert str(info.value) == expected
-    for call in (process_logits, sample):
-        with pytest.raises(ValueError) as info:
-            call(np.zeros((1, 4), np.float32), [[0]], **kwargs)
-        assert str(info.value) == expected
+def test_values_transformers_refuses_are_refused_naming_the_argument(kwargs, hf_factory):
+    with pytest.raises(ValueError):
+        hf_factory()
+    (name, value), = kwargs.items()
+    for call in (lambda **kw: SamplingConfig(do_sample=True, **kw), process_logits, sample):
+        args = () if call not in (process_logits, sample) else (np.zeros((1, 4), np.float32), [[0]])
+        with pytest.raises(ValueError, match=name) as info:
+            call(*args, **kwargs)
+        assert repr(value) in str(info.value) or f"{value:g}" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -368,7 +362,7 @@ def test_invalid_values_raise_hf_messages(kwargs, hf_factory):
     ],
 )
 def test_non_numbers_and_bools_are_rejected_by_name(name, value):
-    with pytest.raises(ValueError, match=f"`{name}`"):
+    with pytest.raises(TypeError, match=name):
         SamplingConfig(**{"do_sample": True, name: value})
 
 

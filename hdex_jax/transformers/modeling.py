@@ -13,11 +13,23 @@ from hdex_jax import artifacts, hub
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
-from hdex_jax.sampling import SEED_LIMIT, SamplingConfig
+from hdex_jax.sampling import SamplingConfig
 from hdex_jax.sharding import abstract_params, make_mesh, runtime_params
 from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH, AutoCompiler, cap_max_length
 from hdex_jax.transformers.streamer import TextStreamer
-from hdex_jax.validation import check_int, check_max_length, check_num_device, check_token, quote
+from hdex_jax.validation import (
+    check_int,
+    check_max_length,
+    check_max_new_tokens,
+    check_num_device,
+    check_seed,
+    check_streamer,
+    check_token,
+    check_token_id,
+    check_token_ids,
+    per_row,
+    quote,
+)
 
 # HyperDex's sampling defaults.
 DEFAULT_TOP_P = 0.7
@@ -74,29 +86,26 @@ class LPUModelForCausalLM:
 
     # ----------------------------------------------------------------------------------------- inputs/outputs
     def _as_prompts(self, inputs: Any) -> tuple[list[list[int]], str]:
-        """Normalise `inputs` to a list of id lists and remember its kind, so the output mirrors it."""
+        """Normalise `inputs` to checked lists of token ids and remember its kind, so the output mirrors it."""
+        vocab = self.config.vocab_size
         if isinstance(inputs, str):
             if self.tokenizer is None:
                 raise ValueError("a str prompt needs a tokenizer, but this model has none; pass token ids")
-            return [list(self.tokenizer.encode(inputs))], "str"
+            return [check_token_ids("inputs", list(self.tokenizer.encode(inputs)), vocab)], "str"
         if isinstance(inputs, (np.ndarray, jax.Array)):
             array = np.asarray(inputs)
-            if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-                raise ValueError(f"inputs as an array must be 2-D integer token ids [batch, length], got shape "
-                                 f"{array.shape} and dtype {array.dtype}")
-            return array.tolist(), "jax" if isinstance(inputs, jax.Array) else "numpy"
-        if isinstance(inputs, Sequence) and len(inputs) > 0 and all(isinstance(x, Sequence) for x in inputs):
-            return [self._ids(row) for row in inputs], "batch"
-        if isinstance(inputs, Sequence):
-            return [self._ids(inputs)], "ids"
-        raise ValueError(f"inputs must be a str, a list of token ids, a list of lists or a 2-D array, "
-                         f"got {type(inputs).__name__}")
-
-    @staticmethod
-    def _ids(row: Sequence[Any]) -> list[int]:
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in row):
-            raise ValueError(f"token ids must be integers, got {list(row)[:5]}")
-        return [int(t) for t in row]
+            if not np.issubdtype(array.dtype, np.integer):
+                raise TypeError(f"inputs as an array must hold integer token ids, got dtype {array.dtype}")
+            if array.ndim != 2:
+                raise ValueError(f"inputs as an array must be 2-D token ids [batch, length], got shape {array.shape}")
+            rows = [check_token_ids(f"inputs[{i}]", row, vocab) for i, row in enumerate(array.tolist())]
+            return rows, "jax" if isinstance(inputs, jax.Array) else "numpy"
+        if not isinstance(inputs, (list, tuple)):
+            raise TypeError(f"inputs must be a str, a list of token ids, a list of such lists or a 2-D array, got "
+                            f"{quote(inputs)} of type {type(inputs).__name__}")
+        if any(isinstance(x, (list, tuple, str)) or getattr(x, "ndim", 0) == 1 for x in inputs):
+            return [check_token_ids(f"inputs[{i}]", row, vocab) for i, row in enumerate(inputs)], "batch"
+        return [check_token_ids("inputs", inputs, vocab)], "ids"
 
     def _format(self, prompts: list[list[int]], new: list[list[int]], kind: str) -> Any:
         full = [p + n for p, n in zip(prompts, new)]
@@ -120,51 +129,37 @@ class LPUModelForCausalLM:
 
     def _stop_ids(self, stop: Any, rows: int) -> list[list[int]]:
         """Each row's stop ids: None (the model's eos ids), one id or a list of ids for every row, or a list of
-        such lists, one per prompt."""
+        such lists, one per prompt. A str is refused: stop ids are token ids."""
+        vocab = self.config.vocab_size
         if stop is None:
             return [list(self.config.eos_token_ids)] * rows
-        per_row = isinstance(stop, (list, tuple)) and len(stop) > 0 and all(
-            isinstance(s, (list, tuple)) for s in stop)
-        if per_row and len(stop) != rows:
-            raise ValueError(f"stop has {len(stop)} lists for {rows} prompts; give one list of ids or one per prompt")
-        return [self._stop_list(s) for s in stop] if per_row else [self._stop_list(stop)] * rows
+        if not isinstance(stop, (list, tuple)):
+            return [[check_token_id("stop", stop, vocab)]] * rows
+        if len(stop) > 0 and all(isinstance(s, (list, tuple)) for s in stop):
+            return per_row("stop", list(stop), rows, lambda name, ids: [
+                check_token_id(f"{name}[{j}]", t, vocab) for j, t in enumerate(ids)])
+        return [[check_token_id(f"stop[{j}]", t, vocab) for j, t in enumerate(stop)]] * rows
 
-    def _stop_list(self, stop: Any) -> list[int]:
-        ids = [stop] if isinstance(stop, (int, np.integer)) else list(stop)
-        for t in ids:
-            if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < self.config.vocab_size:
-                raise ValueError(f"stop must be token ids in [0, {self.config.vocab_size}), got {stop!r}")
-        return [int(t) for t in ids]
-
-    def _budget(self, longest: int, max_new_tokens: int | None, max_length: int | None) -> int:
+    def _budgets(self, longest: int, rows: int, max_new_tokens: Any, max_length: Any) -> list[int]:
+        """New tokens per row: `max_new_tokens` (one or one per row), else what `max_length` (the total length,
+        as in transformers) leaves after the longest prompt, else up to the compiled max_length."""
         if max_new_tokens is not None:
-            if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-            return max_new_tokens
+            return per_row("max_new_tokens", max_new_tokens, rows, check_max_new_tokens)
         if max_length is not None:
-            if not isinstance(max_length, int) or max_length <= longest:
-                raise ValueError(f"max_length ({max_length!r}) must be an integer larger than the prompt "
-                                 f"length ({longest})")
-            return max_length - longest
-        return max(self.max_length - longest, 1)
+            return [check_int("max_length", max_length, minimum=longest + 1, maximum=self.max_length) - longest] * rows
+        return [max(self.max_length - longest, 1)] * rows
 
-    def _prepare(self, inputs: Any, max_new_tokens: Any, max_length: int | None, do_sample: Any, top_p: Any,
-                 top_k: Any, temperature: Any, repetition_penalty: Any, stop: Any, seed: Any):
-        """Validate every argument (one value, or one per prompt) and build the padded batch."""
+    def _prepare(self, inputs: Any, max_new_tokens: Any, max_length: Any, do_sample: Any, top_p: Any, top_k: Any,
+                 temperature: Any, repetition_penalty: Any, stop: Any, seed: Any) -> tuple[list[list[int]], str, Batch]:
+        """Check every argument (one value, or one per prompt) and build the padded batch."""
         prompts, kind = self._as_prompts(inputs)
         rows = len(prompts)
-        values = zip(*(_per_row(value, rows, name) for name, value in (
+        columns = {name: per_row(name, value, rows) for name, value in (
             ("do_sample", do_sample), ("repetition_penalty", repetition_penalty), ("temperature", temperature),
-            ("top_k", top_k), ("top_p", top_p))))
-        sampling = [SamplingConfig(do_sample=d, repetition_penalty=r, temperature=t, top_k=k, top_p=p)
-                    for d, r, t, k, p in values]
-        seeds = _per_row(seed, rows, "seed")
-        for s in seeds:
-            if s is not None and (not isinstance(s, (int, np.integer)) or isinstance(s, bool)
-                                  or not 0 <= s < SEED_LIMIT):
-                raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {s!r}")
-        longest = max((len(p) for p in prompts), default=0)
-        budgets = [self._budget(longest, n, max_length) for n in _per_row(max_new_tokens, rows, "max_new_tokens")]
+            ("top_k", top_k), ("top_p", top_p))}
+        sampling = [SamplingConfig(**dict(zip(columns, values))) for values in zip(*columns.values())]
+        seeds = per_row("seed", seed, rows, lambda name, s: None if s is None else check_seed(name, s))
+        budgets = self._budgets(max(len(p) for p in prompts), rows, max_new_tokens, max_length)
         batch = prepare_batch(prompts, self.config, max_length=self.max_length, max_new_tokens=budgets,
                               stop=self._stop_ids(stop, rows), pad_id=self._pad_id(), seed=seeds, sampling=sampling)
         return prompts, kind, batch
@@ -196,6 +191,7 @@ class LPUModelForCausalLM:
         value for every prompt or a list with one value per prompt; each row then gets exactly the tokens it
         would get alone with its values. None of these values recompiles anything.
         """
+        check_streamer(streamer)
         prompts, kind, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
                                              temperature, repetition_penalty, stop, seed)
         if streamer is None:
@@ -218,6 +214,7 @@ class LPUModelForCausalLM:
         stopped are None in later steps' lists). Given a `TextStreamer(..., use_print=False)`, yields text pieces
         instead. Arguments are checked when it is called, before the first token.
         """
+        check_streamer(streamer, ("put", "end", "take_pieces"))
         prompts, _, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k, temperature,
                                           repetition_penalty, stop, seed)
         if streamer is not None:
@@ -252,15 +249,6 @@ class LPUModelForCausalLM:
                     break
         finally:
             streamer.end()
-
-
-def _per_row(value: Any, rows: int, name: str) -> list[Any]:
-    """One value for every prompt, or a list or tuple with one value per prompt."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != rows:
-            raise ValueError(f"{name} has {len(value)} values for {rows} prompts; give one value or one per prompt")
-        return list(value)
-    return [value] * rows
 
 
 class AutoModelForCausalLM:
