@@ -3,9 +3,10 @@
 `prefill` and `decode_step` both run `_forward` over a block of T tokens written to consecutive cache slots:
 T = prompt bucket for prefill, T = 1 for decode. Families differ only through `ModelConfig` fields.
 
-The layer loop is unrolled over a list of per-layer weights and per-layer cache arrays (`params.unstack_layers`):
-on XLA CPU a `lax.scan` over stacked weights cost about 40% more per token, and a static slice out of a stack is
-a copy of the weight every step. docs/performance.md has the measurements.
+The layer loop is unrolled over a list of per-layer weights and per-layer cache arrays, with q/k/v and gate/up
+fused into one matrix each (`params.runtime_layout`): on XLA CPU a `lax.scan` over stacked weights cost about 40%
+more per token, a static slice out of a stack is a copy of the weight every step, and every matmul has a fixed
+cost that fusing saves. docs/performance.md has the measurements.
 
 `_forward` is the program of one LPU device inside `shard_map` over the mesh axis "lpu" (Megatron layout):
 it holds 1/N of the query and KV heads, of the FFN and of the vocabulary. q/k/v and up/gate are
@@ -53,6 +54,21 @@ def _linear(x: jax.Array, p: dict, spec: str) -> jax.Array:
     """Replicated or column-parallel projection: each device computes its own output features."""
     y = jnp.einsum(spec, x, p["w"])
     return y + p["b"] if "b" in p else y
+
+
+def _fused(x: jax.Array, p: dict) -> jax.Array:
+    """Column-parallel projection by a fused matrix [D, 1, F] (this device's slice of [D, N, F]) -> [B, T, F]."""
+    y = jnp.einsum("btd,df->btf", x, p["w"][:, 0])
+    return y + p["b"][0] if "b" in p else y
+
+
+def _split_heads(qkv: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[B, T, (H + 2 KV) / N * hd] -> this device's q [B, T, H/N, hd], k and v [B, T, KV/N, hd]."""
+    n = lax.axis_size(LPU_AXIS)
+    heads, kv_heads, hd = cfg.num_heads // n, cfg.num_kv_heads // n, cfg.head_dim
+    B, T, _ = qkv.shape
+    q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
+    return q.reshape(B, T, heads, hd), k.reshape(B, T, kv_heads, hd), v.reshape(B, T, kv_heads, hd)
 
 
 def _single_device() -> bool:
@@ -118,8 +134,11 @@ def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Arra
 
 def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     act = _ACTIVATIONS[cfg.activation]
-    up = _linear(x, p["up"], "btd,df->btf")  # [B, T, F]
-    hidden = act(_linear(x, p["gate"], "btd,df->btf")) * up if cfg.gated_mlp else act(up)
+    if cfg.gated_mlp:
+        gate, up = jnp.split(_fused(x, p["gate_up"]), 2, axis=-1)  # [B, T, F/N] each
+        hidden = act(gate) * up
+    else:
+        hidden = act(_linear(x, p["up"], "btd,df->btf"))  # [B, T, F/N]
     return _row_parallel(hidden, p["down"], "btf,fd->btd")  # [B, T, D]
 
 
@@ -160,9 +179,8 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
     # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; masks: [B, T, S] over the cache, [B, T, T] in the block
     x = _norm(h, lp["ln1"], cfg) if cfg.pre_norm else h
     with jax.named_scope("qkv"):
-        q = _rope(_linear(x, lp["attn"]["q"], "btd,dhk->bthk"), tables, cfg)  # [B, T, H, hd]
-        k = _rope(_linear(x, lp["attn"]["k"], "btd,dhk->bthk"), tables, cfg)  # [B, T, KV, hd]
-        v = _linear(x, lp["attn"]["v"], "btd,dhk->bthk")  # [B, T, KV, hd]
+        q, k, v = _split_heads(_fused(x, lp["attn"]["qkv"]), cfg)  # [B, T, H/N, hd], [B, T, KV/N, hd] x 2
+        q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
     with jax.named_scope("attention"):
         attn = _attention(q, k_cache, v_cache, k, v, masks)  # [B, T, H, hd]
         attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
@@ -222,7 +240,7 @@ def _on_mesh(fn, cfg: ModelConfig, mesh: Mesh | None, num_inputs: int):
     cache_specs = cache_partition_specs(cfg)
     # check_vma is off because JAX cannot infer that all_gather's result (the logits) is replicated.
     return jax.shard_map(functools.partial(fn, cfg=cfg), mesh=mesh,
-                         in_specs=(param_partition_specs(cfg), cache_specs, *[replicated] * num_inputs),
+                         in_specs=(param_partition_specs(cfg, mesh.size), cache_specs, *[replicated] * num_inputs),
                          out_specs=(replicated, cache_specs), check_vma=False)
 
 
@@ -231,7 +249,7 @@ def prefill_fn(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Arra
     """Prompt pass over a fresh cache: left-padded tokens [B, T] with mask [B, T] -> last logits [B, V].
 
     `params` must be laid out for the mesh's device count (`layout.padded_config`) with per-layer weights
-    (`params.unstack_layers`); mesh None is one device.
+    (`params.runtime_layout`); mesh None is one device.
     """
     return _on_mesh(_prefill_local, cfg, mesh, 2)(params, cache, tokens, mask)
 

@@ -3,7 +3,7 @@
 `param_specs(cfg)` is the single declaration of every weight: its shape, dtype and logical axes. Random
 init for tests, the converters' shape checks, the sharding rules and loading are all derived from it.
 Per-layer weights are declared and stored stacked on a leading "layers" axis (one tensor per name in the
-checkpoints); the forward pass reads them as a list of per-layer trees (`unstack_layers`, `runtime_specs`).
+checkpoints); the forward pass reads them per layer, with fused matrices (`runtime_specs`, `runtime_layout`).
 
 Names are '/'-joined paths into a nested dict, e.g. "layers/attn/q/w".
 """
@@ -11,7 +11,7 @@ Names are '/'-joined paths into a nested dict, e.g. "layers/attn/q/w".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -103,24 +103,54 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     return specs
 
 
-def runtime_specs(cfg: ModelConfig) -> dict[str, Any]:
-    """The declaration in the form the forward pass reads: "layers" is a list of per-layer trees, each weight
-    without its leading layer axis."""
+# Weights the runtime form fuses into one matrix, so that one matmul reads them: (fused name, its parts).
+FUSED = {"attn": ("qkv", ("q", "k", "v")), "mlp": ("gate_up", ("gate", "up"))}
+
+
+def _fuse_blocks(layer: dict[str, Any], combine: Callable[[str, list[Any]], Any]) -> dict[str, Any]:
+    """`layer` with each group of `FUSED` parts replaced by `combine(key, parts)` for their "w" (and "b")."""
+    out = dict(layer)
+    for block, (fused, names) in FUSED.items():
+        if all(n in layer[block] for n in names):
+            group = {key: combine(key, [layer[block][n][key] for n in names]) for key in layer[block][names[0]]}
+            out[block] = {fused: group, **{k: v for k, v in layer[block].items() if k not in names}}
+    return out
+
+
+def runtime_specs(cfg: ModelConfig, num_device: int) -> dict[str, Any]:
+    """The declaration in the form the forward pass reads on `num_device` devices (`cfg` laid out for them).
+
+    "layers" is a list of per-layer trees, each weight without its leading layer axis, and q/k/v (and gate/up
+    when the MLP is gated) fused per device into "qkv" ("gate_up"): weights [D, N, F/N], biases [N, F/N], where
+    device d's slice holds its own slice of every part side by side, so one matmul reads them. Everything is
+    derived from `param_specs`.
+    """
+    def fused_spec(key: str, parts: list[ParamSpec]) -> ParamSpec:
+        lead = parts[0].shape[:1] if key == "w" else ()
+        features = sum(int(np.prod(p.shape[len(lead):])) for p in parts)
+        return ParamSpec((*lead, num_device, features // num_device), ("embed",) * len(lead) + ("devices", None),
+                         parts[0].dtype)
+
     specs = param_specs(cfg)
     layer = jax.tree.map(lambda s: dataclasses.replace(s, shape=s.shape[1:], axes=s.axes[1:]), specs["layers"],
                          is_leaf=is_spec)
-    return {**specs, "layers": [layer] * cfg.num_layers}
+    return {**specs, "layers": [_fuse_blocks(layer, fused_spec)] * cfg.num_layers}
 
 
-def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Stacked params (`param_specs` form) -> the `runtime_specs` form: one tree of weights per layer.
+def runtime_layout(params: Mapping[str, Any], num_device: int) -> dict[str, Any]:
+    """Stacked params (`param_specs` form) -> the `runtime_specs` form. Jittable (numpy or JAX arrays).
 
-    The unrolled forward pass then reads each weight as it is stored; a slice of a stacked weight inside the
-    decode program would copy it every step.
+    The unrolled forward pass then reads each weight as it is stored (a slice of a stacked weight inside the
+    decode program would copy it every step) and q/k/v and gate/up with one matmul each.
     """
+    def fuse(key: str, parts: list[Any]) -> Any:
+        lead = parts[0].shape[:1] if key == "w" else ()
+        return jnp.concatenate([p.reshape(*lead, num_device, -1) for p in parts], axis=-1)
+
     layers = params["layers"]
     num_layers = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)]}
+    return {**params, "layers": [_fuse_blocks(jax.tree.map(lambda x, i=i: x[i], layers), fuse)
+                                 for i in range(num_layers)]}
 
 
 def is_spec(x: Any) -> bool:

@@ -6,6 +6,7 @@ Every `PartitionSpec` in hdex_jax is derived from `LOGICAL_RULES` and the logica
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,13 +16,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
-from hdex_jax.params import ParamSpec, is_spec, param_specs, runtime_specs, unstack_layers
+from hdex_jax.params import ParamSpec, is_spec, param_specs, runtime_layout, runtime_specs
 from hdex_jax.validation import VIRTUAL_CPU_DEVICES, check_num_device
 
 LPU_AXIS = "lpu"
 
 # Megatron layout: heads, kv heads, ffn and vocab are split over the LPU devices; everything else is replicated.
 LOGICAL_RULES: dict[str, str | None] = {
+    "devices": LPU_AXIS,  # the device axis of fused weights (`params.runtime_specs`)
     "heads": LPU_AXIS,
     "kv_heads": LPU_AXIS,
     "ffn": LPU_AXIS,
@@ -47,9 +49,10 @@ def _partition_specs(specs: Any) -> Any:
     return jax.tree.map(lambda s: logical_to_spec(s.axes), specs, is_leaf=is_spec)
 
 
-def param_partition_specs(cfg: ModelConfig) -> dict[str, Any]:
-    """PartitionSpec of every weight in the form the forward pass reads (`params.runtime_specs`)."""
-    return _partition_specs(runtime_specs(cfg))
+def param_partition_specs(cfg: ModelConfig, num_device: int) -> dict[str, Any]:
+    """PartitionSpec of every weight in the form the forward pass reads on `num_device` devices
+    (`params.runtime_specs`)."""
+    return _partition_specs(runtime_specs(cfg, num_device))
 
 
 def cache_partition_specs(cfg: ModelConfig) -> Any:
@@ -122,7 +125,8 @@ def _devices_of_every_process(num_device: int, first_device: int) -> list[jax.De
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """NamedSharding for every weight of `cfg` in the form the forward pass reads."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_partition_specs(cfg), is_leaf=is_pspec)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_partition_specs(cfg, mesh.size),
+                        is_leaf=is_pspec)
 
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
@@ -139,4 +143,5 @@ def runtime_params(stacked: Mapping[str, Any], cfg: ModelConfig, mesh: Mesh) -> 
     """Stacked params (host arrays, or restored onto `mesh`) -> per-layer params placed on `mesh` by the rules:
     the form the forward pass reads."""
     # One program slices every layer out (eager slicing would compile one small program per weight and layer).
-    return jax.jit(unstack_layers, out_shardings=param_shardings(cfg, mesh))(dict(stacked))
+    layout = functools.partial(runtime_layout, num_device=mesh.size)
+    return jax.jit(layout, out_shardings=param_shardings(cfg, mesh))(dict(stacked))

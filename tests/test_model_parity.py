@@ -10,7 +10,7 @@ import converters
 from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.model import decode_step, prefill
-from hdex_jax.params import unflatten, unstack_layers
+from hdex_jax.params import runtime_layout, unflatten
 from hdex_jax.sampling import SamplingConfig
 from tests.helpers_tiny import save_tiny_model
 
@@ -25,7 +25,7 @@ def tiny(request, tmp_path_factory):
     directory = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     cfg, flat = converters.load_checkpoint(directory)
-    params = unstack_layers(unflatten({k: jnp.asarray(v) for k, v in flat.items()}))
+    params = runtime_layout(unflatten({k: jnp.asarray(v) for k, v in flat.items()}), num_device=1)
     return request.param, reference, cfg, params, flat
 
 

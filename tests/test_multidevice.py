@@ -124,9 +124,9 @@ def checkpoint(request, home, tmp_path_factory):
 def test_each_device_holds_its_shard(checkpoint):
     n = 4
     model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": n}, max_length=64)
-    specs = flatten(runtime_specs(model.config))
+    specs = flatten(runtime_specs(model.config, n))
     for name, array in flatten(model.params).items():
-        split = [i for i, axis in enumerate(specs[name].axes) if axis in ("heads", "kv_heads", "ffn", "vocab")]
+        split = [i for i, axis in enumerate(specs[name].axes) if axis in ("devices", "heads", "kv_heads", "ffn", "vocab")]
         expected = list(array.shape)
         for i in split:
             expected[i] //= n
