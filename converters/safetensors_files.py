@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.shards import read_sharded
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,7 +101,7 @@ class SafetensorsSource:
         if (directory / SINGLE_FILE).is_file():
             self._infos = _read_header(directory / SINGLE_FILE)
         elif (directory / INDEX_FILE).is_file():
-            self._infos = _read_sharded(directory / INDEX_FILE)
+            self._infos = read_sharded(directory / INDEX_FILE, _read_header, "safetensors")
         else:
             raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
@@ -122,30 +123,3 @@ class SafetensorsSource:
         if info.dtype == "BF16":
             data = (data.astype(np.uint32) << 16).view(np.float32)
         return data.astype(np.float32, copy=False).reshape(info.shape)
-
-
-def _read_sharded(index_path: Path) -> dict[str, _TensorInfo]:
-    """Headers of every shard in the index, checking that the index and the shards agree tensor by tensor."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index_path} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
-    infos: dict[str, _TensorInfo] = {}
-    for file in files:
-        path = index_path.parent / file
-        if not path.is_file():
-            raise CheckpointError(f"shard {path} listed in {index_path} is missing")
-        for name, info in _read_header(path).items():
-            if name in infos:
-                raise CheckpointError(f"duplicate tensor {name}: it is in both {infos[name].file} and {path}")
-            infos[name] = info
-    for name, info in infos.items():
-        listed = weight_map.get(name)
-        if listed is None or index_path.parent / listed != info.file:
-            raise CheckpointError(f"tensor {name} is in {info.file} but {index_path} lists it in "
-                                  f"{listed!r}")
-    for name, file in weight_map.items():
-        if name not in infos:
-            raise CheckpointError(f"tensor {name} is listed in {index_path} but missing from {file}")
-    return infos

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.shards import read_sharded
 
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -215,33 +216,6 @@ def _read_records(path: Path) -> dict[str, _TensorRecord]:
     return records
 
 
-def _read_sharded(index_path: Path) -> dict[str, _TensorRecord]:
-    """Records of every shard in the index, checking that the index and the shards agree tensor by tensor."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index_path} is not a valid PyTorch checkpoint index (needs a 'weight_map'): "
-                              f"{e}") from e
-    records: dict[str, _TensorRecord] = {}
-    for file in files:
-        path = index_path.parent / file
-        if not path.is_file():
-            raise CheckpointError(f"shard {path} listed in {index_path} is missing")
-        for name, record in _read_records(path).items():
-            if name in records:
-                raise CheckpointError(f"duplicate tensor {name}: it is in both {records[name].file} and {path}")
-            records[name] = record
-    for name, record in records.items():
-        listed = weight_map.get(name)
-        if listed is None or index_path.parent / listed != record.file:
-            raise CheckpointError(f"tensor {name} is in {record.file} but {index_path} lists it in {listed!r}")
-    for name, file in weight_map.items():
-        if name not in records:
-            raise CheckpointError(f"tensor {name} is listed in {index_path} but missing from {file}")
-    return records
-
-
 class TorchBinSource:
     """The tensors of a Hugging Face checkpoint directory saved with torch (a keymap.TensorSource):
     `pytorch_model.bin`, or the shards listed in `pytorch_model.bin.index.json`. Every file's records are
@@ -253,7 +227,7 @@ class TorchBinSource:
         if (directory / BIN_FILE).is_file():
             self._records = _read_records(directory / BIN_FILE)
         elif (directory / BIN_INDEX_FILE).is_file():
-            self._records = _read_sharded(directory / BIN_INDEX_FILE)
+            self._records = read_sharded(directory / BIN_INDEX_FILE, _read_records, "PyTorch checkpoint")
         else:
             raise CheckpointError(f"{directory} has neither {BIN_FILE} nor {BIN_INDEX_FILE}")
 
