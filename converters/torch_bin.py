@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import json
 import math
 import pickle
 import zipfile
