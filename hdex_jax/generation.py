@@ -143,12 +143,13 @@ def _loop(params: Params, state: DecodeState, request: Request, *, cfg: ModelCon
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Weights laid out for one mesh: `cfg` is the padded config of that layout."""
+    """Weights laid out for one mesh: `cfg` is the padded config of that layout, `source_cfg` the checkpoint's."""
 
     params: Params
     cfg: ModelConfig
     layout: HeadLayout
     mesh: Mesh
+    source_cfg: ModelConfig
 
 
 def place(cfg: ModelConfig, flat: dict[str, np.ndarray], num_device: int, first_device: int = 0) -> Placement:
@@ -157,7 +158,7 @@ def place(cfg: ModelConfig, flat: dict[str, np.ndarray], num_device: int, first_
     mesh = make_mesh(num_device, first_device)
     padded = padded_config(cfg, num_device)
     params = runtime_params(unflatten(pad_params(flat, cfg, num_device)), padded, mesh)
-    return Placement(params, padded, head_layout(cfg, num_device), mesh)
+    return Placement(params, padded, head_layout(cfg, num_device), mesh, cfg)
 
 
 @functools.partial(jax.jit, static_argnames="index")
@@ -216,7 +217,7 @@ def _fresh_seeds(count: int) -> list[int]:
     return [(int(hi) << 32) | int(lo) for hi, lo in data]
 
 
-def prepare_batch(prompts: Sequence[Sequence[int]], cfg: ModelConfig, *, max_length: int,
+def prepare_batch(prompts: Sequence[Sequence[int]], *, max_length: int,
                   max_new_tokens: int | Sequence[int], stop: Sequence[int] | Sequence[Sequence[int]], pad_id: int,
                   seed: int | None | Sequence[int | None],
                   sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig()) -> Batch:

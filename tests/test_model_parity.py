@@ -72,7 +72,7 @@ def test_logits_match_at_prefill_and_each_decode_step(tiny, lengths):
 def test_greedy_tokens_identical(tiny, lengths):
     family, reference, cfg, _, flat = tiny
     prompts = _prompts(cfg.vocab_size, lengths, seed=10 + len(lengths))
-    batch = prepare_batch(prompts, cfg, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0,
+    batch = prepare_batch(prompts, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0,
                           sampling=SamplingConfig(do_sample=False))
     ours = generate_tokens(place(cfg, flat, 1), batch)
     ids, mask = _left_pad(prompts)

@@ -41,7 +41,7 @@ def logits_trace(placement, tokens, mask, steps):
 
 
 def tokens_of(placement, prompts, sampling, n=40, max_length=64):
-    batch = prepare_batch(prompts, placement.cfg, max_length=max_length, max_new_tokens=n, stop=[], pad_id=0,
+    batch = prepare_batch(prompts, max_length=max_length, max_new_tokens=n, stop=[], pad_id=0,
                           seed=5, sampling=sampling)
     return generate_tokens(placement, batch)
 
@@ -123,7 +123,7 @@ def checkpoint(request, home, tmp_path_factory):
 def test_each_device_holds_its_shard(checkpoint):
     n = 4
     model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": n}, max_length=64)
-    specs = flatten(runtime_specs(model.config, n))
+    specs = flatten(runtime_specs(model.layout_config, n))
     for name, array in flatten(model.params).items():
         split = [i for i, axis in enumerate(specs[name].axes) if axis in ("devices", "heads", "kv_heads", "ffn", "vocab")]
         expected = list(array.shape)
@@ -132,9 +132,9 @@ def test_each_device_holds_its_shard(checkpoint):
         assert len(array.addressable_shards) == n, name
         assert {tuple(s.data.shape) for s in array.addressable_shards} == {tuple(expected)}, name
         assert len({s.device for s in array.addressable_shards}) == n, name
-    cache = init_cache(model.config, 2, 32)
+    cache = init_cache(model.layout_config, 2, 32)
     tokens, mask = _left_pad(PROMPTS)
-    _, cache = prefill(model.params, cache, jnp.asarray(tokens), jnp.asarray(mask), model.config, model.decode.mesh)
+    _, cache = prefill(model.params, cache, jnp.asarray(tokens), jnp.asarray(mask), model.layout_config, model.decode.mesh)
     for array in cache.k + cache.v:  # [B, KV, S, hd] per layer, split over KV heads
         shapes = {tuple(s.data.shape) for s in array.addressable_shards}
         assert shapes == {(array.shape[0], array.shape[1] // n, *array.shape[2:])}
@@ -209,3 +209,17 @@ def test_backend_started_with_too_few_devices(checkpoint, home):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "4 devices are needed but JAX has 2" in out.stdout, out.stdout + out.stderr
     assert "xla_force_host_platform_device_count=4" in out.stdout
+
+
+def test_config_is_the_checkpoints_on_any_device_count(checkpoint):
+    """`model.config` is what the checkpoint says; the padded layout has its own name."""
+    source = converters.load_config(checkpoint)
+    padded_heads = []
+    for n in (1, 3, 4):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": n}, max_length=64)
+        assert model.config == source, n
+        layout = model.layout_config
+        assert layout.num_heads % n == 0 and layout.num_kv_heads % n == 0, n
+        assert (layout.vocab_size, layout.hidden_size) == (source.vocab_size, source.hidden_size), n
+        padded_heads.append(layout.num_heads)
+    assert padded_heads[1] != source.num_heads  # 3 devices pad the heads of both tiny models

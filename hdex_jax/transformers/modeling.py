@@ -72,7 +72,14 @@ class LPUModelForCausalLM:
 
     @property
     def config(self) -> ModelConfig:
-        """The model's config as laid out on the LPU devices (heads and vocabulary padded for them)."""
+        """The checkpoint's configuration, the same on any number of devices (SmolLM2: 9 heads, 3 KV heads)."""
+        return self.decode.source_cfg
+
+    @property
+    def layout_config(self) -> ModelConfig:
+        """The configuration as laid out on the LPU devices: heads, FFN features and vocabulary padded so they
+        split evenly (SmolLM2 on 2 devices: 12 heads, 4 KV heads). What the datapath runs; results equal the
+        checkpoint's."""
         return self.decode.cfg
 
     @property
@@ -160,7 +167,7 @@ class LPUModelForCausalLM:
         sampling = [SamplingConfig(**dict(zip(columns, values))) for values in zip(*columns.values())]
         seeds = per_row("seed", seed, rows, lambda name, s: None if s is None else check_seed(name, s))
         budgets = self._budgets(max(len(p) for p in prompts), rows, max_new_tokens, max_length)
-        batch = prepare_batch(prompts, self.config, max_length=self.max_length, max_new_tokens=budgets,
+        batch = prepare_batch(prompts, max_length=self.max_length, max_new_tokens=budgets,
                               stop=self._stop_ids(stop, rows), pad_id=self._pad_id(), seed=seeds, sampling=sampling)
         return prompts, kind, batch
 
@@ -312,4 +319,4 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
                          f"delete it and compile again")
     mesh = make_mesh(num_device, first_device)
     params = runtime_params(artifacts.restore_params(params_dir, abstract_params(cfg, mesh)), cfg, mesh)
-    return Placement(params, cfg, head_layout(base, num_device), mesh), manifest["max_length"]
+    return Placement(params, cfg, head_layout(base, num_device), mesh, base), manifest["max_length"]
