@@ -39,7 +39,7 @@ from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
 from hdex_jax.model import COMPILER_OPTIONS, bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params, unflatten
-from hdex_jax.sampling import SamplingConfig, SamplingParams, mark_seen, next_tokens, seed_key_data, seen_tokens
+from hdex_jax.sampling import SamplingConfig, SamplingParams, mark_seen, next_tokens, row_key_data, seen_tokens
 from hdex_jax.sharding import cache_partition_specs, is_pspec, make_mesh, runtime_params
 from hdex_jax.validation import per_row
 
@@ -220,12 +220,14 @@ def _fresh_seeds(count: int) -> list[int]:
 def prepare_batch(prompts: Sequence[Sequence[int]], *, max_length: int,
                   max_new_tokens: int | Sequence[int], stop: Sequence[int] | Sequence[Sequence[int]], pad_id: int,
                   seed: int | None | Sequence[int | None],
-                  sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig()) -> Batch:
+                  sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
+                  sequence: int | Sequence[int] = 0) -> Batch:
     """Left-pad checked prompts (non-empty lists of ids in the vocabulary) into their bucket; per-row values
     become the runtime `Request`.
 
     `max_new_tokens`, `seed` and `sampling` take one value or one per prompt; `stop` is a list of ids for every
-    row or a list of such lists, one per prompt. A seed of None draws a fresh 64-bit seed.
+    row or a list of such lists, one per prompt. A seed of None draws a fresh 64-bit seed. `sequence` numbers
+    the rows that share a prompt and a seed (`num_return_sequences`): each draws from its own key.
     """
     if len(prompts) == 0:
         raise ValueError("inputs is empty: give at least one prompt")
@@ -250,7 +252,8 @@ def prepare_batch(prompts: Sequence[Sequence[int]], *, max_length: int,
         stop_ids[i, : len(ids)] = ids
     request = Request(
         sampling=SamplingParams.from_configs(configs + [SamplingConfig()] * padding),
-        key_data=np.stack([seed_key_data(s) for s in seeds + [0] * padding]),
+        key_data=np.stack([row_key_data(s, j) for s, j in zip(seeds + [0] * padding,
+                                                               per_row("sequence", sequence, rows) + [0] * padding)]),
         stop_ids=stop_ids,
         budget=np.asarray(budgets + [0] * padding, np.int32),
         pad_id=np.int32(pad_id),

@@ -23,8 +23,10 @@ Gumbel noise over the whole vocabulary, so a row's token does not depend on the 
 
 Randomness is explicit and belongs to the row. A seed s in [0, 2**64) is the threefry key with data
 [s >> 32, s & 0xFFFFFFFF] (`seed_key_data`; for s < 2**32 that is exactly `jax.random.key(s)`), and the key of
-a row at decode step t is `fold_in(key(seed), t)`. A token therefore depends only on its row's logits, seed,
-step and values: never on the row's position in the batch, the other rows, the device count or streaming.
+a row at decode step t is `fold_in(key(seed), t)`; sequence j > 0 of `num_return_sequences` uses
+`fold_in(key(seed), j)` in place of key(seed) (`row_key_data`). A token therefore depends only on its row's logits,
+seed, sequence, step and values: never on the row's position in the batch, the other rows, the device count or
+streaming.
 """
 
 from __future__ import annotations
@@ -136,6 +138,15 @@ def seed_key_data(seed: int) -> np.ndarray:
     """
     seed = check_seed("seed", seed)
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def row_key_data(seed: int, sequence: int = 0) -> np.ndarray:
+    """[2] uint32 key data of sequence `sequence` of a prompt with `seed` (`num_return_sequences`): the seed's
+    own key for sequence 0, so that it equals a single-sequence run, and fold_in(key(seed), sequence) after."""
+    data = seed_key_data(seed)
+    if sequence == 0:
+        return data
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), sequence)))
 
 
 @struct.dataclass

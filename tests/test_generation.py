@@ -99,3 +99,22 @@ def test_per_row_value_lists_must_match_the_batch(model):
         model.generate(PROMPTS[:2], temperature=[0.5, 1.0, 2.0])
     with pytest.raises(ValueError, match="stop"):
         model.generate(PROMPTS[:2], stop=[[1], [2], [3]])
+
+
+def test_several_sequences_per_prompt(model):
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=0, top_p=1.0, temperature=1.5, stop=[])
+    three = model.generate(PROMPTS[0], num_return_sequences=3, seed=5, **kwargs)
+    assert len(three) == 3 and all(row[:len(PROMPTS[0])] == PROMPTS[0] for row in three)
+    assert three[0] == model.generate(PROMPTS[0], seed=5, **kwargs)  # sequence 0 is the single-sequence result
+    assert len({tuple(row) for row in three}) == 3  # each sequence has its own key stream
+    assert model.generate(PROMPTS[0], num_return_sequences=3, seed=5, **kwargs) == three
+    # A batch: the sequences of each prompt together (transformers' order), each prompt's as when alone.
+    batch = model.generate(PROMPTS[:2], num_return_sequences=3, seed=[5, 6], **kwargs)
+    assert batch[:3] == three
+    assert batch[3:] == model.generate(PROMPTS[1], num_return_sequences=3, seed=6, **kwargs)
+    streamed = list(model.generate_yield(PROMPTS[0], num_return_sequences=3, seed=5, **kwargs))
+    assert [[step[j] for step in streamed] for j in range(3)] == [row[len(PROMPTS[0]):] for row in three]
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(PROMPTS[0], num_return_sequences=0)
+    with pytest.raises(TypeError, match="num_return_sequences"):
+        model.generate(PROMPTS[0], num_return_sequences=True)

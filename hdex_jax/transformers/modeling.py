@@ -114,12 +114,15 @@ class LPUModelForCausalLM:
             return [check_token_ids(f"inputs[{i}]", row, vocab) for i, row in enumerate(inputs)], "batch"
         return [check_token_ids("inputs", inputs, vocab)], "ids"
 
-    def _format(self, prompts: list[list[int]], new: list[list[int]], kind: str) -> Any:
+    def _format(self, prompts: list[list[int]], new: list[list[int]], kind: str, sequences: int) -> Any:
+        """The output in the form of the input; with several sequences per prompt, a list (or array) of all rows,
+        the sequences of each prompt together, as in transformers."""
         full = [p + n for p, n in zip(prompts, new)]
         if kind == "str":
-            return self.tokenizer.decode(full[0], skip_special_tokens=True)
+            texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in full]
+            return texts[0] if sequences == 1 else texts
         if kind == "ids":
-            return full[0]
+            return full[0] if sequences == 1 else full
         if kind == "batch":
             return full
         width = max(len(row) for row in full)
@@ -157,18 +160,28 @@ class LPUModelForCausalLM:
         return [max(self.max_length - longest, 1)] * rows
 
     def _prepare(self, inputs: Any, max_new_tokens: Any, max_length: Any, do_sample: Any, top_p: Any, top_k: Any,
-                 temperature: Any, repetition_penalty: Any, stop: Any, seed: Any) -> tuple[list[list[int]], str, Batch]:
-        """Check every argument (one value, or one per prompt) and build the padded batch."""
+                 temperature: Any, repetition_penalty: Any, stop: Any, seed: Any,
+                 num_return_sequences: Any) -> tuple[list[list[int]], str, Batch]:
+        """Check every argument (one value, or one per prompt) and build the padded batch: each prompt's row is
+        repeated `num_return_sequences` times, sequence j drawing from its own key."""
         prompts, kind = self._as_prompts(inputs)
         rows = len(prompts)
+        k = check_int("num_return_sequences", num_return_sequences, minimum=1)
         columns = {name: per_row(name, value, rows) for name, value in (
             ("do_sample", do_sample), ("repetition_penalty", repetition_penalty), ("temperature", temperature),
             ("top_k", top_k), ("top_p", top_p))}
         sampling = [SamplingConfig(**dict(zip(columns, values))) for values in zip(*columns.values())]
         seeds = per_row("seed", seed, rows, lambda name, s: None if s is None else check_seed(name, s))
         budgets = self._budgets(max(len(p) for p in prompts), rows, max_new_tokens, max_length)
-        batch = prepare_batch(prompts, max_length=self.max_length, max_new_tokens=budgets,
-                              stop=self._stop_ids(stop, rows), pad_id=self._pad_id(), seed=seeds, sampling=sampling)
+        stops = self._stop_ids(stop, rows)
+
+        def repeat(values: list[Any]) -> list[Any]:
+            return [v for v in values for _ in range(k)]
+
+        prompts = repeat(prompts)
+        batch = prepare_batch(prompts, max_length=self.max_length, max_new_tokens=repeat(budgets),
+                              stop=repeat(stops), pad_id=self._pad_id(), seed=repeat(seeds),
+                              sampling=repeat(sampling), sequence=list(range(k)) * rows)
         return prompts, kind, batch
 
     # --------------------------------------------------------------------------------------------- generate
@@ -177,7 +190,8 @@ class LPUModelForCausalLM:
                  top_k: int | Sequence[int] = DEFAULT_TOP_K, temperature: float | Sequence[float] = DEFAULT_TEMPERATURE,
                  repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
                  stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
-                 seed: int | Sequence[int] | None = None, streamer: TextStreamer | None = None) -> Any:
+                 seed: int | Sequence[int] | None = None, streamer: TextStreamer | None = None,
+                 num_return_sequences: int = 1) -> Any:
         """Generate continuations of `inputs`; the output has the type of `inputs` and includes the prompt.
 
         Args:
@@ -193,6 +207,9 @@ class LPUModelForCausalLM:
             seed: the PRNG seed, an integer in [0, 2**64); the same seed gives the same tokens, whatever the
                 other rows of the batch. None draws a fresh random seed.
             streamer: a `TextStreamer`, which receives the tokens as they are produced (one prompt only).
+            num_return_sequences: sequences per prompt, as in transformers: the output lists (or stacks) every
+                prompt's sequences together. Sequence 0 is the single-sequence result; sequence j > 0 draws from
+                fold_in(key(seed), j). Reproducible for a seed.
 
         `max_new_tokens`, `do_sample`, `top_p`, `top_k`, `temperature`, `repetition_penalty` and `seed` take one
         value for every prompt or a list with one value per prompt; each row then gets exactly the tokens it
@@ -200,12 +217,12 @@ class LPUModelForCausalLM:
         """
         check_streamer(streamer)
         prompts, kind, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
-                                             temperature, repetition_penalty, stop, seed)
+                                             temperature, repetition_penalty, stop, seed, num_return_sequences)
         if streamer is None:
             new = generate_tokens(self.decode, batch, self.prefill)
         else:
             new = [list(self._stream(prompts, batch, streamer))]
-        return self._format(prompts, new, kind)
+        return self._format(prompts, new, kind, num_return_sequences)
 
     def generate_yield(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None,
                        max_length: int | None = None, do_sample: bool | Sequence[bool] = True,
@@ -214,7 +231,7 @@ class LPUModelForCausalLM:
                        repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
                        stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
                        seed: int | Sequence[int] | None = None,
-                       streamer: TextStreamer | None = None) -> Iterator[Any]:
+                       streamer: TextStreamer | None = None, num_return_sequences: int = 1) -> Iterator[Any]:
         """Like `generate`, but a generator of what is produced, as it is produced.
 
         Yields each new token id (one prompt), or each step's list of ids (several prompts; rows that have
@@ -223,7 +240,7 @@ class LPUModelForCausalLM:
         """
         check_streamer(streamer, ("put", "end", "take_pieces"))
         prompts, _, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k, temperature,
-                                          repetition_penalty, stop, seed)
+                                          repetition_penalty, stop, seed, num_return_sequences)
         if streamer is not None:
             if len(prompts) != 1:
                 raise ValueError(f"a streamer takes one prompt at a time, got {len(prompts)}")
