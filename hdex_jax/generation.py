@@ -39,7 +39,15 @@ from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
 from hdex_jax.model import COMPILER_OPTIONS, bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params, unflatten
-from hdex_jax.sampling import SamplingConfig, SamplingParams, mark_seen, next_tokens, row_key_data, seen_tokens
+from hdex_jax.sampling import (
+    SamplingConfig,
+    SamplingParams,
+    apply_processors,
+    mark_seen,
+    next_tokens,
+    row_key_data,
+    seen_tokens,
+)
 from hdex_jax.sharding import cache_partition_specs, is_pspec, make_mesh, runtime_params
 from hdex_jax.validation import per_row
 
@@ -66,6 +74,10 @@ class DecodeState:
     done: jax.Array  # [B] bool: the row has produced a stop token or spent its budget
     step: jax.Array  # [] int32: tokens produced so far
     out: jax.Array  # [B, N] int32: tokens produced (pad after a row's stop token)
+    # Only when a caller asks for them (`record=True`), else None: per step, the processed scores the token was
+    # chosen from and the raw logits, as transformers' `output_scores` and `output_logits`.
+    scores: jax.Array | None = None  # [B, N, V] float32
+    logits: jax.Array | None = None  # [B, N, V] float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +108,13 @@ def plan_generation(prompt_length: int, max_new_tokens: int, max_length: int) ->
     return Plan(bucket, cache_length)
 
 
-def _record(state: DecodeState, token: jax.Array, request: Request) -> DecodeState:
+def _record(state: DecodeState, logits: jax.Array, token: jax.Array, request: Request) -> DecodeState:
+    """Append this step's token (and, when recording, its scores and logits [B, V]) to the state."""
+    if state.scores is not None:
+        scores = apply_processors(logits, state.seen, request.sampling)  # [B, V]
+        state = state.replace(
+            scores=lax.dynamic_update_slice(state.scores, scores[:, None], (0, state.step, 0)),
+            logits=lax.dynamic_update_slice(state.logits, logits.astype(jnp.float32)[:, None], (0, state.step, 0)))
     token = jnp.where(state.done, request.pad_id, token).astype(jnp.int32)  # finished rows emit padding
     stopped = jnp.any(token[:, None] == request.stop_ids, axis=-1)  # [B]
     return state.replace(
@@ -108,25 +126,27 @@ def _record(state: DecodeState, token: jax.Array, request: Request) -> DecodeSta
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "mesh"), compiler_options=COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "mesh", "record"), compiler_options=COMPILER_OPTIONS)
 def _start(params: Params, tokens: jax.Array, mask: jax.Array, request: Request, *, cfg: ModelConfig,
-           plan: Plan, mesh: Mesh) -> DecodeState:
-    """Prefill the left-padded prompts [B, T] and produce the first token."""
+           plan: Plan, mesh: Mesh, record: bool) -> DecodeState:
+    """Prefill the left-padded prompts [B, T] and produce the first token; `record` keeps scores and logits."""
     B = tokens.shape[0]
     cache = init_cache(cfg, B, plan.cache_length)
     logits, cache = prefill_fn(params, cache, tokens, mask, cfg, mesh)  # [B, V]
     seen = seen_tokens(tokens, cfg.vocab_size, mask)  # [B, V]
+    history = jnp.zeros((B, plan.out_length, cfg.vocab_size), jnp.float32) if record else None
     state = DecodeState(cache=cache, seen=seen, token=jnp.zeros((B,), jnp.int32), done=request.budget < 1,
-                        step=jnp.zeros((), jnp.int32), out=jnp.full((B, plan.out_length), request.pad_id, jnp.int32))
+                        step=jnp.zeros((), jnp.int32), out=jnp.full((B, plan.out_length), request.pad_id, jnp.int32),
+                        scores=history, logits=history)
     first = next_tokens(logits, seen, request.sampling, request.key_data, state.step)
-    return _record(state, first, request)
+    return _record(state, logits, first, request)
 
 
 def _advance(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
     """Feed the last token, sample the next one."""
     logits, cache = decode_step_fn(params, state.cache, state.token, cfg, mesh)  # [B, V]
     token = next_tokens(logits, state.seen, request.sampling, request.key_data, state.step)
-    return _record(state.replace(cache=cache), token, request)
+    return _record(state.replace(cache=cache), logits, token, request)
 
 
 _advance_jit = jax.jit(_advance, static_argnames=("cfg", "mesh"), donate_argnames="state",
@@ -261,11 +281,26 @@ def prepare_batch(prompts: Sequence[Sequence[int]], *, max_length: int,
     return Batch(tokens, mask, request, rows, plan)
 
 
-def _started(decode: Placement, batch: Batch, prefill: Placement | None) -> DecodeState:
+def _started(decode: Placement, batch: Batch, prefill: Placement | None, record: bool = False) -> DecodeState:
     """Prefill (on the prefill placement if given) and the first token, handed over to the decode placement."""
     src = prefill if prefill is not None else decode
-    state = _start(src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan, mesh=src.mesh)
+    state = _start(src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan, mesh=src.mesh,
+                   record=record)
     return _hand_over(state, src, decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """New tokens of each row, with the scores and logits of every step (`generate_recorded`)."""
+
+    tokens: list[list[int]]
+    scores: np.ndarray  # [rows, steps, V] float32: processed scores each token was chosen from
+    logits: np.ndarray  # [rows, steps, V] float32: raw logits
+
+
+def _finished(decode: Placement, batch: Batch, prefill: Placement | None, record: bool) -> DecodeState:
+    state = _started(decode, batch, prefill, record)
+    return _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
 
 
 def generate_tokens(decode: Placement, batch: Batch, prefill: Placement | None = None) -> list[list[int]]:
@@ -273,10 +308,19 @@ def generate_tokens(decode: Placement, batch: Batch, prefill: Placement | None =
 
     Prefill runs on `prefill` when given (the hybrid split), else on `decode`.
     """
-    state = _started(decode, batch, prefill)
-    state = _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
+    state = _finished(decode, batch, prefill, record=False)
     out = np.asarray(state.out)[: batch.rows, : int(state.step)]
     return _trim(out, batch.stop_ids, np.asarray(batch.request.budget)[: batch.rows])
+
+
+def generate_recorded(decode: Placement, batch: Batch, prefill: Placement | None = None) -> Recorded:
+    """`generate_tokens`, also keeping each step's processed scores and raw logits (for every row, until the
+    last row stops, as transformers' `output_scores`/`output_logits`)."""
+    state = _finished(decode, batch, prefill, record=True)
+    steps = int(state.step)
+    out = np.asarray(state.out)[: batch.rows, :steps]
+    return Recorded(_trim(out, batch.stop_ids, np.asarray(batch.request.budget)[: batch.rows]),
+                    np.asarray(state.scores)[: batch.rows, :steps], np.asarray(state.logits)[: batch.rows, :steps])
 
 
 def stream_tokens(decode: Placement, batch: Batch, prefill: Placement | None = None) -> Iterator[np.ndarray]:

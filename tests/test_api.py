@@ -192,3 +192,40 @@ def test_another_checkpoint_with_the_same_name_is_compiled_afresh(home, tmp_path
     loaded = AutoModelForCausalLM.from_pretrained(str(second))
     assert loaded.config.model_type == "opt"
     assert artifacts.read_manifest(artifacts.ckpt_dir(model_dir))["source"] == str(second.resolve())
+
+
+def test_scores_and_logits_match_transformers(model, checkpoint):
+    """return_dict_in_generate with output_scores/output_logits: transformers' names, shapes and values."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt, n = [3, 17, 42, 9, 5], 8
+    ours = model.generate(prompt, max_new_tokens=n, do_sample=False, repetition_penalty=1.3, stop=[],
+                          return_dict_in_generate=True, output_scores=True, output_logits=True)
+    with torch.no_grad():
+        ref = reference.generate(torch.tensor([prompt]), do_sample=False, repetition_penalty=1.3, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+                                 output_logits=True)
+    assert ours.sequences == ref.sequences[0].tolist()
+    assert len(ours.scores) == len(ref.scores) == n and ours.scores[0].shape == tuple(ref.scores[0].shape)
+    # min_new_tokens (which keeps transformers from stopping early) sets its scores of eos to -inf; the rest agree.
+    other = np.arange(model.config.vocab_size) != model.config.eos_token_ids[0]
+    for step in range(n):
+        np.testing.assert_allclose(ours.scores[step][:, other], ref.scores[step].numpy()[:, other], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours.logits[step], ref.logits[step].numpy(), atol=1e-4, rtol=0)
+    # The helper against transformers' own, on the same scores.
+    expected = reference.compute_transition_scores(ref.sequences, tuple(torch.tensor(x) for x in ours.scores),
+                                                   normalize_logits=True).numpy()
+    np.testing.assert_allclose(ours.compute_transition_scores(normalize_logits=True), expected, atol=1e-4, rtol=0)
+    # Sampling: the first step's scores went through temperature, top-k and top-p, with -inf where removed.
+    warped = model.generate([prompt, prompt[:3]], max_new_tokens=3, do_sample=True, temperature=0.7, top_k=5,
+                            top_p=0.9, seed=1, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        first = reference.generate(torch.tensor([prompt]), do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
+                                   repetition_penalty=1.2, max_new_tokens=1, pad_token_id=0,
+                                   return_dict_in_generate=True, output_scores=True).scores[0][0].numpy()
+    np.testing.assert_array_equal(np.isinf(warped.scores[0][0]), np.isinf(first))
+    finite = np.isfinite(first)
+    np.testing.assert_allclose(warped.scores[0][0][finite], first[finite], atol=1e-4, rtol=0)
+    log_probs = warped.compute_transition_scores(normalize_logits=True)
+    assert log_probs.shape == (2, len(warped.scores)) and np.all(log_probs[:, 0] <= 0)
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        model.generate(prompt, max_new_tokens=2, output_scores=True)

@@ -1,6 +1,7 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF, greedy tokens identical to transformers loading the same
 GGUF. The GGUF is fetched at most once per test session, into the session's temporary HDEX_HOME (conftest.py)."""
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -57,3 +58,18 @@ def test_config_read_from_gguf(model):
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3,
                                                                                                   49152)
     assert cfg.tie_embeddings and cfg.eos_token_ids == (2,)
+
+
+def test_first_step_scores_match_transformers(model, reference):
+    """output_scores on the real model: the first step's processed scores within 2e-3 of transformers'."""
+    prompt = _prompts(model.tokenizer)[0]
+    kwargs = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    ours = model.generate(prompt, max_new_tokens=1, seed=0, return_dict_in_generate=True, output_scores=True,
+                          **kwargs).scores[0][0]
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=1, return_dict_in_generate=True,
+                                    output_scores=True, **kwargs).scores[0][0].numpy()
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+    finite = np.isfinite(theirs)
+    assert 1 < finite.sum() <= 50
+    np.testing.assert_allclose(ours[finite], theirs[finite], atol=2e-3, rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,14 @@ import numpy as np
 
 from hdex_jax import artifacts, hub
 from hdex_jax.config import ModelConfig
-from hdex_jax.generation import Batch, Placement, generate_tokens, prepare_batch, stream_tokens
+from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
 from hdex_jax.sampling import SamplingConfig
 from hdex_jax.sharding import abstract_params, make_mesh, runtime_params
 from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH, AutoCompiler, cap_max_length
 from hdex_jax.transformers.streamer import TextStreamer
 from hdex_jax.validation import (
+    check_bool,
     check_int,
     check_max_length,
     check_max_new_tokens,
@@ -57,6 +59,36 @@ def parse_device_map(device_map: dict[str, int] | None) -> tuple[int, int]:
     if gpu:
         check_num_device("device_map['gpu'] + device_map['lpu']", gpu + lpu)
     return gpu, lpu
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """What `generate(..., return_dict_in_generate=True)` returns, with transformers' names and meaning.
+
+    `sequences` is what `generate` returns otherwise. `scores` (with `output_scores=True`) and `logits` (with
+    `output_logits=True`) are tuples with one [rows, V] float32 array per generation step: the processed scores
+    each token was chosen from (after repetition penalty, and temperature, top-k and top-p when sampling; removed
+    entries -inf) and the raw logits. Steps run until the last row stops; `new_tokens` holds each row's tokens.
+    """
+
+    sequences: Any
+    new_tokens: list[list[int]]
+    scores: tuple[np.ndarray, ...] | None = None
+    logits: tuple[np.ndarray, ...] | None = None
+
+    def compute_transition_scores(self, normalize_logits: bool = False) -> np.ndarray:
+        """[rows, steps] the score of each generated token at its step, like transformers'
+        `compute_transition_scores`; with `normalize_logits` the scores are log-softmax normalised first (then
+        they are the log-probabilities the tokens were drawn with). Steps after a row's last token are 0."""
+        if self.scores is None:
+            raise ValueError("compute_transition_scores needs the scores: generate with output_scores=True")
+        scores = np.stack(self.scores, axis=1)  # [rows, steps, V]
+        if normalize_logits:
+            scores = np.asarray(jax.nn.log_softmax(scores, axis=-1))
+        out = np.zeros(scores.shape[:2], np.float32)
+        for r, tokens in enumerate(self.new_tokens):
+            out[r, : len(tokens)] = scores[r, np.arange(len(tokens)), tokens]
+        return out
 
 
 class LPUModelForCausalLM:
@@ -191,7 +223,8 @@ class LPUModelForCausalLM:
                  repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
                  stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
                  seed: int | Sequence[int] | None = None, streamer: TextStreamer | None = None,
-                 num_return_sequences: int = 1) -> Any:
+                 num_return_sequences: int = 1, return_dict_in_generate: bool = False, output_scores: bool = False,
+                 output_logits: bool = False) -> Any:
         """Generate continuations of `inputs`; the output has the type of `inputs` and includes the prompt.
 
         Args:
@@ -210,19 +243,39 @@ class LPUModelForCausalLM:
             num_return_sequences: sequences per prompt, as in transformers: the output lists (or stacks) every
                 prompt's sequences together. Sequence 0 is the single-sequence result; sequence j > 0 draws from
                 fold_in(key(seed), j). Reproducible for a seed.
+            return_dict_in_generate, output_scores, output_logits: as in transformers, a `GenerateOutput` with
+                `sequences` and, if asked, each step's processed `scores` and raw `logits` (whole-loop generation
+                only: not with a streamer).
 
         `max_new_tokens`, `do_sample`, `top_p`, `top_k`, `temperature`, `repetition_penalty` and `seed` take one
         value for every prompt or a list with one value per prompt; each row then gets exactly the tokens it
         would get alone with its values. None of these values recompiles anything.
         """
         check_streamer(streamer)
+        as_dict = check_bool("return_dict_in_generate", return_dict_in_generate)
+        record = check_bool("output_scores", output_scores) | check_bool("output_logits", output_logits)
+        if record and not as_dict:
+            raise ValueError("output_scores and output_logits need return_dict_in_generate=True, as in transformers")
+        if record and streamer is not None:
+            raise ValueError("output_scores and output_logits are not available with a streamer")
         prompts, kind, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
                                              temperature, repetition_penalty, stop, seed, num_return_sequences)
-        if streamer is None:
+        if streamer is not None:
+            new = [list(self._stream(prompts, batch, streamer))]
+        elif not record:
             new = generate_tokens(self.decode, batch, self.prefill)
         else:
-            new = [list(self._stream(prompts, batch, streamer))]
-        return self._format(prompts, new, kind, num_return_sequences)
+            recorded = generate_recorded(self.decode, batch, self.prefill)
+            new = recorded.tokens
+        sequences = self._format(prompts, new, kind, num_return_sequences)
+        if not as_dict:
+            return sequences
+
+        def steps(history: np.ndarray) -> tuple[np.ndarray, ...]:
+            return tuple(history[:, t] for t in range(history.shape[1]))
+
+        return GenerateOutput(sequences, new, steps(recorded.scores) if output_scores else None,
+                              steps(recorded.logits) if output_logits else None)
 
     def generate_yield(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None,
                        max_length: int | None = None, do_sample: bool | Sequence[bool] = True,
