@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -490,10 +491,10 @@ def test_tokens_do_not_depend_on_the_path_taken():
     _, exact = _keep_candidates(jnp.asarray(both), params, 64)
     assert np.asarray(exact).tolist() == [True, True, False]
     step_fn = jax.jit(next_tokens, static_argnames="candidates")
-    for step in range(20):
-        batch = step_fn(both, seen_tokens(ids, vocab), params, key_data, jnp.int32(step), candidates=64)
+    for step, candidates in itertools.product(range(10), [(64,), (8, 64)]):  # one candidate level, or two
+        batch = step_fn(both, seen_tokens(ids, vocab), params, key_data, jnp.int32(step), candidates=candidates)
         alone = step_fn(logits, seen_tokens(ids[:2], vocab), SamplingParams.from_configs(configs[:2]), key_data[:2],
-                        jnp.int32(step), candidates=64)
+                        jnp.int32(step), candidates=candidates)
         np.testing.assert_array_equal(np.asarray(batch)[:2], alone)
 
 
