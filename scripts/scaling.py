@@ -46,9 +46,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-SAMPLING = dict(do_sample=True, top_k=50, top_p=0.9, temperature=0.8, seed=0)
+SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 0.8, "seed": 0}
 # No repetition penalty and no stop token, so every point produces exactly --new-tokens tokens.
-COMMON = dict(repetition_penalty=1.0, stop=[])
+COMMON = {"repetition_penalty": 1.0, "stop": []}
 # The text a prompt of C tokens is cut from (repeated as often as C needs).
 PROMPT_TEXT = "The three most important inventions in history are the wheel, the printing press and the transistor. "
 
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated prompt lengths in tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per point (median)")
-    parser.add_argument("--preset", default="asic", help="LPU preset of the performance model")
+    parser.add_argument("--preset", default="asic", help="LPU preset of the performance model (asic, fpga-u55c)")
     parser.add_argument("--csv", type=Path, default=Path("scaling.csv"), help="the table, appended row by row")
     parser.add_argument("--plot", type=Path, default=Path("scaling.png"), help="where to draw the plot")
     args = parser.parse_args(argv)
@@ -277,8 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imported here so that --help is quick; hdex_jax must come before anything else starts JAX.
     from hdex_jax import hub
+    from hdex_jax.lpu import PRESETS
     from hdex_jax.transformers import AutoModelForCausalLM
 
+    if args.preset not in PRESETS:  # checked now, not after the first point has been measured
+        parser.error(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     models = args.models or [hub.DEFAULT_MODEL]
     points = grid(models, sorted(set(args.devices) | {1}), args.contexts, args.new_tokens)
     # One compiled length serves every point, so a later context never recompiles the weights' layout.
