@@ -259,10 +259,9 @@ def _first_max(scores: jax.Array) -> jax.Array:
     return lax.top_k(scores, 1)[1][:, 0].astype(jnp.int32)
 
 
-def _scaled(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """(penalised scores, penalised scores / temperature), both [B, V] float32."""
-    scores = _repetition_penalty(jnp.asarray(logits).astype(jnp.float32), seen, params.repetition_penalty)
-    return scores, _divide(scores, params.temperature[:, None])
+def _penalized(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> jax.Array:
+    """[B, V] logits -> float32 scores after the repetition penalty."""
+    return _repetition_penalty(jnp.asarray(logits).astype(jnp.float32), seen, params.repetition_penalty)
 
 
 def apply_processors(logits: jax.Array, seen: jax.Array, params: SamplingParams,
@@ -272,7 +271,8 @@ def apply_processors(logits: jax.Array, seen: jax.Array, params: SamplingParams,
     Repetition penalty over `seen` [B, V] bool, then, for rows with `do_sample`: temperature -> top-k ->
     top-p. Greedy rows get the penalised scores only, as in HF. Jittable; `params` are runtime arrays.
     """
-    scores, scaled = _scaled(logits, seen, params)
+    scores = _penalized(logits, seen, params)
+    scaled = _divide(scores, params.temperature[:, None])
     processed = jnp.where(_keep(scaled, params, candidates), scaled, -jnp.inf)
     return jnp.where(params.do_sample[:, None], processed, scores)
 
@@ -291,9 +291,10 @@ def next_tokens(logits: jax.Array, seen: jax.Array, params: SamplingParams, key_
     noise covers the whole vocabulary whichever path decided the kept set. A batch with no sampling row skips
     the sampling work entirely. Jittable; everything is a runtime array.
     """
-    scores, scaled = _scaled(logits, seen, params)
+    scores = _penalized(logits, seen, params)  # [B, V]
 
     def sampled() -> jax.Array:
+        scaled = _divide(scores, params.temperature[:, None])  # [B, V]
         keep = _keep(scaled, params, candidates)  # [B, V]
         noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[-1:], scaled.dtype))(
             step_keys(key_data, step))  # [B, V]
