@@ -308,9 +308,7 @@ def generate_tokens(decode: Placement, batch: Batch, prefill: Placement | None =
 
     Prefill runs on `prefill` when given (the hybrid split), else on `decode`.
     """
-    state = _finished(decode, batch, prefill, record=False)
-    out = np.asarray(state.out)[: batch.rows, : int(state.step)]
-    return _trim(out, batch.stop_ids, np.asarray(batch.request.budget)[: batch.rows])
+    return _new_tokens(_finished(decode, batch, prefill, record=False), batch)
 
 
 def generate_recorded(decode: Placement, batch: Batch, prefill: Placement | None = None) -> Recorded:
@@ -318,9 +316,14 @@ def generate_recorded(decode: Placement, batch: Batch, prefill: Placement | None
     last row stops, as transformers' `output_scores`/`output_logits`)."""
     state = _finished(decode, batch, prefill, record=True)
     steps = int(state.step)
-    out = np.asarray(state.out)[: batch.rows, :steps]
-    return Recorded(_trim(out, batch.stop_ids, np.asarray(batch.request.budget)[: batch.rows]),
-                    np.asarray(state.scores)[: batch.rows, :steps], np.asarray(state.logits)[: batch.rows, :steps])
+    return Recorded(_new_tokens(state, batch), np.asarray(state.scores)[: batch.rows, :steps],
+                    np.asarray(state.logits)[: batch.rows, :steps])
+
+
+def _new_tokens(state: DecodeState, batch: Batch) -> list[list[int]]:
+    """The caller's rows of a finished state, each cut after its stop token and at its budget."""
+    out = np.asarray(state.out)[: batch.rows, : int(state.step)]
+    return _trim(out, batch.stop_ids, np.asarray(batch.request.budget)[: batch.rows])
 
 
 def stream_tokens(decode: Placement, batch: Batch, prefill: Placement | None = None) -> Iterator[np.ndarray]:
