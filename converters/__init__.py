@@ -5,7 +5,7 @@
     # params: {"embed": [V, E], "layers/attn/q/w": [L, D, H, hd], ...} float32 numpy,
     # exactly the names and shapes of hdex_jax.params.flatten(param_specs(cfg)).
 
-One module per checkpoint family (llama.py covers llama/mistral/qwen2, opt.py OPT) declares a config
+One module per checkpoint family in converters/families/ (llama.py covers llama/mistral/qwen2, ...) declares a config
 mapping and a regex key map; keymap.py applies key maps strictly; registry.py dispatches on model_type.
 """
 

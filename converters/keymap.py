@@ -80,12 +80,21 @@ class Rule:
     """One entry of a key map.
 
     `pattern` must match the whole tensor name; a group written `(?P<layer>\\d+)` carries the layer index.
-    `target` is the canonical name, or None for a tensor that is known and deliberately not used.
+    `target` is the canonical name, or None for a tensor that is known and deliberately not used. A fused
+    tensor (GPT-2's `c_attn`, Phi-3's `gate_up_proj`, ...) has a tuple of targets, and its transform returns
+    one array per target, in order.
     """
 
     pattern: str
-    target: str | None
+    target: str | tuple[str, ...] | None
     transform: Transform = keep
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The canonical names this rule provides (none for an ignored tensor)."""
+        if self.target is None:
+            return ()
+        return (self.target,) if isinstance(self.target, str) else self.target
 
     @property
     def regex(self) -> re.Pattern[str]:
@@ -102,6 +111,14 @@ class Rule:
         text = self.pattern.replace(_LAYER_GROUP, str(layer) if layer is not None else "N")
         text = re.sub(r"\(\?:([^()]*)\)\?", r"[\1]", text)
         return text.replace("\\", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """A declared array that no checkpoint stores, computed from the config (ALiBi's per-head slopes)."""
+
+    target: str
+    compute: Callable[[ModelConfig], np.ndarray]
 
 
 def ignore(pattern: str) -> Rule:
@@ -161,32 +178,33 @@ def _match_all(source: TensorSource, rules: Sequence[Rule]) -> list[_Match]:
 def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict[tuple[str, int | None], _Match]:
     """(canonical name, layer) -> the tensor that provides it, checking for extra, duplicate and missing ones."""
     specs = flatten(param_specs(cfg))
+    derived = {rule.target for rule in rules if isinstance(rule, Derived)}
     plan: dict[tuple[str, int | None], _Match] = {}
-    for match in _match_all(source, rules):
-        target = match.rule.target
-        if target is None:
-            continue
+    for match in _match_all(source, [rule for rule in rules if isinstance(rule, Rule)]):
         where = f"{match.name} (in {source.location(match.name)})"
-        if target not in specs:
-            raise CheckpointError(f"tensor {where} maps to {target!r}, which this {cfg.model_type} configuration "
-                                  f"does not have (config and weights disagree)")
-        if (specs[target].axes[0] == "layers") != match.rule.per_layer:
-            raise ValueError(f"key-map rule {match.rule.pattern!r} and the declaration of {target!r} disagree "
-                             f"on whether it is per-layer")
-        if match.layer is not None and match.layer >= cfg.num_layers:
-            raise CheckpointError(f"tensor {where} is for layer {match.layer}, but the config has "
-                                  f"{cfg.num_layers} layers")
-        key = (target, match.layer)
-        if key in plan:
-            other = plan[key].name
-            raise CheckpointError(f"duplicate tensors for {target!r}"
-                                  f"{'' if match.layer is None else f' layer {match.layer}'}: {other} (in "
-                                  f"{source.location(other)}) and {where}")
-        plan[key] = match
+        for target in match.rule.targets:
+            if target not in specs:
+                raise CheckpointError(f"tensor {where} maps to {target!r}, which this {cfg.model_type} "
+                                      f"configuration does not have (config and weights disagree)")
+            if (specs[target].axes[0] == "layers") != match.rule.per_layer:
+                raise ValueError(f"key-map rule {match.rule.pattern!r} and the declaration of {target!r} disagree "
+                                 f"on whether it is per-layer")
+            if match.layer is not None and match.layer >= cfg.num_layers:
+                raise CheckpointError(f"tensor {where} is for layer {match.layer}, but the config has "
+                                      f"{cfg.num_layers} layers")
+            key = (target, match.layer)
+            if key in plan:
+                other = plan[key].name
+                raise CheckpointError(f"duplicate tensors for {target!r}"
+                                      f"{'' if match.layer is None else f' layer {match.layer}'}: {other} (in "
+                                      f"{source.location(other)}) and {where}")
+            plan[key] = match
 
-    by_target = {rule.target: rule for rule in reversed(rules) if rule.target is not None}
+    by_target = {target: rule for rule in reversed(rules) if isinstance(rule, Rule) for target in rule.targets}
     missing = []
     for target, spec in specs.items():
+        if target in derived:
+            continue
         layers: list[int | None] = list(range(cfg.num_layers)) if spec.axes[0] == "layers" else [None]
         for layer in layers:
             if (target, layer) not in plan:
@@ -198,36 +216,48 @@ def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict
     return plan
 
 
-def convert(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig,
+def _check_value(value: np.ndarray, expected: tuple[int, ...], target: str, raw: np.ndarray, where: str) -> None:
+    if value.shape != expected:
+        raise CheckpointError(f"tensor {where} has shape {raw.shape}; as {target!r} it should be {expected} but "
+                              f"is {value.shape}")
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"tensor {where} has {int(np.isnan(value).sum())} NaN and "
+                              f"{int(np.isinf(value).sum())} infinite value(s); the checkpoint is corrupt or "
+                              f"overflowed its dtype")
+
+
+def convert(source: TensorSource, rules: Sequence[Rule | Derived], cfg: ModelConfig,
             progress: bool = False) -> dict[str, np.ndarray]:
     """Read and transform every tensor of `source` into the flat canonical params of `cfg` (float32 numpy).
 
     All names are matched and checked before any tensor data is read, so a bad checkpoint fails fast; a tensor
-    with NaN or infinite values is a CheckpointError naming it.
+    with NaN or infinite values is a CheckpointError naming it. Each tensor is read once, also when a fused
+    tensor provides several canonical weights.
     """
     specs = flatten(param_specs(cfg))
     plan = _plan(source, rules, cfg)
     out = {target: np.empty(spec.shape, np.float32) for target, spec in specs.items()}
-    for (target, layer), match in tqdm(sorted(plan.items(), key=lambda kv: kv[1].name), desc="converting",
-                                       unit="tensor", disable=not progress):
-        expected = specs[target].shape[1:] if layer is not None else specs[target].shape
+    matches = sorted({match.name: match for match in plan.values()}.values(), key=lambda m: m.name)
+    for match in tqdm(matches, desc="converting", unit="tensor", disable=not progress):
+        where = f"{match.name} (in {source.location(match.name)})"
+        targets = match.rule.targets
         raw = source.read(match.name)
         try:
-            value = match.rule.transform(raw, cfg)
+            values = match.rule.transform(raw, cfg)
         except ValueError as e:  # a reshape into heads that cannot work: the tensor has the wrong size
-            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape "
-                                  f"{raw.shape}, which does not fit {target!r} {expected}: {e}") from e
-        if value.shape != expected:
-            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape {raw.shape}; "
-                                  f"as {target!r} it should be {expected} but is {value.shape}")
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has "
-                                  f"{int(np.isnan(value).sum())} NaN and {int(np.isinf(value).sum())} infinite "
-                                  f"value(s); the checkpoint is corrupt or overflowed its dtype")
-        if layer is None:
-            out[target][...] = value
-        else:
-            out[target][layer] = value
+            raise CheckpointError(f"tensor {where} has shape {raw.shape}, which does not fit {list(targets)}: "
+                                  f"{e}") from e
+        values = values if isinstance(match.rule.target, tuple) else (values,)
+        for target, value in zip(targets, values, strict=True):
+            shape = specs[target].shape
+            _check_value(value, shape[1:] if match.layer is not None else shape, target, raw, where)
+            if match.layer is None:
+                out[target][...] = value
+            else:
+                out[target][match.layer] = value
+    for rule in rules:
+        if isinstance(rule, Derived) and rule.target in specs:
+            out[rule.target][...] = rule.compute(cfg)
     return out
 
 

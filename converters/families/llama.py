@@ -13,6 +13,7 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.hf_config import activation, require
 from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from converters.family import Family
 from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -125,3 +126,13 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
     rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
     return rules
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="HuggingFaceTB/SmolLM2-135M-Instruct",
+    mechanisms=("RMSNorm", "rotate-half RoPE (default, linear, llama3 scaling)", "SiLU-gated MLP", "grouped-query attention", "optional biases", "sliding window (Mistral, Qwen2)"),
+    config_from_hf=config_from_hf,
+    key_map=key_map,
+    limits="rope scaling kinds other than linear and llama3 are refused",
+)
