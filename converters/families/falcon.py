@@ -1,0 +1,170 @@
+"""Falcon checkpoints (tiiuae/falcon-*): one fused `query_key_value` in three layouts, parallel or sequential
+blocks, rotate-half RoPE or ALiBi (falcon-rw), exact GELU, optional biases, LM head tied to the embeddings.
+
+The fused q/k/v layouts are all `bloom.grouped_qkv` with different head counts:
+- new_decoder_architecture (falcon-40b/180b/11B): `[KV, G + 2, hd]`, num_kv_heads groups of G query heads;
+- multi_query (falcon-7b): `[H q | 1 k | 1 v]`, i.e. one group of H query heads;
+- classic (falcon-rw): per-head interleaved `[H, 3, hd]`, i.e. H groups of one.
+
+Blocks: new_decoder_architecture is parallel with two norms (`ln_attn`, `ln_mlp`) or, with
+num_ln_in_parallel_attn=1, one; otherwise parallel_attn=true shares `input_layernorm` between attention and MLP
+and parallel_attn=false is sequential (`input_layernorm`, `post_attention_layernorm`).
+
+ALiBi (alibi=true): transformers rounds BLOOM's slopes to bfloat16, multiplies them by the key positions (the
+product is rounded to bfloat16 again) and adds the result before the 1/sqrt(head_dim) scaling of the scores.
+The derived slopes here are the bfloat16-rounded slopes divided by sqrt(head_dim); the product with the
+position is kept in float32. The two agree exactly whenever the product is a bfloat16 number (slopes that are
+powers of two, i.e. up to 7 heads and 8, times positions below 256) and otherwise differ by at most 2^-9 of
+the bias, transformers' own rounding error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from converters.errors import CheckpointError
+from converters.families.bloom import QKV, QKV_BIAS, bloom_alibi_slopes, grouped_qkv, grouped_qkv_bias
+from converters.family import Family
+from converters.hf_config import activation, require
+from converters.keymap import Derived, Rule, ignore, keep, o_out, transpose
+from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+
+MODEL_TYPES = ("falcon",)
+
+# Rope scaling kinds ModelConfig.rope_inv_freq implements; others (Falcon's "dynamic") are refused.
+_ROPE_KINDS = ("linear", "llama3")
+
+
+def falcon_alibi_slopes(cfg: ModelConfig) -> np.ndarray:
+    """The per-head ALiBi slopes of a falcon-rw model in the canonical model's units (added to the scaled
+    scores): BLOOM's slopes rounded to bfloat16 as transformers does, divided by sqrt(head_dim)."""
+    rounded = np.asarray(bloom_alibi_slopes(cfg.num_heads), dtype=jnp.bfloat16).astype(np.float32)
+    return (rounded / np.float32(math.sqrt(cfg.head_dim))).astype(np.float32)
+
+
+def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, Any], ...]]:
+    """(theta, scaling items) from `rope_parameters` (transformers >= 5) or the older `rope_theta`/`rope_scaling`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    scaling = rope_scaling_items(params)
+    kind = dict(scaling).get("rope_type")
+    if kind is not None and kind not in _ROPE_KINDS:
+        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
+                              f"(supported: default, {', '.join(_ROPE_KINDS)})")
+    return float(theta), scaling
+
+
+def _block(hf: Mapping[str, Any], source: str) -> tuple[bool, bool]:
+    """(parallel_residual, shared_norm), refusing the combinations transformers' FalconDecoderLayer cannot run."""
+    new_arch = bool(hf.get("new_decoder_architecture", False))
+    parallel = bool(hf.get("parallel_attn", True))
+    num_ln = hf.get("num_ln_in_parallel_attn")
+    if new_arch:
+        if not parallel:
+            raise CheckpointError(f"{source}: new_decoder_architecture=true with parallel_attn=false is not "
+                                  f"supported (the new decoder is always parallel)")
+        num_ln = 2 if num_ln is None else num_ln
+        if num_ln not in (1, 2):
+            raise CheckpointError(f"{source}: num_ln_in_parallel_attn={num_ln!r} is not supported (1 or 2)")
+        return True, num_ln == 1
+    if num_ln not in (None, 1):
+        raise CheckpointError(f"{source}: num_ln_in_parallel_attn={num_ln!r} is only supported with "
+                              f"new_decoder_architecture=true")
+    return parallel, parallel
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a Falcon `config.json` dict; `source` names the file in errors."""
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise CheckpointError(f"{source}: apply_residual_connection_post_layernorm=true is not supported")
+    hidden = int(require(hf, "hidden_size", source))
+    heads = int(require(hf, "num_attention_heads", source))
+    if hidden % heads:
+        raise CheckpointError(f"{source}: hidden_size {hidden} is not a multiple of the {heads} heads")
+    if hf.get("new_decoder_architecture"):
+        kv_heads = int(hf.get("num_kv_heads") or heads)
+    else:
+        # Outside the new architecture transformers ignores num_kv_heads: one KV head or one per query head.
+        kv_heads = 1 if hf.get("multi_query", True) else heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of num_kv_heads {kv_heads}")
+    alibi = bool(hf.get("alibi", False))
+    theta, scaling = _rope(hf, source) if not alibi else (10000.0, ())
+    parallel, shared = _block(hf, source)
+    bias = bool(hf.get("bias", False))
+    return ModelConfig(
+        model_type="falcon",
+        vocab_size=int(require(hf, "vocab_size", source)),
+        hidden_size=hidden,
+        num_layers=int(require(hf, "num_hidden_layers", source)),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        intermediate_size=int(hf.get("ffn_hidden_size") or 4 * hidden),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        embed_dim=hidden,
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_epsilon") or 1e-5),
+        parallel_residual=parallel,
+        shared_norm=shared,
+        positions="alibi" if alibi else "rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        activation=activation(hf.get("activation") or "gelu", "activation", source),
+        gated_mlp=False,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
+    """HF tensor names of Falcon -> canonical names. Every norm name is listed: which ones a checkpoint must
+    have follows from the config (ln2 exists unless the block shares one norm), and a norm the config does not
+    declare is an error."""
+    layer = r"transformer\.h\.(?P<layer>\d+)\."
+    rules: list[Rule | Derived] = [
+        Rule(r"transformer\.word_embeddings\.weight", "embed", keep),
+        Rule(layer + r"self_attention\.query_key_value\.weight", QKV, grouped_qkv),
+        Rule(layer + r"self_attention\.query_key_value\.bias", QKV_BIAS, grouped_qkv_bias),
+        Rule(layer + r"self_attention\.dense\.weight", "layers/attn/o/w", o_out),
+        Rule(layer + r"self_attention\.dense\.bias", "layers/attn/o/b", keep),
+        Rule(layer + r"mlp\.dense_h_to_4h\.weight", "layers/mlp/up/w", transpose),
+        Rule(layer + r"mlp\.dense_h_to_4h\.bias", "layers/mlp/up/b", keep),
+        Rule(layer + r"mlp\.dense_4h_to_h\.weight", "layers/mlp/down/w", transpose),
+        Rule(layer + r"mlp\.dense_4h_to_h\.bias", "layers/mlp/down/b", keep),
+        Rule(r"transformer\.ln_f\.weight", "final_norm/scale", keep),
+        Rule(r"transformer\.ln_f\.bias", "final_norm/bias", keep),
+    ]
+    for hf_name, norm in (("input_layernorm", "ln1"), ("ln_attn", "ln1"), ("post_attention_layernorm", "ln2"),
+                          ("ln_mlp", "ln2")):
+        rules.append(Rule(layer + hf_name + r"\.weight", f"layers/{norm}/scale", keep))
+        rules.append(Rule(layer + hf_name + r"\.bias", f"layers/{norm}/bias", keep))
+    if cfg.positions == "alibi":
+        rules.append(Derived("alibi_slopes", falcon_alibi_slopes))
+    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
+    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    return rules
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="tiiuae/falcon-7b",
+    mechanisms=("fused q/k/v: grouped (new decoder), multi-query, per-head interleaved", "parallel block with one "
+                "or two LayerNorms, or sequential", "rotate-half RoPE or ALiBi (falcon-rw)", "GELU MLP",
+                "optional biases", "tied LM head"),
+    config_from_hf=config_from_hf,
+    key_map=key_map,
+    limits="rope scaling kinds other than linear (e.g. dynamic) are refused, as are new_decoder_architecture with "
+           "parallel_attn=false and apply_residual_connection_post_layernorm=true; with ALiBi transformers rounds "
+           "slope x position to bfloat16 and hdex_jax does not (identical up to 8 heads and 256 positions)",
+)
