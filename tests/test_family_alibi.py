@@ -1,0 +1,129 @@
+"""BLOOM, MPT and Falcon: parity of tiny random checkpoints with transformers on 1, 3 and 4 devices, the ALiBi
+slopes against transformers' own, and the options the converters refuse.
+
+The tiny sizes make 3 and 4 devices pad heads: 5 heads (BLOOM, MPT, falcon-rw; also a non-power-of-two head
+count for the ALiBi slopes), Falcon's multi-query 4 heads / 1 KV head and grouped 4 heads / 2 KV heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+from converters import CheckpointError, config_from_hf
+from converters.families.bloom import bloom_alibi_slopes
+from converters.families.falcon import falcon_alibi_slopes
+from converters.families.mpt import mpt_alibi_slopes
+from tests.family_parity import Reference, save_random_model
+
+_IDS = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CONFIGS = {
+    # 5 heads: the slopes of a non-power-of-two head count, and padding on 3 and 4 devices.
+    "bloom": lambda: transformers.BloomConfig(hidden_size=80, n_layer=2, n_head=5, **_IDS),
+    # softmax_scale other than 1/sqrt(head_dim) checks that it becomes the attention scale.
+    "mpt": lambda: transformers.MptConfig(d_model=80, n_heads=5, n_layers=2, max_seq_len=128,
+                                          attn_config={"softmax_scale": 0.3}, **_IDS),
+    # falcon-rw: ALiBi, per-head interleaved q/k/v, sequential block, biases.
+    "falcon_rw": lambda: transformers.FalconConfig(hidden_size=80, num_hidden_layers=2, num_attention_heads=5,
+                                                   alibi=True, multi_query=False, parallel_attn=False, bias=True,
+                                                   ffn_hidden_size=96, max_position_embeddings=128, **_IDS),
+    # falcon-7b: multi-query, parallel block sharing one norm, RoPE, no biases.
+    "falcon_mqa": lambda: transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                    multi_query=True, parallel_attn=True, ffn_hidden_size=96,
+                                                    max_position_embeddings=128, **_IDS),
+    # falcon-40b: grouped q/k/v, parallel block with two norms, biases (on the grouped bias too).
+    "falcon_grouped": lambda: transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                        num_kv_heads=2, new_decoder_architecture=True, bias=True,
+                                                        ffn_hidden_size=96, max_position_embeddings=128,
+                                                        rope_parameters={"rope_type": "default",
+                                                                         "rope_theta": 500.0}, **_IDS),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def reference(request, tmp_path_factory) -> Reference:
+    directory = save_random_model(CONFIGS[request.param](), tmp_path_factory.mktemp(request.param))
+    return Reference.of(directory)
+
+
+@pytest.mark.parametrize("num_device", [1, 3, 4])
+def test_parity(reference: Reference, num_device: int):
+    reference.check(num_device)
+
+
+# ------------------------------------------------------------------------------------------- ALiBi slopes
+
+HEAD_COUNTS = range(1, 72)
+
+
+def test_bloom_slopes_match_transformers():
+    for heads in HEAD_COUNTS:
+        expected = _get_alibi_slopes(heads, torch.device("cpu")).numpy()
+        assert bloom_alibi_slopes(heads) == pytest.approx(expected, rel=1e-6), heads
+
+
+def test_mpt_slopes_match_transformers():
+    for heads in HEAD_COUNTS:
+        expected = build_mpt_alibi_tensor(heads, 2)[:, 0, 0].neg().numpy()  # the bias of the key one step back
+        assert mpt_alibi_slopes(heads) == pytest.approx(expected, rel=1e-6), heads
+
+
+def test_falcon_slopes_match_transformers():
+    for heads in (1, 5, 8, 32, 71):
+        cfg = config_from_hf(dict(model_type="falcon", vocab_size=8, hidden_size=heads * 16, num_hidden_layers=1,
+                                  num_attention_heads=heads, alibi=True))
+        # Key position 1 of an unpadded row: the bfloat16-rounded slope itself.
+        expected = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)[:, 0, 1].numpy()
+        assert falcon_alibi_slopes(cfg) * math.sqrt(16) == pytest.approx(expected, rel=1e-6), heads
+
+
+# ---------------------------------------------------------------------------------------- refused options
+
+_BLOOM = dict(model_type="bloom", vocab_size=8, hidden_size=16, n_layer=1, n_head=2)
+_MPT = dict(model_type="mpt", vocab_size=8, d_model=16, n_layers=1, n_heads=2)
+_FALCON = dict(model_type="falcon", vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+
+REFUSED = [
+    (_BLOOM, dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm"),
+    (_MPT, dict(attn_config={"clip_qkv": 6.0}), "attn_config.clip_qkv"),
+    (_MPT, dict(attn_config={"qk_ln": True}), "attn_config.qk_ln"),
+    (_MPT, dict(attn_config={"prefix_lm": True}), "attn_config.prefix_lm"),
+    (_MPT, dict(attn_config={"alibi": False}), "attn_config.alibi"),
+    (_MPT, dict(attn_config={"attn_type": "multiquery_attention"}), "attn_config.attn_type"),
+    (_MPT, dict(attn_config={"alibi_bias_max": 16}), "attn_config.alibi_bias_max"),
+    (_MPT, dict(no_bias=False), "no_bias"),
+    (_MPT, dict(logit_scale=0.5), "logit_scale"),
+    (_MPT, dict(norm_type="rmsnorm"), "norm_type"),
+    (_FALCON, dict(new_decoder_architecture=True, parallel_attn=False), "parallel_attn"),
+    (_FALCON, dict(num_ln_in_parallel_attn=2), "num_ln_in_parallel_attn"),
+    (_FALCON, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "dynamic"),
+    (_FALCON, dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm"),
+]
+
+
+@pytest.mark.parametrize("base, change, key", REFUSED, ids=[f"{b['model_type']}-{k}" for b, _, k in REFUSED])
+def test_refused_option_names_its_key(base, change, key):
+    with pytest.raises(CheckpointError, match=key) as info:
+        config_from_hf({**base, **change}, "some/config.json")
+    assert "some/config.json" in str(info.value)
+
+
+def test_hub_config_spellings():
+    """The bigscience and tiiuae config.json files predate transformers' key names."""
+    bloom = config_from_hf(dict(model_type="bloom", vocab_size=8, n_embed=32, num_attention_heads=4, n_layer=3))
+    assert (bloom.hidden_size, bloom.num_heads, bloom.head_dim, bloom.num_layers) == (32, 4, 8, 3)
+    falcon_40b = config_from_hf({**_FALCON, "num_attention_heads": 8, "hidden_size": 64, "num_kv_heads": 2,
+                                 "new_decoder_architecture": True})
+    assert (falcon_40b.num_kv_heads, falcon_40b.parallel_residual, falcon_40b.shared_norm) == (2, True, False)
+    falcon_11b = config_from_hf({**_FALCON, "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1})
+    assert (falcon_11b.parallel_residual, falcon_11b.shared_norm) == (True, True)
+    # Outside the new decoder, num_kv_heads is ignored (as by transformers): multi-query means one KV head.
+    falcon_7b = config_from_hf({**_FALCON, "num_kv_heads": 2, "multi_query": True})
+    assert falcon_7b.num_kv_heads == 1
