@@ -22,7 +22,7 @@ from converters.families.falcon import falcon_alibi_slopes
 from converters.families.mpt import mpt_alibi_slopes
 from tests.family_parity import Reference, save_random_model
 
-_IDS = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_IDS = {"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 CONFIGS = {
     # 5 heads: the slopes of a non-power-of-two head count, and padding on 3 and 4 devices.
@@ -77,8 +77,7 @@ def test_mpt_slopes_match_transformers():
 
 def test_falcon_slopes_match_transformers():
     for heads in (1, 5, 8, 32, 71):
-        cfg = config_from_hf(dict(model_type="falcon", vocab_size=8, hidden_size=heads * 16, num_hidden_layers=1,
-                                  num_attention_heads=heads, alibi=True))
+        cfg = config_from_hf({**_FALCON, "hidden_size": heads * 16, "num_attention_heads": heads, "alibi": True})
         # Key position 1 of an unpadded row: the bfloat16-rounded slope itself.
         expected = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)[:, 0, 1].numpy()
         assert falcon_alibi_slopes(cfg) * math.sqrt(16) == pytest.approx(expected, rel=1e-6), heads
@@ -86,25 +85,25 @@ def test_falcon_slopes_match_transformers():
 
 # ---------------------------------------------------------------------------------------- refused options
 
-_BLOOM = dict(model_type="bloom", vocab_size=8, hidden_size=16, n_layer=1, n_head=2)
-_MPT = dict(model_type="mpt", vocab_size=8, d_model=16, n_layers=1, n_heads=2)
-_FALCON = dict(model_type="falcon", vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+_BLOOM = {"model_type": "bloom", "vocab_size": 8, "hidden_size": 16, "n_layer": 1, "n_head": 2}
+_MPT = {"model_type": "mpt", "vocab_size": 8, "d_model": 16, "n_layers": 1, "n_heads": 2}
+_FALCON = {"model_type": "falcon", "vocab_size": 8, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 REFUSED = [
-    (_BLOOM, dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm"),
-    (_MPT, dict(attn_config={"clip_qkv": 6.0}), "attn_config.clip_qkv"),
-    (_MPT, dict(attn_config={"qk_ln": True}), "attn_config.qk_ln"),
-    (_MPT, dict(attn_config={"prefix_lm": True}), "attn_config.prefix_lm"),
-    (_MPT, dict(attn_config={"alibi": False}), "attn_config.alibi"),
-    (_MPT, dict(attn_config={"attn_type": "multiquery_attention"}), "attn_config.attn_type"),
-    (_MPT, dict(attn_config={"alibi_bias_max": 16}), "attn_config.alibi_bias_max"),
-    (_MPT, dict(no_bias=False), "no_bias"),
-    (_MPT, dict(logit_scale=0.5), "logit_scale"),
-    (_MPT, dict(norm_type="rmsnorm"), "norm_type"),
-    (_FALCON, dict(new_decoder_architecture=True, parallel_attn=False), "parallel_attn"),
-    (_FALCON, dict(num_ln_in_parallel_attn=2), "num_ln_in_parallel_attn"),
-    (_FALCON, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "dynamic"),
-    (_FALCON, dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm"),
+    (_BLOOM, {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
+    (_MPT, {"attn_config": {"clip_qkv": 6.0}}, "attn_config.clip_qkv"),
+    (_MPT, {"attn_config": {"qk_ln": True}}, "attn_config.qk_ln"),
+    (_MPT, {"attn_config": {"prefix_lm": True}}, "attn_config.prefix_lm"),
+    (_MPT, {"attn_config": {"alibi": False}}, "attn_config.alibi"),
+    (_MPT, {"attn_config": {"attn_type": "multiquery_attention"}}, "attn_config.attn_type"),
+    (_MPT, {"attn_config": {"alibi_bias_max": 16}}, "attn_config.alibi_bias_max"),
+    (_MPT, {"no_bias": False}, "no_bias"),
+    (_MPT, {"logit_scale": 0.5}, "logit_scale"),
+    (_MPT, {"norm_type": "rmsnorm"}, "norm_type"),
+    (_FALCON, {"new_decoder_architecture": True, "parallel_attn": False}, "parallel_attn"),
+    (_FALCON, {"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn"),
+    (_FALCON, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
+    (_FALCON, {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
 ]
 
 
@@ -117,7 +116,8 @@ def test_refused_option_names_its_key(base, change, key):
 
 def test_hub_config_spellings():
     """The bigscience and tiiuae config.json files predate transformers' key names."""
-    bloom = config_from_hf(dict(model_type="bloom", vocab_size=8, n_embed=32, num_attention_heads=4, n_layer=3))
+    bloom = config_from_hf({"model_type": "bloom", "vocab_size": 8, "n_embed": 32, "num_attention_heads": 4,
+                            "n_layer": 3})
     assert (bloom.hidden_size, bloom.num_heads, bloom.head_dim, bloom.num_layers) == (32, 4, 8, 3)
     falcon_40b = config_from_hf({**_FALCON, "num_attention_heads": 8, "hidden_size": 64, "num_kv_heads": 2,
                                  "new_decoder_architecture": True})

@@ -159,9 +159,9 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="tiiuae/falcon-7b",
-    mechanisms=("fused q/k/v: grouped (new decoder), multi-query, per-head interleaved", "parallel block with one "
-                "or two LayerNorms, or sequential", "rotate-half RoPE or ALiBi (falcon-rw)", "GELU MLP",
-                "optional biases", "tied LM head"),
+    mechanisms=("fused q/k/v: grouped (new decoder), multi-query, per-head interleaved",
+                "parallel block with one or two LayerNorms, or sequential", "rotate-half RoPE or ALiBi (falcon-rw)",
+                "GELU MLP", "optional biases", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="rope scaling kinds other than linear (e.g. dynamic) are refused, as are new_decoder_architecture with "
