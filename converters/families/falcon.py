@@ -36,7 +36,8 @@ from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
 
 MODEL_TYPES = ("falcon",)
 
-# Rope scaling kinds ModelConfig.rope_inv_freq implements; others (Falcon's "dynamic") are refused.
+# Rope scaling kinds ModelConfig.rope_inv_freq implements; others (such as "dynamic", which Falcon configs use)
+# are refused.
 _ROPE_KINDS = ("linear", "llama3")
 
 
@@ -164,7 +165,8 @@ FAMILY = Family(
                 "GELU MLP", "optional biases", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear (e.g. dynamic) are refused, as are new_decoder_architecture with "
-           "parallel_attn=false and apply_residual_connection_post_layernorm=true; with ALiBi transformers rounds "
-           "slope x position to bfloat16 and hdex_jax does not (identical up to 8 heads and 256 positions)",
+    limits="rope scaling kinds other than linear and llama3 (e.g. dynamic) are refused, as are "
+           "new_decoder_architecture with parallel_attn=false and apply_residual_connection_post_layernorm=true; "
+           "with ALiBi transformers rounds slope x position to bfloat16 and hdex_jax does not (identical up to 8 "
+           "heads and 256 positions)",
 )

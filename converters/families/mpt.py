@@ -145,5 +145,5 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="attn_config clip_qkv, qk_ln, prefix_lm, alibi=false, multi-query attention and alibi_bias_max other "
-           "than 8 are refused, as are no_bias=false and logit_scale",
+           "than 8 are refused, as are no_bias=false, logit_scale and norm types other than LayerNorm",
 )
