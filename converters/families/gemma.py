@@ -5,9 +5,10 @@
   applies it. This is exact, not an approximation: the tensor is read as float32 (bfloat16 and float16 widen
   to float32 exactly), numpy's float32 `w + 1` is the same correctly rounded IEEE addition torch performs, and
   the product with the normalised activations is then the same float32 multiplication.
-- The token embedding is multiplied by `sqrt(hidden_size)` (`embed_scale`), a value transformers rounds to
-  the dtype the model runs in (`embed_scale.to(self.weight.dtype)`): float32 here, as hdex_jax computes in
-  `ModelConfig.dtype` (float32). (transformers running the model in bfloat16 uses 55.5 for 3072, not 55.43.)
+- The token embedding is multiplied by `sqrt(hidden_size)` (`embed_scale`). transformers holds the factor
+  as a float32 tensor and rounds it to the dtype the model runs in (`embed_scale.to(self.weight.dtype)`: 55.5
+  for 3072 in bfloat16, 55.43 in float32); the config keeps the float32 value and the forward pass rounds it
+  to its dtype (`jnp.asarray(cfg.embed_scale, x.dtype)`), the same two roundings.
 - The gated MLP uses the tanh approximation of GELU; `head_dim` is given explicitly and need not be
   hidden_size / num_attention_heads; the LM head is tied to the embedding by default.
 
@@ -39,12 +40,6 @@ DEFAULT_RMS_NORM_EPS = 1e-6
 def one_plus(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """A Gemma RMSNorm weight `w` -> the canonical scale `1 + w` (exact in float32, see the module docstring)."""
     return x + np.float32(1.0)
-
-
-def embed_scale(hidden_size: int) -> float:
-    """`sqrt(hidden_size)` rounded to float32, the dtype hdex_jax computes in, as transformers rounds it to the
-    model's dtype."""
-    return float(np.float32(math.sqrt(hidden_size)))
 
 
 def rope_theta(hf: Mapping[str, Any], source: str) -> float:
@@ -110,7 +105,7 @@ def gemma_config(hf: Mapping[str, Any], source: str, act: str) -> ModelConfig:
         embed_dim=hidden,
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
-        embed_scale=embed_scale(hidden),
+        embed_scale=float(np.float32(math.sqrt(hidden))),
         positions="rope",
         rope_theta=rope_theta(hf, source),
         activation=act,
