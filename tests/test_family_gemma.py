@@ -1,5 +1,6 @@
 """Gemma, Gemma 2 and Mixtral: parity of tiny random checkpoints with transformers on 1, 3 and 4 devices, and
-the converter details parity cannot see (refused options, Mixtral's fused expert layout).
+the converter details parity cannot see (refused options, Mixtral's fused expert layout and incomplete or
+doubled expert stacks).
 
 The tiny sizes make every device count pad something: Gemma has one KV head (multi-query, replicated on 3 and 4
 devices) and head_dim 24 != hidden / heads; Gemma 2 has 4 query / 2 KV heads (padded on 3 devices), a sliding
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file as save_numpy
 from safetensors.torch import save_file
 
 import converters
@@ -96,3 +98,22 @@ def test_mixtral_fused_expert_layout(checkpoint, tmp_path: Path):
     assert fused.keys() == per_expert.keys()
     for name in fused:
         np.testing.assert_array_equal(fused[name], per_expert[name], err_msg=name)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop expert 3 of layer 1", r"missing tensors: .*block_sparse_moe\.experts\.E\.w1\.weight \(for "
+                                 r"'layers/moe/gate/w' layer 1\)"),
+    ("add a fused copy of layer 0", r"duplicate tensors for 'layers/moe/gate/w' layer 0"),
+])
+def test_mixtral_expert_tensors_checked(checkpoint, tmp_path: Path, change: str, message: str):
+    """An expert stack is complete and given once: per expert or fused, never partly or both."""
+    directory = checkpoint("mixtral")
+    tensors = load_file(directory / "model.safetensors")
+    if change.startswith("drop"):
+        del tensors["model.layers.1.block_sparse_moe.experts.3.w1.weight"]
+    else:
+        tensors["model.layers.0.mlp.experts.gate_up_proj"] = np.zeros((4, 160, 64), np.float32)
+    save_numpy(tensors, tmp_path / "model.safetensors")
+    shutil.copy(directory / "config.json", tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        converters.load_checkpoint(tmp_path)
