@@ -156,5 +156,6 @@ FAMILY = Family(
                 "tied head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling and use_bidirectional_attention are refused",
+    limits=("rope scaling, use_bidirectional_attention, and hidden_act / hidden_activation that disagree "
+            "are refused"),
 )
