@@ -166,14 +166,12 @@ def _linear(name: str, target: str | tuple[str, ...], weight: Transform, bias: T
     return [Rule(_LAYER + name + r"\.weight", leaf("w"), weight), Rule(_LAYER + name + r"\.bias", leaf("b"), bias)]
 
 
-def _embeddings() -> list[Rule]:
-    """Token embedding, final norm and LM head (absent when tied), which every architecture names alike."""
-    return [
-        Rule(r"token_embd\.weight", "embed", keep),
-        *_norm("output_norm", "final_norm", per_layer=False),
-        Rule(r"output\.weight", "lm_head/w", transpose),
-        Rule(r"output\.bias", "lm_head/b", keep),
-    ]
+def _embeddings(lm_head: bool = True) -> list[Rule]:
+    """Token embedding, final norm and (absent when tied; gemma never has one) the LM head."""
+    rules = [Rule(r"token_embd\.weight", "embed", keep), *_norm("output_norm", "final_norm", per_layer=False)]
+    if lm_head:
+        rules += [Rule(r"output\.weight", "lm_head/w", transpose), Rule(r"output\.bias", "lm_head/b", keep)]
+    return rules
 
 
 def _attention(permuted: bool = False) -> list[Rule]:
@@ -268,7 +266,7 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         limits="longrope scaling (rope_factors_long/short tensors, Phi-3 128k) is refused"),
     "gemma": GGUFArch(
         fixed={**_ROPE_SILU, "activation": "gelu_tanh"},
-        key_map=_rules(_embeddings(), _sequential_norms(), _attention(), _mlp(gated=True)),
+        key_map=_rules(_embeddings(lm_head=False), _sequential_norms(), _attention(), _mlp(gated=True)),
         from_file=_gemma_fields,
         limits="gemma2/gemma3 files are other architectures, not supported"),
     "starcoder2": GGUFArch(
