@@ -144,6 +144,13 @@ def _keep(name: str, x: np.ndarray, c: PretrainedConfig) -> np.ndarray:
     return x
 
 
+def _falcon_config(**layout: object) -> FalconConfig:
+    """A tiny rope Falcon (the kind llama.cpp converts) with the attention `layout` of one Falcon generation."""
+    settings = {"new_decoder_architecture": False, **layout}
+    return FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, bias=False,
+                        alibi=False, tie_word_embeddings=False, **_IDS, **settings)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     arch: str
@@ -166,27 +173,22 @@ CASES = {
     # Norms stored + 1, embedding scale, head_dim apart from hidden / heads, one KV head, tied.
     "gemma": Case("gemma", lambda: GemmaConfig(**{**_SIZES, "num_key_value_heads": 1}, head_dim=32, **_rope()),
                   _gemma, _gemma_layout, expect={"head_dim": 32, "num_kv_heads": 1, "embed_scale": 8.0,
-                                                     "activation": "gelu_tanh", "tie_embeddings": True}),
+                                                 "activation": "gelu_tanh", "tie_embeddings": True}),
     # LayerNorm, biases everywhere, ungated GELU MLP.
     "starcoder2": Case("starcoder2", lambda: Starcoder2Config(**_SIZES, use_bias=True, tie_word_embeddings=False,
                                                                **_rope()), _text_model,
                        expect={"norm": "layernorm", "qkv_bias": True, "o_bias": True, "mlp_bias": True,
-                                   "activation": "gelu_tanh"}),
+                               "activation": "gelu_tanh"}),
     # Learned positions, transposed Conv1D weights, fused attn_qkv with a fused bias.
     "gpt2": Case("gpt2", lambda: GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4,
                                             **_IDS), _gpt2, _gpt2_layout,
                  expect={"positions": "learned", "qkv_bias": True, "intermediate_size": 256, "tie_embeddings": True}),
     # Falcon-40B style: grouped q/k/v regrouped by the convert script, ln_attn / ln_mlp as attn_norm_2 / attn_norm.
-    "falcon": Case("falcon", lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
-                                                  bias=False, alibi=False, tie_word_embeddings=False, **_IDS),
-                   _falcon, _falcon_layout, expect={"parallel_residual": True, "shared_norm": False, "num_kv_heads": 2}),
+    "falcon": Case("falcon", lambda: _falcon_config(num_kv_heads=2, new_decoder_architecture=True), _falcon,
+                   _falcon_layout, expect={"parallel_residual": True, "shared_norm": False, "num_kv_heads": 2}),
     # Falcon-7B style: multi-query, one norm shared by the parallel attention and MLP.
-    "falcon-7b": Case("falcon", lambda: FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, multi_query=True, parallel_attn=True,
-                                                     new_decoder_architecture=False, bias=False, alibi=False,
-                                                     tie_word_embeddings=False, **_IDS),
-                      _falcon, _falcon_layout, expect={"parallel_residual": True, "shared_norm": True, "num_kv_heads": 1}),
+    "falcon-7b": Case("falcon", lambda: _falcon_config(multi_query=True, parallel_attn=True), _falcon,
+                      _falcon_layout, expect={"parallel_residual": True, "shared_norm": True, "num_kv_heads": 1}),
 }
 
 
@@ -209,8 +211,9 @@ def write_gguf(hf_dir: Path, path: Path, case: Case, tensor_type: str = "F32",
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"gguf has no {case.arch} name for {name}"
         # The convert script keeps 1-D tensors and position embeddings in F32.
-        ttype = qtype if value.ndim == 2 and not gguf_name.startswith("position_embd") else gguf.GGMLQuantizationType.F32
-        data = value if ttype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(value, ttype)
+        f32 = gguf.GGMLQuantizationType.F32
+        ttype = qtype if value.ndim == 2 and not gguf_name.startswith("position_embd") else f32
+        data = value if ttype == f32 else gguf.quants.quantize(value, ttype)
         writer.add_tensor(gguf_name, data, raw_dtype=ttype)
     for name, value in (extra or {}).items():
         writer.add_tensor(name, value)
