@@ -9,8 +9,9 @@ the usual transforms of converters/keymap.py apply. Layout facts an architecture
 
 - llama: the convert script permutes q/k rows for llama.cpp's adjacent-pair rope; undone here (`unpermute`). The
   other rope architectures use llama.cpp's "neox" rope, which is the canonical rotate-half: no permutation.
-- gemma: the convert script stores RMSNorm weights plus one (Gemma computes `x * (1 + w)`), which is the
-  canonical `x * scale` already, so they are kept (transformers' loader subtracts 1 to get HF weights back).
+- gemma, gemma2: the convert script stores RMSNorm weights plus one (Gemma computes `x * (1 + w)`), which is
+  the canonical `x * scale` already, so they are kept (transformers' gemma2 loader subtracts 1 to get HF
+  weights back; it does not read gemma files at all). Neither writes an LM head: the embedding is tied.
 - gpt2: Conv1D weights are transposed by the convert script, so `attn_qkv` is `[3D, D]`, q/k/v stacked on rows.
 - falcon: the convert script reorders `query_key_value` from per-KV-group `[q.., k, v]` to all q rows, then all
   k, then all v ("jploski" layout). With two norms per layer (Falcon-40B), `ln_attn` becomes `attn_norm_2` and
@@ -245,6 +246,32 @@ def _gemma_fields(meta: GGUFMeta) -> dict[str, Any]:
     return {"embed_scale": float(meta.get("embedding_length", required=True)) ** 0.5}
 
 
+# Gemma 2's values llama.cpp assumes when a file leaves them out: soft-caps of scores and logits, the window.
+_GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "attention.sliding_window": 4096}
+# Gemma-2-27B's layer count: the one size whose query scale is (hidden / heads) ** -0.5 instead of head_dim ** -0.5.
+_GEMMA2_27B_LAYERS = 46
+
+
+def _gemma2_fields(meta: GGUFMeta) -> dict[str, Any]:
+    """Gemma 2: the embedding scale, soft-caps, a sliding window on even layers (layers 0, 2, ...) and the query
+    scale. GGUF does not store query_pre_attn_scalar; as llama.cpp does, it is hidden / heads for the 27B model
+    (recognised by its layer count) and head_dim for the others."""
+
+    def get(key: str) -> Any:
+        return meta.get(key, _GEMMA2_DEFAULTS[key])
+
+    hidden, heads = int(meta.get("embedding_length", required=True)), int(meta.get("attention.head_count"))
+    layers = int(meta.get("block_count", required=True))
+    return {
+        **_gemma_fields(meta),
+        "attn_softcap": float(get("attn_logit_softcapping")),
+        "final_softcap": float(get("final_logit_softcapping")),
+        "sliding_window": int(get("attention.sliding_window")),
+        "sliding_layers": tuple(i % 2 == 0 for i in range(layers)),
+        "attention_scale": (hidden / heads) ** -0.5 if layers == _GEMMA2_27B_LAYERS else None,
+    }
+
+
 _ROPE_SILU = {"norm": "rmsnorm", "positions": "rope", "activation": "silu", "gated_mlp": True}
 
 ARCHITECTURES: dict[str, GGUFArch] = {
@@ -267,8 +294,14 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "gemma": GGUFArch(
         fixed={**_ROPE_SILU, "activation": "gelu_tanh"},
         key_map=_rules(_embeddings(lm_head=False), _sequential_norms(), _attention(), _mlp(gated=True)),
-        from_file=_gemma_fields,
-        limits="gemma2/gemma3 files are other architectures, not supported"),
+        from_file=_gemma_fields),
+    "gemma2": GGUFArch(
+        fixed={**_ROPE_SILU, "activation": "gelu_tanh", "post_norms": True},
+        key_map=_rules(_embeddings(lm_head=False), _sequential_norms(), _attention(), _mlp(gated=True),
+                       _norm("post_attention_norm", "layers/ln1_post"), _norm("post_ffw_norm", "layers/ln2_post")),
+        from_file=_gemma2_fields,
+        limits="the query scale is not in GGUF files: head_dim ** -0.5, or (hidden / heads) ** -0.5 for 46 layers "
+               "(Gemma-2-27B), as llama.cpp assumes"),
     "starcoder2": GGUFArch(
         fixed={"norm": "layernorm", "positions": "rope", "activation": "gelu_tanh", "gated_mlp": False},
         key_map=_rules(_embeddings(), _sequential_norms(), _attention(), _mlp(gated=False))),

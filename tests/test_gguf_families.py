@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from transformers import (
     FalconConfig,
+    Gemma2Config,
     GemmaConfig,
     GPT2Config,
     Phi3Config,
@@ -94,6 +95,13 @@ def _gemma(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
+
+
+def _gemma2(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    _gemma(w, c)
+    w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_sliding_window(c.sliding_window)
 
 
 def _gpt2(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
@@ -174,6 +182,13 @@ CASES = {
     "gemma": Case("gemma", lambda: GemmaConfig(**{**_SIZES, "num_key_value_heads": 1}, head_dim=32, **_rope()),
                   _gemma, _gemma_layout, expect={"head_dim": 32, "num_kv_heads": 1, "embed_scale": 8.0,
                                                  "activation": "gelu_tanh", "tie_embeddings": True}),
+    # Gemma 2: post-sublayer norms (+ 1 too), score and logit soft-caps, a window on even layers that these prompts
+    # exceed, a query scale of head_dim as llama.cpp assumes (soft-caps small enough to matter).
+    "gemma2": Case("gemma2", lambda: Gemma2Config(**_SIZES, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                                  attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                                  **_rope()), _gemma2, _gemma_layout,
+                   expect={"post_norms": True, "attn_softcap": 2.0, "final_softcap": 3.0, "sliding_window": 6,
+                           "sliding_layers": (True, False), "attention_scale": None}),
     # LayerNorm, biases everywhere, ungated GELU MLP.
     "starcoder2": Case("starcoder2", lambda: Starcoder2Config(**_SIZES, use_bias=True, tie_word_embeddings=False,
                                                                **_rope()), _text_model,
@@ -249,9 +264,9 @@ def test_gguf_params_match_hf_checkpoint(files: tuple[Case, Path, Path]) -> None
 
 
 # Generation on one device against transformers, for the cases whose GGUF path carries a mechanism of its own
-# (fused q/k/v with biases and learned positions; norms stored + 1 and the embedding scale; Falcon-40B's q/k/v
-# regrouping and swapped norm names). Kept to a few: each compiles its own model.
-GENERATED = ("gpt2", "gemma", "falcon")
+# (fused q/k/v with biases and learned positions; Gemma 2's norms stored + 1, embedding scale, soft-caps and
+# alternating window; Falcon-40B's q/k/v regrouping and swapped norm names). Kept to a few: each compiles its own model.
+GENERATED = ("gpt2", "gemma2", "falcon")
 
 
 @pytest.mark.parametrize("name", GENERATED)
