@@ -260,7 +260,8 @@ def _gemma2_fields(meta: GGUFMeta) -> dict[str, Any]:
     def get(key: str) -> Any:
         return meta.get(key, _GEMMA2_DEFAULTS[key])
 
-    hidden, heads = int(meta.get("embedding_length", required=True)), int(meta.get("attention.head_count"))
+    hidden = int(meta.get("embedding_length", required=True))
+    heads = int(meta.get("attention.head_count", required=True))
     layers = int(meta.get("block_count", required=True))
     return {
         **_gemma_fields(meta),
