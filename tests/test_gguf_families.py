@@ -1,10 +1,11 @@
 """GGUF files of every architecture converters/gguf_arches.py declares, beyond llama (tests/test_converters.py).
 
-Each case saves a tiny random transformers model, writes it as a GGUF the way llama.cpp's convert_hf_to_gguf.py
-does (tensor names from gguf's own `TensorNameMap`, the metadata keys and the layout changes of that
-architecture's convert class: gemma's norm + 1, gpt2's transposed Conv1D weights, falcon's q/k/v regrouping),
-and checks that hdex_jax generating from the GGUF gives transformers' tokens and logits on the original model.
-A Q8_0 file is checked against transformers' own GGUF loader, which dequantizes it the same way.
+Each case saves a tiny random transformers model and writes it as a GGUF the way llama.cpp's convert_hf_to_gguf.py
+does: tensor names from gguf's own `TensorNameMap`, the metadata keys of that architecture's convert class and its
+layout changes (gemma's and gemma2's norms + 1, gpt2's transposed Conv1D weights, falcon's q/k/v regrouping).
+Every case must convert to the params the HF checkpoint converts to (through that family's HF converter); a few
+cases generate, against transformers' tokens and logits on the original model; a Q8_0 file is checked against
+transformers' own GGUF loader, which dequantizes it the same way.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ def _falcon_kv_heads(c: PretrainedConfig) -> int:
     return c.num_kv_heads if c.new_decoder_architecture else 1  # multi_query
 
 
-def _falcon(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+def _falcon(w: gguf.GGUFWriter, c: PretrainedConfig, layout: str = "jploski") -> None:
     w.add_context_length(2048)  # hard-coded by the convert class
-    w.add_tensor_data_layout("jploski")
+    w.add_tensor_data_layout(layout)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(4 * c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -317,4 +318,11 @@ def test_phi3_longrope_is_refused(tmp_path: Path) -> None:
     path = write_gguf(hf_dir, tmp_path / "long.gguf", case,
                       extra={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
     with pytest.raises(CheckpointError, match="rope_factors_long.*longrope"):
+        load_config(path)
+
+
+def test_falcon_of_another_qkv_layout_is_refused(tmp_path: Path) -> None:
+    case = dataclasses.replace(CASES["falcon"], metadata=lambda w, c: _falcon(w, c, layout="interleaved"))
+    path = write_gguf(save_random_model(case.config(), tmp_path / "hf"), tmp_path / "other.gguf", case)
+    with pytest.raises(CheckpointError, match="tensor_data_layout='interleaved'"):
         load_config(path)
