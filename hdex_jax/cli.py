@@ -44,6 +44,9 @@ def _generate(args: argparse.Namespace) -> int:
         validation.check_temperature("--temperature", args.temperature)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": num_device})
     tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer, so hdex generate cannot encode a text prompt; call "
+                         f"AutoModelForCausalLM.from_pretrained(...).generate(token_ids) from Python instead")
     if args.raw or not getattr(tokenizer, "chat_template", None):
         ids = tokenizer.encode(args.prompt)
     else:
