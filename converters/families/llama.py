@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.family import Family
 from converters.hf_config import activation, require
 from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from converters.family import Family
 from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
