@@ -1,9 +1,9 @@
-"""GGUF files (llama.cpp) of architecture "llama": config from metadata, tensors dequantized to float32.
+"""GGUF files (llama.cpp): config from metadata, tensors dequantized to float32, for the architectures declared
+in converters/gguf_arches.py (llama, qwen2, phi3, gemma, gemma2, starcoder2, gpt2, falcon).
 
-llama.cpp's convert script permutes the rows of q and k so that its rope can rotate adjacent pairs;
-the canonical model (like HF) rotates halves, so that permutation is undone here before the usual
-llama transforms. Tensors after dequantization are in torch's `[out, in]` layout (GGUF lists dims
-innermost first), so the HF llama transforms apply unchanged.
+What every architecture shares is read here: sizes, the norm epsilon, rope (theta, linear scaling, rotary
+dimension), special token ids, and which optional tensors the file holds (biases, a separate LM head). The
+per-architecture facts (fixed fields, tensor names, layout transforms) are declarations in gguf_arches.
 """
 
 from __future__ import annotations
@@ -15,14 +15,26 @@ import gguf
 import numpy as np
 
 from converters.errors import CheckpointError, UnsupportedModelError
-from converters.keymap import Rule, compose, keep, kv_in, o_out, q_in, transpose
+from converters.gguf_arches import ARCHITECTURES, GGUFMeta
+from converters.keymap import Rule
 from hdex_jax.config import ModelConfig
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-# Rope scaling kinds (llama.rope.scaling.type) the canonical model implements for GGUF.
+__all__ = ["SUPPORTED_ARCHITECTURES", "GGUFSource", "config_from_gguf", "load_gguf", "open_reader"]
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
+# Rope scaling kinds (<arch>.rope.scaling.type) the canonical model implements for GGUF.
 _ROPE_SCALING_KINDS = ("none", "linear")
-# llama.cpp's default when a file leaves rope.freq_base out.
+# llama.cpp's default when a file leaves rope.freq_base out (gemma, falcon and gpt2-style writers do).
 _DEFAULT_ROPE_THETA = 10000.0
+# Tensors of rope scaling the canonical model does not implement: per-frequency factors (llama3 scaling) and
+# Phi-3's longrope factors.
+_REFUSED_TENSORS = {
+    "rope_freqs.weight": "per-frequency rope scaling, as llama.cpp writes for llama3 scaling",
+    "rope_factors_long.weight": "longrope scaling (Phi-3 128k)",
+    "rope_factors_short.weight": "longrope scaling (Phi-3 128k)",
+}
+# The epsilon key of each norm kind.
+_EPS_KEYS = {"rmsnorm": "attention.layer_norm_rms_epsilon", "layernorm": "attention.layer_norm_epsilon"}
 
 
 def open_reader(path: str | Path) -> gguf.GGUFReader:
@@ -38,114 +50,80 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
         raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
 
 
-def _field(reader: gguf.GGUFReader, key: str, path: Path, default: Any = None, required: bool = False) -> Any:
-    field = reader.get_field(key)
+def _metadata(reader: gguf.GGUFReader, path: Path) -> GGUFMeta:
+    """The file's metadata, or UnsupportedModelError for an architecture not declared in gguf_arches."""
+    field = reader.get_field("general.architecture")
     if field is None:
-        if required:
-            raise CheckpointError(f"{path} has no metadata key {key!r}, which a llama GGUF needs")
-        return default
-    return field.contents()
+        raise CheckpointError(f"{path} has no metadata key 'general.architecture', which a GGUF file needs")
+    arch = field.contents()
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
+                                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return GGUFMeta(reader, arch, path)
+
+
+def _rope(meta: GGUFMeta, head_dim: int, permuted: bool) -> dict[str, Any]:
+    """theta, linear scaling and the rotary fraction of a rope architecture."""
+    rope_dim = int(meta.get("rope.dimension_count") or head_dim)
+    if rope_dim != head_dim and permuted:
+        raise CheckpointError(f"{meta.path}: {meta.arch}.rope.dimension_count={rope_dim} differs from the head size "
+                              f"{head_dim}; partial rotary embeddings are not supported for {meta.arch} GGUF files")
+    scaling_kind = meta.get("rope.scaling.type", "none")
+    if scaling_kind not in _ROPE_SCALING_KINDS:
+        raise CheckpointError(f"{meta.path}: rope scaling type {scaling_kind!r} ({meta.arch}.rope.scaling.type) is "
+                              f"not supported (supported: {', '.join(_ROPE_SCALING_KINDS)})")
+    scaling: tuple[tuple[str, Any], ...] = ()
+    if scaling_kind == "linear":
+        scaling = (("factor", float(meta.get("rope.scaling.factor", required=True))), ("rope_type", "linear"))
+    return {"rope_theta": float(meta.get("rope.freq_base", _DEFAULT_ROPE_THETA)), "rope_scaling": scaling,
+            "partial_rotary_factor": rope_dim / head_dim}
 
 
 def config_from_gguf(reader: gguf.GGUFReader, path: str | Path) -> ModelConfig:
-    """ModelConfig from a GGUF file's metadata."""
-    path = Path(path)
-    arch = _field(reader, "general.architecture", path, required=True)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
-                                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(f"{path} has a rope_freqs tensor (per-frequency rope scaling, as llama.cpp writes "
-                              f"for llama3 scaling), which is not supported for GGUF")
+    """ModelConfig from a GGUF file's metadata and tensor names."""
+    meta = _metadata(reader, Path(path))
+    arch = ARCHITECTURES[meta.arch]
+    for name, what in _REFUSED_TENSORS.items():
+        if meta.has(name):
+            raise CheckpointError(f"{meta.path} has a {name.removesuffix('.weight')} tensor ({what}), which is not "
+                                  f"supported for GGUF")
+    hidden = int(meta.get("embedding_length", required=True))
+    heads = int(meta.get("attention.head_count", required=True))
+    head_dim = int(meta.get("attention.key_length") or hidden // heads)
+    fields = dict(arch.fixed)
+    if fields["positions"] == "rope":
+        fields.update(_rope(meta, head_dim, arch.permuted_qk))
+    fields.update(arch.from_file(meta))
 
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
-        return _field(reader, f"{arch}.{key}", path, default, required)
-
-    hidden = int(get("embedding_length", required=True))
-    heads = int(get("attention.head_count", required=True))
-    head_dim = int(get("attention.key_length") or hidden // heads)
-    rope_dim = int(get("rope.dimension_count") or head_dim)
-    if rope_dim != head_dim:
-        raise CheckpointError(f"{path}: {arch}.rope.dimension_count={rope_dim} differs from the head size "
-                              f"{head_dim}; partial rotary embeddings are not supported for GGUF")
-
-    scaling_kind = get("rope.scaling.type", "none")
-    if scaling_kind not in _ROPE_SCALING_KINDS:
-        raise CheckpointError(f"{path}: rope scaling type {scaling_kind!r} ({arch}.rope.scaling.type) is not "
-                              f"supported (supported: {', '.join(_ROPE_SCALING_KINDS)})")
-    scaling: tuple[tuple[str, Any], ...] = ()
-    if scaling_kind == "linear":
-        scaling = (("factor", float(get("rope.scaling.factor", required=True))), ("rope_type", "linear"))
-
-    tokens = _field(reader, "tokenizer.ggml.tokens", path)
-    vocab = len(tokens) if tokens is not None else get("vocab_size")
+    vocab = meta.count("tokenizer.ggml.tokens") or meta.get("vocab_size")
     if vocab is None:
-        raise CheckpointError(f"{path} has neither tokenizer.ggml.tokens nor {arch}.vocab_size, so its vocabulary "
-                              f"size is unknown")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id", path)
+        raise CheckpointError(f"{meta.path} has neither tokenizer.ggml.tokens nor {meta.arch}.vocab_size, so its "
+                              f"vocabulary size is unknown")
+    eos = meta.general("tokenizer.ggml.eos_token_id")
     return ModelConfig(
-        model_type=arch,
+        model_type=meta.arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        num_layers=int(get("block_count", required=True)),
+        num_layers=int(meta.get("block_count", required=True)),
         num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv") or heads),
+        num_kv_heads=int(meta.get("attention.head_count_kv") or heads),
         head_dim=head_dim,
-        intermediate_size=int(get("feed_forward_length", required=True)),
-        max_position_embeddings=int(get("context_length", required=True)),
+        intermediate_size=int(meta.get("feed_forward_length", required=True)),
+        max_position_embeddings=int(meta.get("context_length", required=True)),
         embed_dim=hidden,
-        norm="rmsnorm",
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", required=True)),
-        positions="rope",
-        rope_theta=float(get("rope.freq_base", _DEFAULT_ROPE_THETA)),
-        rope_scaling=scaling,
-        activation="silu",
-        gated_mlp=True,
+        norm_eps=float(meta.get(_EPS_KEYS[fields["norm"]], required=True)),
+        # Which optional tensors exist is not in the metadata; llama.cpp, too, looks at the tensors (of layer 0).
+        qkv_bias=meta.has("blk.0.attn_q.bias") or meta.has("blk.0.attn_qkv.bias"),
+        o_bias=meta.has("blk.0.attn_output.bias"),
+        mlp_bias=meta.has("blk.0.ffn_up.bias") or meta.has("blk.0.ffn_down.bias"),
+        lm_head_bias=meta.has("output.bias"),
         # llama.cpp writes no output.weight when the model ties it to the embedding.
-        tie_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", path),
+        tie_embeddings=not meta.has("output.weight"),
+        bos_token_id=meta.general("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", path),
+        pad_token_id=meta.general("tokenizer.ggml.padding_token_id"),
+        **fields,
     )
-
-
-def unpermute(x: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation.
-
-    llama.cpp writes `w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)`:
-    within each head, rows (first half, second half) are interleaved into pairs. This is its inverse.
-    """
-    return x.reshape(num_heads, x.shape[0] // num_heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _unpermute_q(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    return unpermute(x, cfg.num_heads)
-
-
-def _unpermute_k(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    return unpermute(x, cfg.num_kv_heads)
-
-
-def key_map(cfg: ModelConfig) -> list[Rule]:
-    """GGUF llama tensor names -> canonical names."""
-    layer = r"blk\.(?P<layer>\d+)\."
-    rules = [
-        Rule(r"token_embd\.weight", "embed", keep),
-        Rule(layer + r"attn_norm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"ffn_norm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"attn_q\.weight", "layers/attn/q/w", compose(_unpermute_q, q_in)),
-        Rule(layer + r"attn_k\.weight", "layers/attn/k/w", compose(_unpermute_k, kv_in)),
-        Rule(layer + r"attn_v\.weight", "layers/attn/v/w", kv_in),
-        Rule(layer + r"attn_output\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"ffn_gate\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"ffn_up\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"ffn_down\.weight", "layers/mlp/down/w", transpose),
-        Rule(r"output_norm\.weight", "final_norm/scale", keep),
-    ]
-    if not cfg.tie_embeddings:
-        rules.append(Rule(r"output\.weight", "lm_head/w", transpose))
-    return rules
 
 
 class GGUFSource:
@@ -179,4 +157,4 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, GGUFSource, list[Rule]]:
     """Config, tensor source and key map of a GGUF file."""
     reader = open_reader(path)
     cfg = config_from_gguf(reader, path)
-    return cfg, GGUFSource(reader, path), key_map(cfg)
+    return cfg, GGUFSource(reader, path), ARCHITECTURES[cfg.model_type].key_map(cfg)
