@@ -67,6 +67,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from converters.gguf_arches import ARCHITECTURES
     from converters.gguf_file import SUPPORTED_ARCHITECTURES
     from converters.registry import all_families
 
@@ -84,7 +85,10 @@ def _models(args: argparse.Namespace) -> int:
         print(f"      {'; '.join(family.mechanisms)}")
         if family.limits:
             print(f"      limits: {family.limits}")
-    print(f"GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    print("GGUF architectures (llama.cpp files; quantized tensors are dequantized to float32):")
+    for arch in SUPPORTED_ARCHITECTURES:
+        limits = ARCHITECTURES[arch].limits
+        print(f"  {arch}" + (f"  (limits: {limits})" if limits else ""))
     print(f"Default model: {hub.DEFAULT_MODEL} (GGUF from the PyPI wheel {hub.DEFAULT_WHEEL})")
     return 0
 
