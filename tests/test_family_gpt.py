@@ -15,10 +15,10 @@ from converters.registry import get_converter
 from tests.family_parity import Reference, save_random_model
 
 # Tiny sizes: 4 heads, so 3 and 4 devices pad heads; ids 0-2 are pad, bos, eos.
-TOKENS = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-GPT_SIZES = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=128, **TOKENS)
-NEOX_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                  max_position_embeddings=128, **TOKENS)
+TOKENS = {"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+GPT_SIZES = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 96, "n_positions": 128, **TOKENS}
+NEOX_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+              "max_position_embeddings": 128, **TOKENS}
 
 # Each family with its distinctive mechanism switched on: GPT-J and GPT-NeoX rotate only part of each head
 # (GPT-J's interleaved pairs are permuted by the converter), GPTBigCode with multi-query attention (its other

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from converters.families.gpt2 import LAYER_NORM_EPS, attention_scale, gpt_sizes, refuse_cross_attention
+from converters.families.gpt2 import (
+    LAYER_NORM_EPS,
+    attention_scale,
+    gpt_sizes,
+    refuse_cross_attention,
+)
 from converters.families.gpt_neox import split_per_head_qkv
 from converters.family import Family
 from converters.hf_config import activation, require
