@@ -100,7 +100,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="bigcode/tiny_starcoder_py",
-    mechanisms=("learned positions", "LayerNorm", "gelu_pytorch_tanh MLP", "biases", "multi-query attention (fused c_attn [q | k | v])", "multi_query=false (per-head fused c_attn)", "tied LM head"),
+    mechanisms=("learned positions", "LayerNorm", "gelu_pytorch_tanh MLP", "biases", "multi-query attention (fused c_attn: all q heads, one k, one v)", "multi_query=false (per-head fused c_attn)", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="add_cross_attention is refused",
