@@ -285,12 +285,12 @@ def test_save_tokenizer_without_tokenizer_files(tmp_path: Path, saved: Callable[
 def test_unknown_model_type(tmp_path: Path, saved: Callable[..., Path]) -> None:
     directory = _copy(saved("llama"), tmp_path / "ckpt")
     hf = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**hf, "model_type": "gpt_neox"}))
+    (directory / "config.json").write_text(json.dumps({**hf, "model_type": "rwkv"}))
     for call in (lambda: load_checkpoint(directory), lambda: load_config(directory),
-                 lambda: config_from_hf({**hf, "model_type": "gpt_neox"})):
+                 lambda: config_from_hf({**hf, "model_type": "rwkv"})):
         with pytest.raises(UnsupportedModelError) as info:
             call()
-        assert "gpt_neox" in str(info.value)
+        assert "rwkv" in str(info.value)
         assert all(t in str(info.value) for t in SUPPORTED_MODEL_TYPES)
     assert set(SUPPORTED_MODEL_TYPES) >= {"llama", "mistral", "qwen2", "opt"}
 
