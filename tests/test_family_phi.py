@@ -25,6 +25,8 @@ _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 CONFIGS = {
     # Fused qkv_proj and gate_up_proj, partial rotary, a window shorter than the sequences.
     "phi3": lambda: transformers.Phi3Config(**_SIZES, partial_rotary_factor=0.5, sliding_window=6),
+    # LayerNorm with bias, q/k/v biases (StableLM 2), sequential residual, a quarter of each head rotated.
+    "stablelm": lambda: transformers.StableLmConfig(**_SIZES, use_qkv_bias=True),
     # LayerNorm with bias, c_fc/c_proj tanh-GELU MLP with biases, tied head, sliding window.
     "starcoder2": lambda: transformers.Starcoder2Config(**_SIZES, sliding_window=5),
 }
