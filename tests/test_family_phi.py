@@ -52,7 +52,7 @@ def test_stablelm_parallel_residual(tmp_path):
     """`use_parallel_residual`: no post_attention_layernorm, both sublayers read input_layernorm (one device;
     the parallel block is checked on 3 and 4 devices through Phi)."""
     # Seed 1: with seed 0 the eos id is the argmax at one step, which transformers' generate masks
-    # (min_new_tokens) and hdex_jax does not, so the token sequences part although every logit agrees.
+    # (min_new_tokens) and hdex_jax does not, so the token sequences part there.
     directory = save_random_model(transformers.StableLmConfig(**_SIZES, use_parallel_residual=True), tmp_path,
                                   seed=1)
     Reference.of(directory).check(1)
@@ -81,6 +81,10 @@ def test_phi3_fused_split_matches_transformers_projections(tmp_path):
     ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
      "rope scaling 'longrope'"),
     ("phi3", "rope_scaling", {"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}, "rope scaling 'su'"),
+    ("phi", "qk_layernorm", True, "qk_layernorm=true"),
+    ("stablelm", "qk_layernorm", True, "qk_layernorm=true"),
+    ("olmo", "clip_qkv", 8.0, "clip_qkv=8.0"),
+    ("starcoder2", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope scaling 'linear'"),
 ])
 def test_refused_options(model_type: str, key: str, value, message: str):
     """An option the canonical model does not implement is a CheckpointError naming the file and the option."""
@@ -88,3 +92,12 @@ def test_refused_options(model_type: str, key: str, value, message: str):
     family = converters.get_converter(model_type)
     with pytest.raises(CheckpointError, match=f"my/config.json.*{message}"):
         family.config_from_hf(json.loads(json.dumps(hf)), "my/config.json")
+
+
+@pytest.mark.parametrize("model_type, partial", [("phi", 0.5), ("stablelm", 0.25), ("phi3", 1.0)])
+def test_partial_rotary_default_of_pre_v5_configs(model_type: str, partial: float):
+    """A config.json written before transformers 5 (top-level rope_theta, no partial_rotary_factor) gets the
+    factor the family's config class assumes, which differs per family."""
+    hf = {"model_type": model_type, **_SIZES, "rope_theta": 500.0, "rope_scaling": None}
+    cfg = converters.get_converter(model_type).config_from_hf(hf, "config.json")
+    assert (cfg.rope_theta, cfg.partial_rotary_factor) == (500.0, partial)
