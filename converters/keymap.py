@@ -8,6 +8,9 @@ The mapping is strict, because a silently skipped or doubled tensor gives a mode
 every checkpoint tensor must match exactly one rule, every declared weight (and every layer of it) must be
 found exactly once, every transformed tensor must have the shape `param_specs` declares, and every value
 must be finite (a NaN or inf weight converts and runs, and silently turns every output into garbage).
+
+Mixture-of-experts checkpoints store one tensor per expert (Mixtral's `experts.3.w1.weight`): a rule whose
+regex also has an `expert` group maps one expert of one layer of a weight declared `[L, experts, ...]`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from hdex_jax.params import flatten, param_specs
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 
 _LAYER_GROUP = r"(?P<layer>\d+)"
+_EXPERT_GROUP = r"(?P<expert>\d+)"
 
 
 def keep(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -79,7 +83,8 @@ def compose(*transforms: Transform) -> Transform:
 class Rule:
     """One entry of a key map.
 
-    `pattern` must match the whole tensor name; a group written `(?P<layer>\\d+)` carries the layer index.
+    `pattern` must match the whole tensor name; a group written `(?P<layer>\\d+)` carries the layer index, and
+    one written `(?P<expert>\\d+)` (with a layer group) the expert index of a per-expert tensor.
     `target` is the canonical name, or None for a tensor that is known and deliberately not used. A fused
     tensor (GPT-2's `c_attn`, Phi-3's `gate_up_proj`, ...) has a tuple of targets, and its transform returns
     one array per target, in order.
@@ -106,9 +111,15 @@ class Rule:
         """Whether the rule maps one layer of a stacked per-layer weight."""
         return _LAYER_GROUP in self.pattern
 
+    @property
+    def per_expert(self) -> bool:
+        """Whether the rule maps one expert of one layer of a stacked `[L, experts, ...]` weight."""
+        return _EXPERT_GROUP in self.pattern
+
     def example(self, layer: int | None = None) -> str:
         """A readable tensor name this rule expects, for error messages (optional prefixes in brackets)."""
         text = self.pattern.replace(_LAYER_GROUP, str(layer) if layer is not None else "N")
+        text = text.replace(_EXPERT_GROUP, "E")
         text = re.sub(r"\(\?:([^()]*)\)\?", r"[\1]", text)
         return text.replace("\\", "")
 
@@ -152,6 +163,12 @@ class _Match:
     name: str
     rule: Rule
     layer: int | None
+    expert: int | None = None
+
+    @property
+    def index(self) -> tuple[int, ...]:
+        """Where the tensor goes in its stacked target: (), (layer,) or (layer, expert)."""
+        return tuple(i for i in (self.layer, self.expert) if i is not None)
 
 
 def _match_all(source: TensorSource, rules: Sequence[Rule]) -> list[_Match]:
@@ -168,18 +185,25 @@ def _match_all(source: TensorSource, rules: Sequence[Rule]) -> list[_Match]:
                                   f"{[rule.pattern for rule, _ in hits]}")
         rule, m = hits[0]
         layer = int(m.group("layer")) if rule.per_layer else None
-        matches.append(_Match(name, rule, layer))
+        expert = int(m.group("expert")) if rule.per_expert else None
+        matches.append(_Match(name, rule, layer, expert))
     if unmapped:
         raise CheckpointError(f"{source.checkpoint} has unmapped tensors (no converter rule for them): "
                               f"{', '.join(unmapped)}")
     return matches
 
 
-def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict[tuple[str, int | None], _Match]:
-    """(canonical name, layer) -> the tensor that provides it, checking for extra, duplicate and missing ones."""
+# (canonical name, layer or None, expert or None): one slot a checkpoint tensor fills.
+_Key = tuple[str, int | None, int | None]
+
+
+def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict[_Key, _Match]:
+    """(canonical name, layer, expert) -> the tensor that provides it, checking for extra, duplicate and missing
+    ones. The expert is None except for per-expert tensors; a layer of an expert stack comes either whole or
+    one tensor per expert."""
     specs = flatten(param_specs(cfg))
     derived = {rule.target for rule in rules if isinstance(rule, Derived)}
-    plan: dict[tuple[str, int | None], _Match] = {}
+    plan: dict[_Key, _Match] = {}
     for match in _match_all(source, [rule for rule in rules if isinstance(rule, Rule)]):
         where = f"{match.name} (in {source.location(match.name)})"
         for target in match.rule.targets:
@@ -189,16 +213,29 @@ def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict
             if (specs[target].axes[0] == "layers") != match.rule.per_layer:
                 raise ValueError(f"key-map rule {match.rule.pattern!r} and the declaration of {target!r} disagree "
                                  f"on whether it is per-layer")
+            if match.rule.per_expert and specs[target].axes[1] != "experts":
+                raise ValueError(f"key-map rule {match.rule.pattern!r} is per-expert, but {target!r} is not "
+                                 f"declared with an experts axis")
             if match.layer is not None and match.layer >= cfg.num_layers:
                 raise CheckpointError(f"tensor {where} is for layer {match.layer}, but the config has "
                                       f"{cfg.num_layers} layers")
-            key = (target, match.layer)
-            if key in plan:
-                other = plan[key].name
-                raise CheckpointError(f"duplicate tensors for {target!r}"
-                                      f"{'' if match.layer is None else f' layer {match.layer}'}: {other} (in "
-                                      f"{source.location(other)}) and {where}")
-            plan[key] = match
+            if match.expert is not None and match.expert >= cfg.num_experts:
+                raise CheckpointError(f"tensor {where} is for expert {match.expert}, but the config has "
+                                      f"{cfg.num_experts} experts")
+            # A whole layer and one of its experts overlap too.
+            clashes = [(target, match.layer, match.expert)]
+            if match.rule.per_expert:
+                clashes.append((target, match.layer, None))
+            elif match.layer is not None and specs[target].axes[1:2] == ("experts",):
+                clashes += [(target, match.layer, e) for e in range(cfg.num_experts)]
+            for key in clashes:
+                if key in plan:
+                    other = plan[key].name
+                    at = "".join(f" {what} {i}" for what, i in (("layer", match.layer), ("expert", match.expert))
+                                 if i is not None)
+                    raise CheckpointError(f"duplicate tensors for {target!r}{at}: {other} (in "
+                                          f"{source.location(other)}) and {where}")
+            plan[(target, match.layer, match.expert)] = match
 
     by_target = {target: rule for rule in reversed(rules) if isinstance(rule, Rule) for target in rule.targets}
     missing = []
@@ -206,8 +243,10 @@ def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict
         if target in derived:
             continue
         layers: list[int | None] = list(range(cfg.num_layers)) if spec.axes[0] == "layers" else [None]
+        experts = range(cfg.num_experts) if spec.axes[1:2] == ("experts",) else range(0)
         for layer in layers:
-            if (target, layer) not in plan:
+            if (target, layer, None) not in plan and not (
+                    experts and all((target, layer, e) in plan for e in experts)):
                 rule = by_target.get(target)
                 missing.append(f"{rule.example(layer) if rule else target} (for {target!r}"
                                f"{'' if layer is None else f' layer {layer}'})")
@@ -250,11 +289,8 @@ def convert(source: TensorSource, rules: Sequence[Rule | Derived], cfg: ModelCon
         values = values if isinstance(match.rule.target, tuple) else (values,)
         for target, value in zip(targets, values, strict=True):
             shape = specs[target].shape
-            _check_value(value, shape[1:] if match.layer is not None else shape, target, raw, where)
-            if match.layer is None:
-                out[target][...] = value
-            else:
-                out[target][match.layer] = value
+            _check_value(value, shape[len(match.index):], target, raw, where)
+            out[target][match.index] = value
     for rule in rules:
         if isinstance(rule, Derived) and rule.target in specs:
             out[rule.target][...] = rule.compute(cfg)

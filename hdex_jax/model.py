@@ -143,9 +143,11 @@ def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Arra
     mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S + T]
     # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_cache)
-           + jnp.einsum("bkgtu,bukd->btkgd", probs[..., S:], v))  # [B, T, KV, G, hd]
-    return out.reshape(B, T, H, hd)
+    # The cache product keeps the cache's own [S, hd] layout ("bkgts,bksd->bkgtd"): asking for [B, T, ...]
+    # directly made XLA transpose (copy) every layer's V cache each step.
+    out = (jnp.einsum("bkgts,bksd->bkgtd", probs[..., :S], v_cache)
+           + jnp.einsum("bkgtu,bukd->bkgtd", probs[..., S:], v))  # [B, KV, G, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:

@@ -343,6 +343,8 @@ class AutoModelForCausalLM:
         """
         import transformers
 
+        import converters
+
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
             max_length = check_max_length("max_length", max_length)
@@ -352,7 +354,9 @@ class AutoModelForCausalLM:
         # max_length the decode mesh settled on.
         decode, length = _load_placement(model_id, model_dir, lpu, 0, token, max_length)
         prefill = _load_placement(model_id, model_dir, gpu, lpu, token, length)[0] if gpu else None
-        tokenizer = transformers.AutoTokenizer.from_pretrained(artifacts.ckpt_dir(model_dir))
+        ckpt = artifacts.ckpt_dir(model_dir)
+        # A checkpoint compiled without tokenizer files runs on token ids only.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt) if converters.has_tokenizer(ckpt) else None
         return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
 
 
