@@ -197,7 +197,7 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
 
 def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     if cfg.final_norm:
-        h = _norm(h, params["final_norm"], cfg)
+        h = _norm(h, params.get("final_norm", {}), cfg)
     if cfg.projects_embeddings:
         h = h @ params["project_out"]  # [B, E]
     # A tied head contracts the embedding [V/N, E] on E as it is stored: a transpose would copy it every step.

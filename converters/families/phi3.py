@@ -1,0 +1,104 @@
+"""Phi-3 checkpoints (microsoft/Phi-3-mini-4k-instruct, Phi-3-medium-4k): a Llama-like decoder whose attention
+and MLP inputs are fused.
+
+`self_attn.qkv_proj.weight` is `[(H + 2 KV) * hd, D]`, rows q then k then v, each head-major (transformers
+slices it at H*hd and H*hd + KV*hd). `mlp.gate_up_proj.weight` is `[2F, D]`, rows gate then up
+(`chunk(2)`, the first half through the activation). No projection has a bias. RMSNorm, SiLU, optional
+partial rotary and a sliding window on every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from converters.families._rotary import unscaled_rope
+from converters.family import Family
+from converters.hf_config import activation, require
+from converters.keymap import Rule, ignore, keep, kv_in, o_out, q_in, transpose
+from hdex_jax.config import ModelConfig, eos_ids
+
+MODEL_TYPES = ("phi3",)
+
+# Phi3Config's default; config.json files of the released models all state it.
+_RMS_NORM_EPS = 1e-5
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a phi3 `config.json` dict; `source` names the file in errors."""
+    hidden = int(require(hf, "hidden_size", source))
+    heads = int(require(hf, "num_attention_heads", source))
+    theta, partial = unscaled_rope(hf, source, default_partial=1.0)
+    return ModelConfig(
+        model_type="phi3",
+        vocab_size=int(require(hf, "vocab_size", source)),
+        hidden_size=hidden,
+        num_layers=int(require(hf, "num_hidden_layers", source)),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        intermediate_size=int(require(hf, "intermediate_size", source)),
+        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
+        embed_dim=hidden,
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps") or _RMS_NORM_EPS),
+        positions="rope",
+        rope_theta=theta,
+        partial_rotary_factor=partial,
+        sliding_window=hf.get("sliding_window"),
+        activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
+        gated_mlp=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def split_qkv(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fused `qkv_proj.weight` `[(H + 2 KV) * hd, D]` -> q `[D, H, hd]`, k and v `[D, KV, hd]`."""
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if x.shape[0] != q_rows + 2 * kv_rows:
+        raise ValueError(f"expected {q_rows + 2 * kv_rows} rows (q {q_rows}, k and v {kv_rows} each)")
+    q, k, v = np.split(x, [q_rows, q_rows + kv_rows])
+    return q_in(q, cfg), kv_in(k, cfg), kv_in(v, cfg)
+
+
+def split_gate_up(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Fused `gate_up_proj.weight` `[2F, D]` -> gate and up `[D, F]` each."""
+    if x.shape[0] != 2 * cfg.intermediate_size:
+        raise ValueError(f"expected {2 * cfg.intermediate_size} rows (gate then up)")
+    gate, up = np.split(x, 2)
+    return transpose(gate, cfg), transpose(up, cfg)
+
+
+def key_map(cfg: ModelConfig) -> list[Rule]:
+    """HF tensor names of Phi-3 -> canonical names."""
+    layer = r"model\.layers\.(?P<layer>\d+)\."
+    rules = [
+        Rule(r"model\.embed_tokens\.weight", "embed", keep),
+        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
+        Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
+        Rule(layer + r"self_attn\.qkv_proj\.weight", ("layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w"),
+             split_qkv),
+        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
+        Rule(layer + r"mlp\.gate_up_proj\.weight", ("layers/mlp/gate/w", "layers/mlp/up/w"), split_gate_up),
+        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        Rule(r"model\.norm\.weight", "final_norm/scale", keep),
+    ]
+    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
+    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    return rules
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="microsoft/Phi-3-mini-4k-instruct",
+    mechanisms=("fused qkv_proj [q; k; v]", "fused gate_up_proj [gate; up]", "RMSNorm", "SiLU-gated MLP",
+                "rotate-half RoPE (partial)", "grouped-query attention", "sliding window"),
+    config_from_hf=config_from_hf,
+    key_map=key_map,
+    limits="rope scaling (longrope/su of the 128k models, Phi-3.5, Phi-4-mini) is refused",
+)
