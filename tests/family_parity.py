@@ -63,10 +63,12 @@ class Reference:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        # No stop token on either side: transformers' min_new_tokens would instead forbid eos, which hdex_jax
+        # (given no stop ids) may still pick.
+        model.generation_config.eos_token_id = None
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=STEPS,
-                                 min_new_tokens=STEPS, pad_token_id=0, output_logits=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=STEPS, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
         logits = torch.stack(out.logits, dim=1).float().numpy()
         return cls(directory, prompts, out.sequences[:, width:].tolist(), logits)
 

@@ -51,10 +51,7 @@ def test_parity(reference: Reference, num_device: int):
 def test_stablelm_parallel_residual(tmp_path):
     """`use_parallel_residual`: no post_attention_layernorm, both sublayers read input_layernorm (one device;
     the parallel block is checked on 3 and 4 devices through Phi)."""
-    # Seed 1: with seed 0 the eos id is the argmax at one step, which transformers' generate masks
-    # (min_new_tokens) and hdex_jax does not, so the token sequences part there.
-    directory = save_random_model(transformers.StableLmConfig(**_SIZES, use_parallel_residual=True), tmp_path,
-                                  seed=1)
+    directory = save_random_model(transformers.StableLmConfig(**_SIZES, use_parallel_residual=True), tmp_path)
     Reference.of(directory).check(1)
 
 
