@@ -59,7 +59,9 @@ def _compile(args: argparse.Namespace) -> int:
     from hdex_jax.tools import AutoCompiler
 
     AutoCompiler().compile(args.model, num_device=validation.check_num_device("--num-device", args.num_device),
-                           max_length=validation.check_max_length("--max-length", args.max_length))
+                           max_length=validation.check_max_length("--max-length", args.max_length),
+                           low_memory_usage=args.low_memory_usage, fast_compile=not args.full_compile,
+                           force=args.force)
     return 0
 
 
@@ -102,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                       help=f"longest sequence served (default: {DEFAULT_MAX_LENGTH}, capped at the model's "
                            f"positions)")
+    comp.add_argument("--force", action="store_true",
+                      help="redo every phase, replacing what an earlier compile wrote (e.g. a corrupted file)")
+    comp.add_argument("--low-memory-usage", action="store_true",
+                      help="delete the downloaded checkpoint file (in HDEX_HOME/downloads) after conversion")
+    comp.add_argument("--full-compile", action="store_true",
+                      help="fast_compile=False: export every bucket up to --max-length and XLA-compile each")
     comp.set_defaults(func=_compile)
 
     models = sub.add_parser("models", help="list the supported model families")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hdex_jax import artifacts, hub
@@ -16,11 +17,17 @@ class AutoTokenizer:
         """The tokenizer saved in the compiled `ckpt/` of `model_id`; if the model is not compiled yet, the
         tokenizer of its source (a local directory, a GGUF file, the default model or the Hub)."""
         import converters
-        import transformers
 
         token = check_token("token", token)
         ckpt = artifacts.ckpt_dir(hub.model_dir(model_id))
         if artifacts.read_manifest(ckpt) is not None:
-            return transformers.AutoTokenizer.from_pretrained(ckpt, **kwargs)
+            return load_tokenizer(ckpt, **kwargs)
         source = hub.fetch_checkpoint(model_id, token)
         return converters.load_tokenizer(source, **kwargs)
+
+
+def load_tokenizer(ckpt: Path, **kwargs: Any) -> Any:
+    """The Hugging Face fast tokenizer saved in a compiled `ckpt/` directory."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(ckpt, **kwargs)
