@@ -91,7 +91,7 @@ def _example_batch(bucket: Bucket, max_length: int) -> Batch:
 
 
 def _spec(x: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=getattr(x, "sharding", None))
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
 
 
 def _avals(avals: Any) -> list[list[Any]]:

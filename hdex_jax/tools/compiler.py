@@ -118,10 +118,9 @@ class AutoCompiler:
         if ckpt_manifest is not None and ckpt_manifest.get("source") != source:
             # Another checkpoint with the same name was compiled here: its layouts and programs are stale too.
             _say(f"{model_dir} holds {ckpt_manifest.get('source')}, not {source}; compiling afresh")
-            ckpt_manifest = param_manifest = None
-        if ckpt_manifest is None:
             for derived in ("param", "inst"):
                 shutil.rmtree(model_dir / derived, ignore_errors=True)
+            ckpt_manifest = param_manifest = None
 
         if ckpt_manifest is not None:
             cfg = ModelConfig.load(ckpt)
