@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hdex_jax.transformers import AutoModelForCausalLM, TextStreamer
+    from hdex_jax.transformers import AutoModelForCausalLM
 
     if not args.prompt:
         raise ValueError("the prompt is empty: give the text to continue")
@@ -50,8 +50,17 @@ def _generate(args: argparse.Namespace) -> int:
         # Instruct models answer a chat turn, not raw text: wrap the prompt as the user's message.
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(list(ids), streamer=streamer, **kwargs)
+    # Print the answer as it forms: the decoded text grows by whole characters (a token that ends inside a
+    # multi-byte character decodes to U+FFFD until the rest arrives). Needs no transformers import.
+    new: list[int] = []
+    printed = ""
+    for token in model.generate_yield(list(ids), **kwargs):
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    print(flush=True)
     return 0
 
 

@@ -303,3 +303,32 @@ def test_fast_compile_exports_the_common_buckets_and_full_compile_all(home, tmp_
     assert {(b["prompt"], b["cache"]) for b in manifest["buckets"]} == {(16, 32), (16, 64), (32, 64)}
     # fast_compile=False also XLA-compiled every program into the persistent cache beside the model.
     assert len(list(inst.xla_cache_dir(artifacts.inst_dir(model_dir, 1)).iterdir())) >= len(manifest["programs"])
+
+
+# --------------------------------------------------------------------------------------------- quick tokenizer
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<s>system\nYou are helpful.</s>\n' }}{% endif %}"
+          "{{ '<s>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}")
+
+
+def test_quick_tokenizer_equals_transformers(tmp_path):
+    import transformers
+
+    from hdex_jax.transformers.tokenizer import Tokenizer
+
+    directory = save_tiny_tokenizer(tmp_path / "tok")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    ours, theirs = Tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+    chat = [{"role": "user", "content": "héllo wörld, 2 + 2?"}]
+    for add in (True, False):
+        for tokenize in (True, False):
+            assert ours.apply_chat_template(chat, add_generation_prompt=add, tokenize=tokenize) == \
+                theirs.apply_chat_template(chat, add_generation_prompt=add, tokenize=tokenize, return_dict=False)
+    ids = ours.encode("héllo wörld </s> again")
+    assert ids == theirs.encode("héllo wörld </s> again")
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert ours.eos_token_id == theirs.eos_token_id  # anything else is transformers' tokenizer's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -17,7 +17,8 @@ from hdex_jax.layout import head_layout, padded_config
 from hdex_jax.sampling import SamplingConfig
 from hdex_jax.sharding import make_mesh, param_shardings
 from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH, AutoCompiler, cap_max_length
-from hdex_jax.transformers.streamer import TextStreamer
+if TYPE_CHECKING:  # transformers (under TextStreamer) takes seconds to import: only when a streamer is used
+    from hdex_jax.transformers.streamer import TextStreamer
 from hdex_jax.validation import (
     check_bool,
     check_int,
@@ -348,7 +349,7 @@ class AutoModelForCausalLM:
         whole and the first and last MiB of large ones; `verify="full"` hashes every byte. A bad file raises
         `artifacts.ArtifactError` naming it and how to compile again.
         """
-        from hdex_jax.transformers.tokenizer import load_tokenizer
+        from hdex_jax.transformers.tokenizer import Tokenizer
 
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
@@ -366,7 +367,7 @@ class AutoModelForCausalLM:
             # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones.
             decode, length = _load_placement(model_id, model_dir, lpu, 0, level, programs=not gpu)
             prefill = _load_placement(model_id, model_dir, gpu, lpu, level, programs=False)[0] if gpu else None
-            tokenizer = load_tokenizer(ckpt)
+            tokenizer = Tokenizer(ckpt)
         return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
 
 
