@@ -170,6 +170,13 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def current_manifest(directory: Path) -> dict[str, Any] | None:
+    """`read_manifest`, but None also for a directory written by an hdex_jax before file hashes (and the
+    safetensors weight layout) were recorded: a compile rewrites such a directory."""
+    manifest = read_manifest(directory)
+    return manifest if manifest is not None and "files" in manifest else None
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest` as the directory's COMPLETE file, atomically (a reader sees the old one or the new one)."""
     tmp = directory / f".{COMPLETE}.tmp"

@@ -112,8 +112,8 @@ class AutoCompiler:
         ckpt = artifacts.ckpt_dir(model_dir)
         params_dir = artifacts.param_dir(model_dir, num_device)
         inst_dir = artifacts.inst_dir(model_dir, num_device)
-        ckpt_manifest = None if force else artifacts.read_manifest(ckpt)
-        param_manifest = None if force else artifacts.read_manifest(params_dir)
+        ckpt_manifest = None if force else artifacts.current_manifest(ckpt)
+        param_manifest = None if force else artifacts.current_manifest(params_dir)
         source = hub.source_key(model_id)
         if ckpt_manifest is not None and ckpt_manifest.get("source") != source:
             # Another checkpoint with the same name was compiled here: its layouts and programs are stale too.
@@ -130,7 +130,7 @@ class AutoCompiler:
 
         max_length = cap_max_length(model_id, max_length, cfg)
         wanted = inst.buckets(max_length, fast_compile)
-        inst_manifest = artifacts.read_manifest(inst_dir)
+        inst_manifest = artifacts.current_manifest(inst_dir)
         inst_current = inst_manifest is not None and not force and inst.reusable(inst_manifest, max_length, wanted)
         if param_manifest is not None and inst_current:
             artifacts.write_manifest(params_dir, {**param_manifest, "max_length": max_length})

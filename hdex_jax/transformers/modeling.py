@@ -387,11 +387,11 @@ def _compile_if_needed(model_id: str, model_dir: Path, num_device: int, token: s
     """Compile `model_id` for `num_device` devices when its weights or programs are missing, or compiled for
     another `max_length` (None: any)."""
     params_dir = artifacts.param_dir(model_dir, num_device)
-    manifest = artifacts.read_manifest(params_dir)
+    manifest = artifacts.current_manifest(params_dir)
     reason = None
-    if manifest is None:
-        reason = f"{model_id} is not compiled for {num_device} device(s) yet"
-    elif artifacts.read_manifest(artifacts.inst_dir(model_dir, num_device)) is None:
+    if manifest is None or artifacts.current_manifest(artifacts.ckpt_dir(model_dir)) is None:
+        reason = f"{model_id} is not compiled for {num_device} device(s) yet (or by an older hdex_jax)"
+    elif artifacts.current_manifest(artifacts.inst_dir(model_dir, num_device)) is None:
         reason = f"{model_id} has no compiled programs for {num_device} device(s) yet"
     elif max_length is not None:
         max_length = cap_max_length(model_id, max_length, ModelConfig.load(artifacts.ckpt_dir(model_dir)))
