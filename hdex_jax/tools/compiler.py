@@ -123,6 +123,8 @@ class AutoCompiler:
             ckpt_manifest = param_manifest = None
 
         if ckpt_manifest is not None:
+            # Laying out a damaged checkpoint would give the damage fresh hashes: check it first.
+            artifacts.verify(ckpt, ckpt_manifest, "cheap", artifacts.remedy(model_id, num_device))
             cfg = ModelConfig.load(ckpt)
             _say(f"Phase 1-3/4: {model_id} is already converted ({ckpt}); reusing it")
         else:
