@@ -29,11 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hdex_jax import pytree
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
@@ -55,7 +55,7 @@ from hdex_jax.validation import per_row
 _MIN_STOP_SLOTS = 4
 
 
-@struct.dataclass
+@pytree.dataclass
 class Request:
     """The runtime inputs of one generation besides the prompts, one entry per row."""
 
@@ -66,7 +66,7 @@ class Request:
     pad_id: jax.Array  # [] int32
 
 
-@struct.dataclass
+@pytree.dataclass
 class DecodeState:
     cache: KVCache
     seen: jax.Array  # [B, V] bool: ids already in each row (repetition penalty)
