@@ -206,6 +206,10 @@ def xla_cache_dir(inst_dir: Path) -> Path:
     return inst_dir.parent / "xla_cache"
 
 
+# The cache directories `use_xla_cache` set (any other one was the user's).
+_cache_dirs_set: set[str] = set()
+
+
 def use_xla_cache(directory: Path) -> None:
     """Keep JAX's persistent compilation cache in `directory`, for every program this process compiles from now
     on (all sizes and compile times), unless the user set a cache directory of their own. A directory that
@@ -213,7 +217,7 @@ def use_xla_cache(directory: Path) -> None:
     from jax.experimental.compilation_cache import compilation_cache
 
     current = jax.config.jax_compilation_cache_dir
-    if current == str(directory) or (current and not current.endswith("/xla_cache")):
+    if current == str(directory) or (current and current not in _cache_dirs_set):
         return
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -223,3 +227,4 @@ def use_xla_cache(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     compilation_cache.reset_cache()
+    _cache_dirs_set.add(str(directory))
