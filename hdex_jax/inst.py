@@ -16,6 +16,8 @@ model in `xla_cache/` (`use_xla_cache`), keeps that result, so it is paid once p
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -129,11 +131,26 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
 
 
 def environment() -> dict[str, str]:
-    """What the exported programs are tied to: a different value anywhere means tracing instead."""
+    """What the exported programs are tied to: a different value anywhere means tracing instead. Besides jax
+    and the platform, the source of the hdex_jax modules the programs are traced from: programs exported by
+    another version of them could compute something else."""
     import jaxlib
 
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": jax.default_backend(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "hdex_jax_code": _code_hash()}
+
+
+# The modules whose code the exported programs are traced from.
+_PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "model", "params", "pytree", "sampling",
+                    "sharding")
+
+
+@functools.cache
+def _code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in _PROGRAM_MODULES:
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _callable(program: export.Exported, name: str) -> Callable[..., Any]:
@@ -182,8 +199,9 @@ def load(directory: Path, num_device: int, max_length: int, level: str, remedy: 
     here = environment()
     recorded = {key: manifest.get(key) for key in here}
     if recorded != here:
-        _notice_once(f"{directory} was exported with {recorded}, this process runs {here}; tracing the programs "
-                     f"instead (same tokens, slower start-up); {remedy} to export them for this environment")
+        changed = ", ".join(f"{key} {recorded[key]} -> {here[key]}" for key in here if recorded[key] != here[key])
+        _notice_once(f"{directory} was exported by another environment ({changed}); tracing the programs instead "
+                     f"(same tokens, slower start-up); {remedy} to export them for this one")
         return None
     if manifest.get("format") != FORMAT or manifest.get("max_length") != max_length or \
             manifest.get("mesh_shape") != {"lpu": num_device}:
