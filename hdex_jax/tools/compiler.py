@@ -139,7 +139,9 @@ class AutoCompiler:
             _say(f"Phase 4/4: {model_id} is already compiled for {num_device} device(s); reusing {params_dir} "
                  f"and {inst_dir}")
             return
-        with _timed(f"Phase 4/4: laying out the weights for {num_device} device(s) and exporting their programs"):
+        weights = (f"reusing the weights in {params_dir}" if param_manifest is not None
+                   else f"laying out the weights for {num_device} device(s)")
+        with _timed(f"Phase 4/4: {weights} and exporting their programs"):
             placement = self._write_params(ckpt, params_dir, num_device, max_length, param_manifest)
             self._write_programs(placement, inst_dir, max_length, wanted, precompile=not fast_compile)
 
