@@ -298,6 +298,7 @@ def test_fast_compile_exports_the_common_buckets_and_full_compile_all(home, tmp_
     assert set(fast) < set(full) and max(b.prompt for b in full) == 2048
     assert all(b.cache <= 4096 and b.batch == 1 for b in full)
     directory = save_tiny_model("llama", tmp_path / "tiny-full-compile")
+    save_tiny_tokenizer(directory)
     model_dir = AutoCompiler().compile(str(directory), num_device=1, max_length=2 * MAX_LENGTH, fast_compile=False)
     manifest = artifacts.read_manifest(artifacts.inst_dir(model_dir, 1))
     assert {(b["prompt"], b["cache"]) for b in manifest["buckets"]} == {(16, 32), (16, 64), (32, 64)}
