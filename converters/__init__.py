@@ -5,7 +5,7 @@
     # params: {"embed": [V, E], "layers/attn/q/w": [L, D, H, hd], ...} float32 numpy,
     # exactly the names and shapes of hdex_jax.params.flatten(param_specs(cfg)).
 
-One module per checkpoint family (llama.py covers llama/mistral/qwen2, opt.py OPT) declares a config
+One module per checkpoint family in converters/families/ (llama.py covers llama/mistral/qwen2, ...) declares a config
 mapping and a regex key map; keymap.py applies key maps strictly; registry.py dispatches on model_type.
 """
 
@@ -32,9 +32,15 @@ __all__ = [
     "config_from_hf",
     "load_checkpoint",
     "load_config",
+    "has_tokenizer",
     "load_tokenizer",
     "save_tokenizer",
 ]
+
+# Files any Hugging Face tokenizer is saved as (fast, sentencepiece, BPE, WordPiece); a directory with none of
+# them has no tokenizer, and its model runs on token ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "merges.txt", "vocab.txt")
 
 
 def _is_gguf(path: Path) -> bool:
@@ -95,6 +101,14 @@ def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConf
     else:
         raise CheckpointError(f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file")
     return cfg, convert(source, rules, cfg, progress)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether the checkpoint directory or `.gguf` file carries a tokenizer at all."""
+    path = Path(path)
+    if _is_gguf(path):
+        return gguf_file.open_reader(path).get_field("tokenizer.ggml.tokens") is not None
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str | Path, **kwargs: Any) -> Any:

@@ -8,6 +8,9 @@ The mapping is strict, because a silently skipped or doubled tensor gives a mode
 every checkpoint tensor must match exactly one rule, every declared weight (and every layer of it) must be
 found exactly once, every transformed tensor must have the shape `param_specs` declares, and every value
 must be finite (a NaN or inf weight converts and runs, and silently turns every output into garbage).
+
+Mixture-of-experts checkpoints store one tensor per expert (Mixtral's `experts.3.w1.weight`): a rule whose
+regex also has an `expert` group maps one expert of one layer of a weight declared `[L, experts, ...]`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from hdex_jax.params import flatten, param_specs
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 
 _LAYER_GROUP = r"(?P<layer>\d+)"
+_EXPERT_GROUP = r"(?P<expert>\d+)"
 
 
 def keep(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -79,13 +83,23 @@ def compose(*transforms: Transform) -> Transform:
 class Rule:
     """One entry of a key map.
 
-    `pattern` must match the whole tensor name; a group written `(?P<layer>\\d+)` carries the layer index.
-    `target` is the canonical name, or None for a tensor that is known and deliberately not used.
+    `pattern` must match the whole tensor name; a group written `(?P<layer>\\d+)` carries the layer index, and
+    one written `(?P<expert>\\d+)` (with a layer group) the expert index of a per-expert tensor.
+    `target` is the canonical name, or None for a tensor that is known and deliberately not used. A fused
+    tensor (GPT-2's `c_attn`, Phi-3's `gate_up_proj`, ...) has a tuple of targets, and its transform returns
+    one array per target, in order.
     """
 
     pattern: str
-    target: str | None
+    target: str | tuple[str, ...] | None
     transform: Transform = keep
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The canonical names this rule provides (none for an ignored tensor)."""
+        if self.target is None:
+            return ()
+        return (self.target,) if isinstance(self.target, str) else self.target
 
     @property
     def regex(self) -> re.Pattern[str]:
@@ -97,11 +111,25 @@ class Rule:
         """Whether the rule maps one layer of a stacked per-layer weight."""
         return _LAYER_GROUP in self.pattern
 
+    @property
+    def per_expert(self) -> bool:
+        """Whether the rule maps one expert of one layer of a stacked `[L, experts, ...]` weight."""
+        return _EXPERT_GROUP in self.pattern
+
     def example(self, layer: int | None = None) -> str:
         """A readable tensor name this rule expects, for error messages (optional prefixes in brackets)."""
         text = self.pattern.replace(_LAYER_GROUP, str(layer) if layer is not None else "N")
+        text = text.replace(_EXPERT_GROUP, "E")
         text = re.sub(r"\(\?:([^()]*)\)\?", r"[\1]", text)
         return text.replace("\\", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """A declared array that no checkpoint stores, computed from the config (ALiBi's per-head slopes)."""
+
+    target: str
+    compute: Callable[[ModelConfig], np.ndarray]
 
 
 def ignore(pattern: str) -> Rule:
@@ -135,6 +163,12 @@ class _Match:
     name: str
     rule: Rule
     layer: int | None
+    expert: int | None = None
+
+    @property
+    def index(self) -> tuple[int, ...]:
+        """Where the tensor goes in its stacked target: (), (layer,) or (layer, expert)."""
+        return tuple(i for i in (self.layer, self.expert) if i is not None)
 
 
 def _match_all(source: TensorSource, rules: Sequence[Rule]) -> list[_Match]:
@@ -151,45 +185,68 @@ def _match_all(source: TensorSource, rules: Sequence[Rule]) -> list[_Match]:
                                   f"{[rule.pattern for rule, _ in hits]}")
         rule, m = hits[0]
         layer = int(m.group("layer")) if rule.per_layer else None
-        matches.append(_Match(name, rule, layer))
+        expert = int(m.group("expert")) if rule.per_expert else None
+        matches.append(_Match(name, rule, layer, expert))
     if unmapped:
         raise CheckpointError(f"{source.checkpoint} has unmapped tensors (no converter rule for them): "
                               f"{', '.join(unmapped)}")
     return matches
 
 
-def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict[tuple[str, int | None], _Match]:
-    """(canonical name, layer) -> the tensor that provides it, checking for extra, duplicate and missing ones."""
-    specs = flatten(param_specs(cfg))
-    plan: dict[tuple[str, int | None], _Match] = {}
-    for match in _match_all(source, rules):
-        target = match.rule.target
-        if target is None:
-            continue
-        where = f"{match.name} (in {source.location(match.name)})"
-        if target not in specs:
-            raise CheckpointError(f"tensor {where} maps to {target!r}, which this {cfg.model_type} configuration "
-                                  f"does not have (config and weights disagree)")
-        if (specs[target].axes[0] == "layers") != match.rule.per_layer:
-            raise ValueError(f"key-map rule {match.rule.pattern!r} and the declaration of {target!r} disagree "
-                             f"on whether it is per-layer")
-        if match.layer is not None and match.layer >= cfg.num_layers:
-            raise CheckpointError(f"tensor {where} is for layer {match.layer}, but the config has "
-                                  f"{cfg.num_layers} layers")
-        key = (target, match.layer)
-        if key in plan:
-            other = plan[key].name
-            raise CheckpointError(f"duplicate tensors for {target!r}"
-                                  f"{'' if match.layer is None else f' layer {match.layer}'}: {other} (in "
-                                  f"{source.location(other)}) and {where}")
-        plan[key] = match
+# (canonical name, layer or None, expert or None): one slot a checkpoint tensor fills.
+_Key = tuple[str, int | None, int | None]
 
-    by_target = {rule.target: rule for rule in reversed(rules) if rule.target is not None}
+
+def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict[_Key, _Match]:
+    """(canonical name, layer, expert) -> the tensor that provides it, checking for extra, duplicate and missing
+    ones. The expert is None except for per-expert tensors; a layer of an expert stack comes either whole or
+    one tensor per expert."""
+    specs = flatten(param_specs(cfg))
+    derived = {rule.target for rule in rules if isinstance(rule, Derived)}
+    plan: dict[_Key, _Match] = {}
+    for match in _match_all(source, [rule for rule in rules if isinstance(rule, Rule)]):
+        where = f"{match.name} (in {source.location(match.name)})"
+        for target in match.rule.targets:
+            if target not in specs:
+                raise CheckpointError(f"tensor {where} maps to {target!r}, which this {cfg.model_type} "
+                                      f"configuration does not have (config and weights disagree)")
+            if (specs[target].axes[0] == "layers") != match.rule.per_layer:
+                raise ValueError(f"key-map rule {match.rule.pattern!r} and the declaration of {target!r} disagree "
+                                 f"on whether it is per-layer")
+            if match.rule.per_expert and specs[target].axes[1] != "experts":
+                raise ValueError(f"key-map rule {match.rule.pattern!r} is per-expert, but {target!r} is not "
+                                 f"declared with an experts axis")
+            if match.layer is not None and match.layer >= cfg.num_layers:
+                raise CheckpointError(f"tensor {where} is for layer {match.layer}, but the config has "
+                                      f"{cfg.num_layers} layers")
+            if match.expert is not None and match.expert >= cfg.num_experts:
+                raise CheckpointError(f"tensor {where} is for expert {match.expert}, but the config has "
+                                      f"{cfg.num_experts} experts")
+            # A whole layer and one of its experts overlap too.
+            clashes = [(target, match.layer, match.expert)]
+            if match.rule.per_expert:
+                clashes.append((target, match.layer, None))
+            elif match.layer is not None and specs[target].axes[1:2] == ("experts",):
+                clashes += [(target, match.layer, e) for e in range(cfg.num_experts)]
+            for key in clashes:
+                if key in plan:
+                    other = plan[key].name
+                    at = "".join(f" {what} {i}" for what, i in (("layer", match.layer), ("expert", match.expert))
+                                 if i is not None)
+                    raise CheckpointError(f"duplicate tensors for {target!r}{at}: {other} (in "
+                                          f"{source.location(other)}) and {where}")
+            plan[(target, match.layer, match.expert)] = match
+
+    by_target = {target: rule for rule in reversed(rules) if isinstance(rule, Rule) for target in rule.targets}
     missing = []
     for target, spec in specs.items():
+        if target in derived:
+            continue
         layers: list[int | None] = list(range(cfg.num_layers)) if spec.axes[0] == "layers" else [None]
+        experts = range(cfg.num_experts) if spec.axes[1:2] == ("experts",) else range(0)
         for layer in layers:
-            if (target, layer) not in plan:
+            if (target, layer, None) not in plan and not (
+                    experts and all((target, layer, e) in plan for e in experts)):
                 rule = by_target.get(target)
                 missing.append(f"{rule.example(layer) if rule else target} (for {target!r}"
                                f"{'' if layer is None else f' layer {layer}'})")
@@ -198,36 +255,45 @@ def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict
     return plan
 
 
-def convert(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig,
+def _check_value(value: np.ndarray, expected: tuple[int, ...], target: str, raw: np.ndarray, where: str) -> None:
+    if value.shape != expected:
+        raise CheckpointError(f"tensor {where} has shape {raw.shape}; as {target!r} it should be {expected} but "
+                              f"is {value.shape}")
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"tensor {where} has {int(np.isnan(value).sum())} NaN and "
+                              f"{int(np.isinf(value).sum())} infinite value(s); the checkpoint is corrupt or "
+                              f"overflowed its dtype")
+
+
+def convert(source: TensorSource, rules: Sequence[Rule | Derived], cfg: ModelConfig,
             progress: bool = False) -> dict[str, np.ndarray]:
     """Read and transform every tensor of `source` into the flat canonical params of `cfg` (float32 numpy).
 
     All names are matched and checked before any tensor data is read, so a bad checkpoint fails fast; a tensor
-    with NaN or infinite values is a CheckpointError naming it.
+    with NaN or infinite values is a CheckpointError naming it. Each tensor is read once, also when a fused
+    tensor provides several canonical weights.
     """
     specs = flatten(param_specs(cfg))
     plan = _plan(source, rules, cfg)
     out = {target: np.empty(spec.shape, np.float32) for target, spec in specs.items()}
-    for (target, layer), match in tqdm(sorted(plan.items(), key=lambda kv: kv[1].name), desc="converting",
-                                       unit="tensor", disable=not progress):
-        expected = specs[target].shape[1:] if layer is not None else specs[target].shape
+    matches = sorted({match.name: match for match in plan.values()}.values(), key=lambda m: m.name)
+    for match in tqdm(matches, desc="converting", unit="tensor", disable=not progress):
+        where = f"{match.name} (in {source.location(match.name)})"
+        targets = match.rule.targets
         raw = source.read(match.name)
         try:
-            value = match.rule.transform(raw, cfg)
+            values = match.rule.transform(raw, cfg)
         except ValueError as e:  # a reshape into heads that cannot work: the tensor has the wrong size
-            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape "
-                                  f"{raw.shape}, which does not fit {target!r} {expected}: {e}") from e
-        if value.shape != expected:
-            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has shape {raw.shape}; "
-                                  f"as {target!r} it should be {expected} but is {value.shape}")
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"tensor {match.name} (in {source.location(match.name)}) has "
-                                  f"{int(np.isnan(value).sum())} NaN and {int(np.isinf(value).sum())} infinite "
-                                  f"value(s); the checkpoint is corrupt or overflowed its dtype")
-        if layer is None:
-            out[target][...] = value
-        else:
-            out[target][layer] = value
+            raise CheckpointError(f"tensor {where} has shape {raw.shape}, which does not fit {list(targets)}: "
+                                  f"{e}") from e
+        values = values if isinstance(match.rule.target, tuple) else (values,)
+        for target, value in zip(targets, values, strict=True):
+            shape = specs[target].shape
+            _check_value(value, shape[len(match.index):], target, raw, where)
+            out[target][match.index] = value
+    for rule in rules:
+        if isinstance(rule, Derived) and rule.target in specs:
+            out[rule.target][...] = rule.compute(cfg)
     return out
 
 

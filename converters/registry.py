@@ -1,39 +1,41 @@
-"""model_type -> the converter for that family of Hugging Face checkpoints."""
+"""model_type -> the `Family` that converts it, found in the modules of `converters.families`."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+import importlib
+import pkgutil
 
-from converters import llama, opt
+from converters import families
 from converters.errors import UnsupportedModelError
-from converters.keymap import Rule
-from hdex_jax.config import ModelConfig
+from converters.family import Family
 
 
-@dataclasses.dataclass(frozen=True)
-class Converter:
-    """What a family provides: its config.json -> ModelConfig, and its tensor key map for a config."""
-
-    config_from_hf: Callable[[Mapping[str, Any], str], ModelConfig]
-    key_map: Callable[[ModelConfig], list[Rule]]
-
-
-_LLAMA = Converter(llama.config_from_hf, llama.key_map)
-_OPT = Converter(opt.config_from_hf, opt.key_map)
-
-_CONVERTERS: dict[str, Converter] = {
-    **{model_type: _LLAMA for model_type in llama.MODEL_TYPES},
-    **{model_type: _OPT for model_type in opt.MODEL_TYPES},
-}
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_CONVERTERS)
+def _discover() -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for module_info in sorted(pkgutil.iter_modules(families.__path__), key=lambda m: m.name):
+        family = getattr(importlib.import_module(f"{families.__name__}.{module_info.name}"), "FAMILY", None)
+        if not isinstance(family, Family):
+            continue
+        for model_type in family.model_types:
+            if model_type in found:
+                raise RuntimeError(f"model_type {model_type!r} is declared by two families")
+            found[model_type] = family
+    return found
 
 
-def get_converter(model_type: str | None, source: str = "config.json") -> Converter:
-    """The converter for `model_type`, or an UnsupportedModelError listing the supported types."""
-    if model_type not in _CONVERTERS:
+_FAMILIES = _discover()
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
+
+
+def all_families() -> list[Family]:
+    """Every family once, in model_type order."""
+    return list({id(f): f for f in (_FAMILIES[t] for t in SUPPORTED_MODEL_TYPES)}.values())
+
+
+def get_converter(model_type: str | None, source: str = "config.json") -> Family:
+    """The family of `model_type`, or an UnsupportedModelError listing the supported types."""
+    if model_type not in _FAMILIES:
         raise UnsupportedModelError(f"{source}: model_type {model_type!r} is not supported "
                                     f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    return _CONVERTERS[model_type]
+    return _FAMILIES[model_type]

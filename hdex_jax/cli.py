@@ -44,6 +44,9 @@ def _generate(args: argparse.Namespace) -> int:
         validation.check_temperature("--temperature", args.temperature)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": num_device})
     tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer, so hdex generate cannot encode a text prompt; call "
+                         f"AutoModelForCausalLM.from_pretrained(...).generate(token_ids) from Python instead")
     if args.raw or not getattr(tokenizer, "chat_template", None):
         ids = tokenizer.encode(args.prompt)
     else:
@@ -75,11 +78,24 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    import converters
+    from converters.gguf_file import SUPPORTED_ARCHITECTURES
+    from converters.registry import all_families
 
-    print("Supported model families (config.json model_type, or GGUF architecture 'llama'):")
-    for model_type in converters.SUPPORTED_MODEL_TYPES:
-        print(f"  {model_type}")
+    families = all_families()
+    if args.markdown:
+        print("| model_type | example checkpoint | mechanisms | limits |")
+        print("|---|---|---|---|")
+        for family in families:
+            print(f"| {', '.join(family.model_types)} | `{family.example}` | {'; '.join(family.mechanisms)} | "
+                  f"{family.limits or '-'} |")
+        return 0
+    print("Supported model families (config.json model_type):")
+    for family in families:
+        print(f"  {', '.join(family.model_types)}  (e.g. {family.example})")
+        print(f"      {'; '.join(family.mechanisms)}")
+        if family.limits:
+            print(f"      limits: {family.limits}")
+    print(f"GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
     print(f"Default model: {hub.DEFAULT_MODEL} (GGUF from the PyPI wheel {hub.DEFAULT_WHEEL})")
     return 0
 
@@ -121,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fast_compile=False: export every bucket up to --max-length and XLA-compile each")
     comp.set_defaults(func=_compile)
 
-    models = sub.add_parser("models", help="list the supported model families")
+    models = sub.add_parser("models", help="list the supported model families and their mechanisms")
+    models.add_argument("--markdown", action="store_true", help="print the list as a Markdown table")
     models.set_defaults(func=_models)
 
     add_estimate_parser(sub)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 Norm = Literal["rmsnorm", "layernorm"]
-Positions = Literal["rope", "learned"]
+Positions = Literal["rope", "learned", "alibi", "none"]
 Activation = Literal["silu", "relu", "gelu", "gelu_tanh"]
 
 CONFIG_FILE = "hdex_config.json"
@@ -45,6 +45,20 @@ class ModelConfig:
     norm_eps: float = 1e-6
     pre_norm: bool = True
     final_norm: bool = True
+    # Whether norms carry a learned scale, and (LayerNorm only) a learned bias: OLMo's LayerNorm has neither,
+    # MPT's no bias.
+    norm_scale: bool = True
+    norm_bias: bool = True
+    # Gemma 2: a norm on each sublayer's output too, before it joins the residual stream.
+    post_norms: bool = False
+    # Bloom: a LayerNorm right after the token embedding.
+    embed_norm: bool = False
+    # Gemma: the embedding is multiplied by this (sqrt(hidden_size)) before the first layer.
+    embed_scale: float | None = None
+    # Parallel residual (GPT-J, GPT-NeoX, Falcon, Phi): h + attn(ln1(h)) + mlp(ln2(h)), and with
+    # `shared_norm` (GPT-J, Phi, Falcon-7B) both sublayers read ln1(h) and there is no ln2.
+    parallel_residual: bool = False
+    shared_norm: bool = False
     # Positions.
     positions: Positions = "rope"
     position_offset: int = 0
@@ -53,13 +67,24 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
+    # Which layers use `sliding_window` (Gemma 2 alternates); empty means every layer does.
+    sliding_layers: tuple[bool, ...] = ()
+    # Attention: the score scale (None is head_dim ** -0.5), and tanh soft-capping of scores and final logits
+    # (Gemma 2): x -> cap * tanh(x / cap).
+    attention_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     # MLP.
     activation: Activation = "silu"
     gated_mlp: bool = True
+    # Mixture of experts (Mixtral): each token's MLP is the router-weighted sum of its top-k experts' MLPs.
+    num_experts: int = 0
+    experts_per_token: int = 0
     # Which projections carry biases.
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    lm_head_bias: bool = False
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -80,8 +105,15 @@ class ModelConfig:
                              f"({self.num_kv_heads})")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"ModelConfig.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
-        if self.positions not in ("rope", "learned"):
-            raise ValueError(f"ModelConfig.positions must be 'rope' or 'learned', got {self.positions!r}")
+        if self.positions not in ("rope", "learned", "alibi", "none"):
+            raise ValueError(f"ModelConfig.positions must be 'rope', 'learned', 'alibi' or 'none', got "
+                             f"{self.positions!r}")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
+                             f"{self.num_layers} layers")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"ModelConfig.experts_per_token must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.experts_per_token}")
         if self.activation not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not supported")
 
@@ -89,6 +121,17 @@ class ModelConfig:
     def projects_embeddings(self) -> bool:
         """True when embeddings are narrower than the residual stream (opt-350m's project_in/out)."""
         return self.embed_dim != self.hidden_size
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None when it attends to every earlier position."""
+        if self.sliding_layers and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
+
+    @property
+    def has_ln2(self) -> bool:
+        """Whether layers have a second norm (before the MLP); not when a parallel block shares ln1."""
+        return not (self.parallel_residual and self.shared_norm)
 
     @property
     def stored_vocab_size(self) -> int:
@@ -131,6 +174,7 @@ class ModelConfig:
         fields = json.loads(text)
         fields["rope_scaling"] = tuple(tuple(item) for item in fields.get("rope_scaling", ()))
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+        fields["sliding_layers"] = tuple(fields.get("sliding_layers", ()))
         return cls(**fields)
 
     def save(self, directory: str | Path) -> None:

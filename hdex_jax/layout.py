@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from hdex_jax.config import ModelConfig
+from hdex_jax.params import flatten, param_specs
 from hdex_jax.validation import check_int
 
 
@@ -93,28 +94,26 @@ def _pad_kv_heads(x: np.ndarray, axis: int, layout: HeadLayout) -> np.ndarray:
 
 
 def pad_params(flat: dict[str, np.ndarray], cfg: ModelConfig, num_device: int) -> dict[str, np.ndarray]:
-    """Canonical flat params of `cfg` -> those of `padded_config(cfg, num_device)` (numpy, unsharded)."""
+    """Canonical flat params of `cfg` -> those of `padded_config(cfg, num_device)` (numpy, unsharded).
+
+    Driven by the declarations: every axis declared "heads", "kv_heads", "ffn" or "vocab" is padded (or its
+    KV heads replicated) to the padded config's size, whatever the weight is called.
+    """
     layout = head_layout(cfg, num_device)
     padded = padded_config(cfg, num_device)
-    # Axis of the head dimension in each head-carrying weight (after the leading layer axis).
-    q_axes = {"layers/attn/q/w": 2, "layers/attn/q/b": 1, "layers/attn/o/w": 1}
-    kv_axes = {f"layers/attn/{n}/{p}": (2 if p == "w" else 1) for n in ("k", "v") for p in ("w", "b")}
-    # Axis of the vocabulary or FFN features in the weights that carry them.
-    vocab_axes = {"embed": 0, "lm_head/w": 1}
-    ffn_axes = {"layers/mlp/up/w": 2, "layers/mlp/up/b": 1, "layers/mlp/gate/w": 2, "layers/mlp/gate/b": 1,
-                "layers/mlp/down/w": 1}
+    pads = {
+        "heads": lambda x, axis: _pad_q_heads(x, axis, layout),
+        "kv_heads": lambda x, axis: _pad_kv_heads(x, axis, layout),
+        "ffn": lambda x, axis: _pad_axis(x, axis, padded.intermediate_size),
+        "vocab": lambda x, axis: _pad_axis(x, axis, padded.stored_vocab_size),
+    }
+    specs = flatten(param_specs(cfg))
     out = {}
     for name, value in flat.items():
-        if name in q_axes:
-            out[name] = _pad_q_heads(np.asarray(value), q_axes[name], layout)
-        elif name in kv_axes:
-            out[name] = _pad_kv_heads(np.asarray(value), kv_axes[name], layout)
-        elif name in vocab_axes:
-            out[name] = _pad_axis(np.asarray(value), vocab_axes[name], padded.stored_vocab_size)
-        elif name in ffn_axes:
-            out[name] = _pad_axis(np.asarray(value), ffn_axes[name], padded.intermediate_size)
-        else:
-            out[name] = value
+        for axis, logical in enumerate(specs[name].axes):
+            if logical in pads:
+                value = pads[logical](np.asarray(value), axis)
+        out[name] = value
     return out
 
 

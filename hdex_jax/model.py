@@ -39,15 +39,25 @@ _ACTIVATIONS = {
 
 
 def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
-    """RMSNorm or LayerNorm over the last axis, computed in float32 as the references do."""
+    """RMSNorm or LayerNorm over the last axis, computed in float32 as the references do, with whichever of
+    scale and bias the family learns (`p` is empty for OLMo's non-parametric LayerNorm)."""
     x32 = x.astype(jnp.float32)
     if cfg.norm == "rmsnorm":
-        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-        return (p["scale"] * y.astype(x.dtype)).astype(x.dtype)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * lax.rsqrt(var + cfg.norm_eps)
-    return (y * p["scale"] + p["bias"]).astype(x.dtype)
+        y = (x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)).astype(x.dtype)
+    else:
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + cfg.norm_eps)
+    if "scale" in p:
+        y = y * p["scale"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y.astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft-capping cap * tanh(x / cap), which bounds scores smoothly; identity without a cap."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def _linear(x: jax.Array, p: dict, spec: str) -> jax.Array:
@@ -114,22 +124,47 @@ def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array] | None, cfg: ModelCo
 
 
 def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
-               masks: tuple[jax.Array, jax.Array]) -> jax.Array:
+               masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None, cfg: ModelConfig) -> jax.Array:
     """Grouped-query attention of a block of T queries over the cache slots written before it and the block's
-    own keys and values (which are written to the cache only afterwards)."""
+    own keys and values (which are written to the cache only afterwards).
+
+    `alibi` is the ALiBi bias of this device's heads [H, T, S + T], or None.
+    """
     # q: [B, T, H, hd]; k_cache, v_cache: [B, KV, S, hd]; k, v: [B, T, KV, hd]; masks: [B, T, S], [B, T, T]
     B, T, H, hd = q.shape
     KV, S = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
     cached = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
     block = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, T]
-    scores = jnp.concatenate([cached, block], axis=-1) * (hd ** -0.5)  # [B, KV, G, T, S + T]
+    scale = cfg.attention_scale if cfg.attention_scale is not None else hd ** -0.5
+    scores = _softcap(jnp.concatenate([cached, block], axis=-1) * scale, cfg.attn_softcap)  # [B, KV, G, T, S + T]
+    if alibi is not None:
+        scores = scores + alibi.reshape(KV, H // KV, T, S + T)
     mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S + T]
     # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :S], v_cache)
-           + jnp.einsum("bkgtu,bukd->btkgd", probs[..., S:], v))  # [B, T, KV, G, hd]
-    return out.reshape(B, T, H, hd)
+    # The cache product keeps the cache's own [S, hd] layout ("bkgts,bksd->bkgtd"): asking for [B, T, ...]
+    # directly made XLA transpose (copy) every layer's V cache each step.
+    out = (jnp.einsum("bkgts,bksd->bkgtd", probs[..., :S], v_cache)
+           + jnp.einsum("bkgtu,bukd->bkgtd", probs[..., S:], v))  # [B, KV, G, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """Mixtral's sparse MLP: the router's top-k experts per token, weighted by their renormalised softmax
+    probabilities (as transformers routes). Every expert is computed and the others get weight zero, which adds
+    exactly nothing: at decode's few tokens the experts' weights are read either way."""
+    # x: [B, T, D]; router [D, E]; gate, up [E, D, F/N]; down [E, F/N, D]
+    logits = jnp.einsum("btd,de->bte", x, p["router"]["w"], preferred_element_type=jnp.float32)  # [B, T, E]
+    top_probs, top_experts = lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.experts_per_token)  # [B, T, K]
+    top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    weights = jnp.sum(jax.nn.one_hot(top_experts, cfg.num_experts, dtype=jnp.float32) * top_probs[..., None],
+                      axis=-2).astype(x.dtype)  # [B, T, E]
+    act = _ACTIVATIONS[cfg.activation]
+    gate = jnp.einsum("btd,edf->btef", x, p["gate"]["w"])  # [B, T, E, F/N]
+    up = jnp.einsum("btd,edf->btef", x, p["up"]["w"])
+    hidden = act(gate) * up * weights[..., None]
+    return _esl_sync(jnp.einsum("btef,efd->btd", hidden, p["down"]["w"]))  # [B, T, D]
 
 
 def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
@@ -149,10 +184,14 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
     local = tokens - lax.axis_index(LPU_AXIS) * table.shape[0]
     inside = (local >= 0) & (local < table.shape[0])
     x = _esl_sync(jnp.where(inside[..., None], table[jnp.clip(local, 0, table.shape[0] - 1)], 0))  # [B, T, E]
+    if cfg.embed_scale is not None:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     if cfg.projects_embeddings:
         x = x @ params["project_in"]  # [B, T, D]
     if cfg.positions == "learned":
         x = x + params["pos_embed"][positions + cfg.position_offset]
+    if cfg.embed_norm:
+        x = _norm(x, params["embed_norm"], cfg)
     return x
 
 
@@ -166,6 +205,9 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
         local = jnp.einsum("be,ve->bv", h, params["embed"], preferred_element_type=jnp.float32)  # [B, V/N]
     else:
         local = jnp.einsum("be,ev->bv", h, params["lm_head"]["w"], preferred_element_type=jnp.float32)
+    if cfg.lm_head_bias:
+        local = local + params["lm_head"]["b"]
+    local = _softcap(local, cfg.final_softcap)
     if not _single_device():
         with jax.named_scope("esl_sync"):
             local = lax.all_gather(local, LPU_AXIS, axis=1, tiled=True)  # [B, V + padding]
@@ -173,27 +215,44 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-           tables: tuple[jax.Array, jax.Array] | None, masks: tuple[jax.Array, jax.Array],
+           tables: tuple[jax.Array, jax.Array] | None, masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None,
            cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache."""
+    """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache.
+
+    Sequential pre-LN (h + attn(ln1 h), then + mlp(ln2 h)), post-LN (OPT-350m), or parallel
+    (h + attn(ln1 h) + mlp(ln2 h), ln2 = ln1 with `shared_norm`); Gemma 2 also norms each sublayer's output.
+    """
     # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; masks: [B, T, S] over the cache, [B, T, T] in the block
-    x = _norm(h, lp["ln1"], cfg) if cfg.pre_norm else h
+    x = _norm(h, lp.get("ln1", {}), cfg) if cfg.pre_norm else h
     with jax.named_scope("qkv"):
         q, k, v = _split_heads(_fused(x, lp["attn"]["qkv"]), cfg)  # [B, T, H/N, hd], [B, T, KV/N, hd] x 2
         q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
     with jax.named_scope("attention"):
-        attn = _attention(q, k_cache, v_cache, k, v, masks)  # [B, T, H, hd]
+        attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg)  # [B, T, H, hd]
         attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
         # Written after attention has read the cache: the update is then done in place (with
         # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
         k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))
         v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
-    h = h + attn if cfg.pre_norm else _norm(h + attn, lp["ln1"], cfg)
+    if cfg.post_norms:
+        attn = _norm(attn, lp.get("ln1_post", {}), cfg)
+    if cfg.parallel_residual:
+        mlp_in = x if cfg.shared_norm else _norm(h, lp.get("ln2", {}), cfg)
+        with jax.named_scope("ffn"):
+            return h + attn + _ffn(mlp_in, lp, cfg), k_cache, v_cache
+    h = h + attn if cfg.pre_norm else _norm(h + attn, lp.get("ln1", {}), cfg)
     with jax.named_scope("ffn"):
-        x = _norm(h, lp["ln2"], cfg) if cfg.pre_norm else h
-        out = _mlp(x, lp["mlp"], cfg)
-    h = h + out if cfg.pre_norm else _norm(h + out, lp["ln2"], cfg)
+        x = _norm(h, lp.get("ln2", {}), cfg) if cfg.pre_norm else h
+        out = _ffn(x, lp, cfg)
+    if cfg.post_norms:
+        out = _norm(out, lp.get("ln2_post", {}), cfg)
+    h = h + out if cfg.pre_norm else _norm(h + out, lp.get("ln2", {}), cfg)
     return h, k_cache, v_cache
+
+
+def _ffn(x: jax.Array, lp: Params, cfg: ModelConfig) -> jax.Array:
+    """The layer's MLP, dense or mixture of experts."""
+    return _moe(x, lp["moe"], cfg) if cfg.num_experts else _mlp(x, lp["mlp"], cfg)
 
 
 def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
@@ -208,17 +267,30 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
     tables = rope_tables(positions, cfg) if cfg.positions == "rope" else None
 
     q_slot = start + jnp.arange(T)  # [T]
-    k_slot = jnp.arange(S)  # [S]
-    block_slot = start + jnp.arange(T)  # [T]
-    cached = (k_slot[None, :] < start) & (q_slot[:, None] - k_slot[None, :] < (cfg.sliding_window or S + T))
-    in_block = (block_slot[None, :] <= q_slot[:, None]) & (
-        q_slot[:, None] - block_slot[None, :] < (cfg.sliding_window or S + T))  # [T, T] causal
+    # Distance of every key (the S cache slots, then the block's T) from each query, in slots: [T, S + T].
+    # Within a row, slots and positions differ by the row's padding only, so this is the position distance.
+    distance = jnp.concatenate([jnp.arange(S), q_slot])[None, :] - q_slot[:, None]
     block_valid = lax.dynamic_slice_in_dim(key_valid, start, T, axis=1)  # [B, T]
-    masks = (cached[None] & key_valid[:, None, :], in_block[None] & block_valid[:, None, :])  # [B,T,S], [B,T,T]
+    valid = jnp.concatenate([(jnp.arange(S) < start)[None, :] & key_valid, block_valid], axis=1)  # [B, S + T]
+
+    def masks(window: int | None) -> tuple[jax.Array, jax.Array]:
+        """Causal masks of the keys a query may see, over the cache [B, T, S] and the block [B, T, T]."""
+        seen = (distance <= 0) & (-distance < (window or S + T))  # [T, S + T]
+        both = seen[None] & valid[:, None, :]
+        return both[..., :S], both[..., S:]
+
+    windows = {cfg.window(i) for i in range(cfg.num_layers)}
+    layer_masks = {window: masks(window) for window in windows}
+    alibi = None
+    if cfg.positions == "alibi":
+        # ALiBi adds slope * (key position - query position); softmax makes it equal to Bloom's slope * key
+        # position and to MPT's form.
+        alibi = params["alibi_slopes"][:, None, None] * distance.astype(jnp.float32)  # [H/N, T, S + T]
 
     k_out, v_out = [], []
-    for lp, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
-        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, tables, masks, cfg)
+    for i, (lp, k_cache, v_cache) in enumerate(zip(params["layers"], cache.k, cache.v)):
+        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, tables, layer_masks[cfg.window(i)], alibi,
+                                     cfg)
         k_out.append(k_cache)
         v_out.append(v_cache)
     with jax.named_scope("lm_head"):

@@ -42,9 +42,13 @@ class ParamSpec:
 
 
 def _norm_specs(cfg: ModelConfig, lead: tuple[int, ...], lead_axes: tuple[str, ...]) -> dict[str, ParamSpec]:
-    specs = {"scale": ParamSpec((*lead, cfg.hidden_size), (*lead_axes, "embed"), cfg.dtype, "ones")}
-    if cfg.norm == "layernorm":
-        specs["bias"] = ParamSpec((*lead, cfg.hidden_size), (*lead_axes, "embed"), cfg.dtype, "zeros")
+    """The learned parts of one norm: a scale and (LayerNorm) a bias, each only if the family has it."""
+    shape, axes = (*lead, cfg.hidden_size), (*lead_axes, "embed")
+    specs = {}
+    if cfg.norm_scale:
+        specs["scale"] = ParamSpec(shape, axes, cfg.dtype, "ones")
+    if cfg.norm == "layernorm" and cfg.norm_bias:
+        specs["bias"] = ParamSpec(shape, axes, cfg.dtype, "zeros")
     return specs
 
 
@@ -56,10 +60,34 @@ def _linear(w_shape: tuple[int, ...], w_axes: tuple[str | None, ...], bias: bool
     return specs
 
 
+def _mlp_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The dense MLP, or with `num_experts` Mixtral's router and expert stacks (block "moe")."""
+    L, D, F, dt = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+    if cfg.num_experts:
+        E = cfg.num_experts
+        expert_in = ParamSpec((L, E, D, F), ("layers", "experts", "embed", "ffn"), dt)
+        return {"moe": {
+            "router": {"w": ParamSpec((L, D, E), ("layers", "embed", None), dt)},
+            "gate": {"w": expert_in},
+            "up": {"w": expert_in},
+            "down": {"w": ParamSpec((L, E, F, D), ("layers", "experts", "ffn", "embed"), dt)},
+        }}
+    mlp = {
+        "up": _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt),
+        "down": _linear((L, F, D), ("layers", "ffn", "embed"), cfg.mlp_bias, (L, D), ("layers", "embed"), dt),
+    }
+    if cfg.gated_mlp:
+        mlp["gate"] = _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt)
+    return {"mlp": mlp}
+
+
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
-    """The nested dict of `ParamSpec` for `cfg`: the one declaration of every weight."""
+    """The nested dict of `ParamSpec` for `cfg`: the one declaration of every weight.
+
+    A norm without learned parts (OLMo's) declares nothing, so it has no entry at all.
+    """
     L, D, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
-    H, KV, hd, F, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.stored_vocab_size
+    H, KV, hd, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.stored_vocab_size
     dt = cfg.dtype
     lyr = ("layers",)
 
@@ -74,33 +102,46 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         "o": _linear((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), cfg.o_bias,
                      (L, D), ("layers", "embed"), dt),
     }
-    mlp = {
-        "up": _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt),
-        "down": _linear((L, F, D), ("layers", "ffn", "embed"), cfg.mlp_bias, (L, D), ("layers", "embed"), dt),
-    }
-    if cfg.gated_mlp:
-        mlp["gate"] = _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt)
-
+    norms = ["ln1", "ln2", "ln1_post", "ln2_post"] if cfg.post_norms else ["ln1", "ln2"]
+    if not cfg.has_ln2:
+        norms.remove("ln2")
+    layer = {name: _norm_specs(cfg, (L,), lyr) for name in norms}
     specs: dict[str, Any] = {
         "embed": ParamSpec((V, E), ("vocab", "embed_in"), dt),
-        "layers": {
-            "ln1": _norm_specs(cfg, (L,), lyr),
-            "attn": attn,
-            "ln2": _norm_specs(cfg, (L,), lyr),
-            "mlp": mlp,
-        },
+        "layers": {**layer, "attn": attn, **_mlp_specs(cfg)},
     }
     if cfg.positions == "learned":
         specs["pos_embed"] = ParamSpec((cfg.max_position_embeddings + cfg.position_offset, D),
                                        ("positions", "embed"), dt)
+    if cfg.positions == "alibi":
+        # Derived from the head count by the converter, stored like a weight so that head padding and
+        # sharding treat it like every other per-head array.
+        specs["alibi_slopes"] = ParamSpec((H,), ("heads",), dt)
+    if cfg.embed_norm:
+        specs["embed_norm"] = _norm_specs(cfg, (), ())
     if cfg.projects_embeddings:
         specs["project_in"] = ParamSpec((E, D), ("embed_in", "embed"), dt)
         specs["project_out"] = ParamSpec((D, E), ("embed", "embed_in"), dt)
     if cfg.final_norm:
         specs["final_norm"] = _norm_specs(cfg, (), ())
-    if not cfg.tie_embeddings:
-        specs["lm_head"] = {"w": ParamSpec((E, V), ("embed_in", "vocab"), dt)}
-    return specs
+    head = {} if cfg.tie_embeddings else {"w": ParamSpec((E, V), ("embed_in", "vocab"), dt)}
+    if cfg.lm_head_bias:
+        head["b"] = ParamSpec((V,), ("vocab",), dt)
+    if head:
+        specs["lm_head"] = head
+    return _drop_empty(specs)
+
+
+def _drop_empty(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` without empty sub-dicts: a pytree node with no leaves would not survive flatten/unflatten."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _drop_empty(value)
+            if not value:
+                continue
+        out[key] = value
+    return out
 
 
 # Weights the runtime form fuses into one matrix, so that one matmul reads them: (fused name, its parts).
@@ -111,7 +152,7 @@ def _fuse_blocks(layer: dict[str, Any], combine: Callable[[str, list[Any]], Any]
     """`layer` with each group of `FUSED` parts replaced by `combine(key, parts)` for their "w" (and "b")."""
     out = dict(layer)
     for block, (fused, names) in FUSED.items():
-        if all(n in layer[block] for n in names):
+        if all(n in layer.get(block, {}) for n in names):
             group = {key: combine(key, [layer[block][n][key] for n in names]) for key in layer[block][names[0]]}
             out[block] = {fused: group, **{k: v for k, v in layer[block].items() if k not in names}}
     return out

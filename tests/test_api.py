@@ -229,3 +229,20 @@ def test_scores_and_logits_match_transformers(model, checkpoint):
     assert log_probs.shape == (2, len(warped.scores)) and np.all(log_probs[:, 0] <= 0)
     with pytest.raises(ValueError, match="return_dict_in_generate"):
         model.generate(prompt, max_new_tokens=2, output_scores=True)
+
+
+def test_checkpoint_without_tokenizer_runs_on_token_ids(home, tmp_path, capsys):
+    directory = save_tiny_model("llama", tmp_path / "no-tokenizer")
+    AutoCompiler().compile(str(directory), num_device=1, max_length=MAX_LENGTH)
+    assert "no tokenizer files" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(str(directory), device_map={"lpu": 1})
+    assert model.tokenizer is None
+    prompt = [3, 17, 42, 9, 5]
+    kwargs = dict(max_new_tokens=6, do_sample=False, repetition_penalty=1.0, stop=[])
+    assert model.generate(prompt, **kwargs) == _reference_greedy(str(directory), prompt, 6)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        model.generate("Hello", **kwargs)
+    from hdex_jax.cli import main
+
+    assert main(["generate", "Hello", "--model", str(directory), "--max-new-tokens", "2"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err

@@ -203,11 +203,11 @@ def test_qwen2_sliding_window(settings: dict, window: int | None) -> None:
     assert config_from_hf({**_hf_dict("qwen2"), **settings}).sliding_window == window
 
 
-def test_qwen2_partial_sliding_window_is_refused() -> None:
+def test_qwen2_window_on_some_layers_only() -> None:
     hf = {**_hf_dict("qwen2"), "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1,
           "layer_types": None}
-    with pytest.raises(CheckpointError, match="max_window_layers"):
-        config_from_hf(hf)
+    cfg = config_from_hf(hf)
+    assert [cfg.window(i) for i in range(cfg.num_layers)] == [None] + [4096] * (cfg.num_layers - 1)
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
@@ -292,7 +292,7 @@ def test_unknown_model_type(tmp_path: Path, saved: Callable[..., Path]) -> None:
             call()
         assert "gpt_neox" in str(info.value)
         assert all(t in str(info.value) for t in SUPPORTED_MODEL_TYPES)
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "opt")
+    assert set(SUPPORTED_MODEL_TYPES) >= {"llama", "mistral", "qwen2", "opt"}
 
 
 def test_missing_config_json(tmp_path: Path, saved: Callable[..., Path]) -> None:

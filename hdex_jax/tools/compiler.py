@@ -162,7 +162,10 @@ class AutoCompiler:
             cfg, flat = converters.load_checkpoint(source, progress=True)
             with artifacts.staged(ckpt, {"source": hub.source_key(model_id)}) as tmp:
                 artifacts.write_ckpt(tmp, cfg, flat)
-                converters.save_tokenizer(source, tmp)
+                if converters.has_tokenizer(source):
+                    converters.save_tokenizer(source, tmp)
+                else:
+                    _say(f"  {source} has no tokenizer files: the model will take and return token ids")
         if low_memory_usage and hub.is_download(source):
             source.unlink()
             _say(f"low_memory_usage: deleted the downloaded checkpoint {source}")

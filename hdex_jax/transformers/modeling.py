@@ -349,7 +349,7 @@ class AutoModelForCausalLM:
         whole and the first and last MiB of large ones; `verify="full"` hashes every byte. A bad file raises
         `artifacts.ArtifactError` naming it and how to compile again.
         """
-        from hdex_jax.transformers.tokenizer import Tokenizer
+        from hdex_jax.transformers.tokenizer import compiled_tokenizer
 
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
@@ -367,7 +367,7 @@ class AutoModelForCausalLM:
             # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones.
             decode, length = _load_placement(model_id, model_dir, lpu, 0, level, programs=not gpu)
             prefill = _load_placement(model_id, model_dir, gpu, lpu, level, programs=False)[0] if gpu else None
-            tokenizer = Tokenizer(ckpt)
+            tokenizer = compiled_tokenizer(ckpt)
         return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
 
 

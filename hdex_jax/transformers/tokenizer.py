@@ -45,6 +45,17 @@ def load_tokenizer(ckpt: Path, **kwargs: Any) -> Any:
     return transformers.AutoTokenizer.from_pretrained(ckpt, **kwargs)
 
 
+def compiled_tokenizer(ckpt: Path) -> Any:
+    """The tokenizer of a compiled `ckpt/`: a quick `Tokenizer` when it has a fast tokenizer's `tokenizer.json`,
+    else transformers' tokenizer of its files, or None for a checkpoint compiled without a tokenizer (the model
+    then takes and returns token ids)."""
+    if (ckpt / "tokenizer.json").is_file():
+        return Tokenizer(ckpt)
+    import converters
+
+    return load_tokenizer(ckpt) if converters.has_tokenizer(ckpt) else None
+
+
 class Tokenizer:
     """The tokenizer of a compiled `ckpt/`, without importing transformers for `encode`, `decode` and
     `apply_chat_template` (same results as transformers' fast tokenizer; `tests/test_inst.py`)."""

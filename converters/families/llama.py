@@ -13,6 +13,7 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.hf_config import activation, require
 from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from converters.family import Family
 from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -40,25 +41,21 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, A
     return float(theta), scaling, float(partial)
 
 
-def _sliding_window(hf: Mapping[str, Any], num_layers: int, source: str) -> int | None:
-    """The window every layer uses, or None. ModelConfig has one window for all layers, so a Qwen2 config
-    that slides on only some layers is refused rather than silently converted with the wrong attention."""
+def _sliding_window(hf: Mapping[str, Any], num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    """(window, which layers use it; empty for all). Qwen2 slides only on the layers its `layer_types` (or, in
+    older files, `max_window_layers`) mark, and only when `use_sliding_window` is set, as transformers does."""
     model_type = hf["model_type"]
     if model_type == "mistral":
-        return hf.get("sliding_window")
+        return hf.get("sliding_window"), ()
     if model_type != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
-        # Qwen2 ignores `sliding_window` unless `use_sliding_window` is set (as transformers does).
-        return None
+        return None, ()
     max_window_layers = hf.get("max_window_layers", _QWEN2_DEFAULT_MAX_WINDOW_LAYERS)
     layer_types = hf.get("layer_types") or [
         "sliding_attention" if i >= max_window_layers else "full_attention" for i in range(num_layers)]
-    sliding = {t == "sliding_attention" for t in layer_types}
-    if sliding == {True}:
-        return int(hf["sliding_window"])
-    if sliding == {False}:
-        return None
-    raise CheckpointError(f"{source}: a sliding window on only some layers (max_window_layers="
-                          f"{max_window_layers}, layer_types={layer_types}) is not supported")
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    if not any(sliding):
+        return None, ()
+    return int(hf["sliding_window"]), () if all(sliding) else sliding
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -68,6 +65,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     heads = int(require(hf, "num_attention_heads", source))
     layers = int(require(hf, "num_hidden_layers", source))
     theta, scaling, partial = _rope(hf, source)
+    window, sliding_layers = _sliding_window(hf, layers)
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         model_type=model_type,
@@ -88,7 +86,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         rope_theta=theta,
         rope_scaling=scaling,
         partial_rotary_factor=partial,
-        sliding_window=_sliding_window(hf, layers, source),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
         activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
         gated_mlp=True,
         qkv_bias=True if model_type == "qwen2" else attention_bias,
@@ -125,3 +124,13 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
     rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
     return rules
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="HuggingFaceTB/SmolLM2-135M-Instruct",
+    mechanisms=("RMSNorm", "rotate-half RoPE (default, linear, llama3 scaling)", "SiLU-gated MLP", "grouped-query attention", "optional biases", "sliding window (Mistral; Qwen2, also on some layers only)"),
+    config_from_hf=config_from_hf,
+    key_map=key_map,
+    limits="rope scaling kinds other than linear and llama3 are refused",
+)

@@ -12,6 +12,7 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.hf_config import activation, require
 from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from converters.family import Family
 from hdex_jax.config import ModelConfig, eos_ids
 
 MODEL_TYPES = ("opt",)
@@ -89,3 +90,13 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
     rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
     return rules
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="facebook/opt-125m",
+    mechanisms=("learned positions (offset 2)", "LayerNorm", "ReLU MLP", "biases", "pre-LN and post-LN (opt-350m)", "embedding projection (opt-350m)"),
+    config_from_hf=config_from_hf,
+    key_map=key_map,
+    limits="layer_norm_elementwise_affine=false is refused",
+)

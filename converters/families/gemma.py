@@ -1,0 +1,161 @@
+"""Gemma checkpoints (google/gemma-*, model_type "gemma"): the Llama tensor layout with three differences.
+
+- GemmaRMSNorm multiplies by `(1 + w)`, computed in float32 (`output * (1.0 + self.weight.float())`). The
+  converter stores `w + 1` as the canonical scale, so the one RMSNorm of the forward pass (`scale * y`)
+  applies it. This is exact, not an approximation: the tensor is read as float32 (bfloat16 and float16 widen
+  to float32 exactly), numpy's float32 `w + 1` is the same correctly rounded IEEE addition torch performs, and
+  the product with the normalised activations is then the same float32 multiplication.
+- The token embedding is multiplied by `sqrt(hidden_size)` (`embed_scale`). transformers holds the factor
+  as a float32 tensor and rounds it to the dtype the model runs in (`embed_scale.to(self.weight.dtype)`: 55.5
+  for 3072 in bfloat16, 55.43 in float32); the config keeps the float32 value and the forward pass rounds it
+  to its dtype (`jnp.asarray(cfg.embed_scale, x.dtype)`), the same two roundings.
+- The gated MLP uses the tanh approximation of GELU; `head_dim` is given explicitly and need not be
+  hidden_size / num_attention_heads; the LM head is tied to the embedding by default.
+
+`gemma2.py` reads Gemma 2 with the helpers here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from converters.errors import CheckpointError
+from converters.family import Family
+from converters.hf_config import activation, require
+from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+
+MODEL_TYPES = ("gemma",)
+
+# GemmaConfig's and Gemma2Config's defaults, which transformers uses when config.json leaves a key out.
+DEFAULT_HEAD_DIM = 256
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_RMS_NORM_EPS = 1e-6
+
+
+def one_plus(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """A Gemma RMSNorm weight `w` -> the canonical scale `1 + w` (exact in float32, see the module docstring)."""
+    return x + np.float32(1.0)
+
+
+def rope_theta(hf: Mapping[str, Any], source: str) -> float:
+    """RoPE theta from either config style (transformers >= 5 `rope_parameters`, older top-level `rope_theta`).
+
+    Every released Gemma and Gemma 2 uses plain RoPE; a scaled one is refused rather than converted wrong.
+    """
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(key) or {}
+    scaling = rope_scaling_items(params)
+    if scaling:
+        raise CheckpointError(f"{source}: {key}={params} is not supported for model_type "
+                              f"{hf.get('model_type')!r} (only the default RoPE)")
+    return float(params.get("rope_theta") or hf.get("rope_theta") or DEFAULT_ROPE_THETA)
+
+
+def head_dim(hf: Mapping[str, Any], source: str) -> int:
+    """`head_dim`, GemmaConfig's default when absent (transformers then uses 256, not hidden / heads)."""
+    value = hf.get("head_dim", DEFAULT_HEAD_DIM)
+    if value is None:
+        raise CheckpointError(f"{source}: 'head_dim' is null, which model_type {hf.get('model_type')!r} "
+                              f"does not allow")
+    return int(value)
+
+
+def refuse_bidirectional(hf: Mapping[str, Any], source: str) -> None:
+    """The canonical model is causal; `use_bidirectional_attention` (EmbeddingGemma) is not."""
+    if hf.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{source}: use_bidirectional_attention=true is not supported (hdex_jax "
+                              f"generates with causal attention)")
+
+
+def _activation(hf: Mapping[str, Any], source: str) -> str:
+    """The MLP activation as transformers 5 resolves it for Gemma: `hidden_act`, where the legacy "gelu" of the
+    original releases means the tanh approximation. Older transformers read `hidden_activation` instead, so a
+    config where the two disagree is ambiguous and refused."""
+    name = hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if name == "gelu":
+        name = "gelu_pytorch_tanh"
+    legacy = hf.get("hidden_activation")
+    if legacy is not None and legacy != name:
+        raise CheckpointError(f"{source}: hidden_act={hf.get('hidden_act')!r} and hidden_activation={legacy!r} "
+                              f"disagree (transformers versions read different keys)")
+    return activation(name, "hidden_act", source)
+
+
+def gemma_config(hf: Mapping[str, Any], source: str, act: str) -> ModelConfig:
+    """The ModelConfig fields Gemma and Gemma 2 share, with the MLP activation `act` (already mapped)."""
+    refuse_bidirectional(hf, source)
+    hidden = int(require(hf, "hidden_size", source))
+    heads = int(require(hf, "num_attention_heads", source))
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        model_type=require(hf, "model_type", source),
+        vocab_size=int(require(hf, "vocab_size", source)),
+        hidden_size=hidden,
+        num_layers=int(require(hf, "num_hidden_layers", source)),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim(hf, source),
+        intermediate_size=int(require(hf, "intermediate_size", source)),
+        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
+        embed_dim=hidden,
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
+        embed_scale=float(np.float32(math.sqrt(hidden))),
+        positions="rope",
+        rope_theta=rope_theta(hf, source),
+        activation=act,
+        gated_mlp=True,
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a Gemma `config.json` dict; `source` names the file in errors."""
+    return gemma_config(hf, source, _activation(hf, source))
+
+
+def gemma_rules(cfg: ModelConfig, norms: Mapping[str, str]) -> list[Rule]:
+    """The Gemma tensor layout, with `norms` mapping each per-layer norm's HF name to its canonical name."""
+    layer = r"model\.layers\.(?P<layer>\d+)\."
+    rules = [
+        Rule(r"model\.embed_tokens\.weight", "embed", keep),
+        *(Rule(layer + rf"{hf_name}\.weight", f"layers/{name}/scale", one_plus) for hf_name, name in norms.items()),
+        *qkv_rules(layer),
+        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
+        Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
+        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
+        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
+        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        Rule(r"model\.norm\.weight", "final_norm/scale", one_plus),
+    ]
+    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
+    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    return rules
+
+
+def key_map(cfg: ModelConfig) -> list[Rule]:
+    """HF tensor names of Gemma -> canonical names; every RMSNorm weight becomes `1 + w`."""
+    return gemma_rules(cfg, {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"})
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="google/gemma-2b",
+    mechanisms=("RMSNorm x (1 + w) (converted to a scale w + 1)", "embedding x sqrt(hidden_size)",
+                "tanh-GELU-gated MLP", "explicit head_dim", "rotate-half RoPE", "multi-query / grouped-query attention",
+                "tied head"),
+    config_from_hf=config_from_hf,
+    key_map=key_map,
+    limits=("rope scaling, use_bidirectional_attention, and hidden_act / hidden_activation that disagree "
+            "are refused"),
+)
