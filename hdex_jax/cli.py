@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hdex_jax.transformers import AutoModelForCausalLM, TextStreamer
+    from hdex_jax.transformers import AutoModelForCausalLM
 
     if not args.prompt:
         raise ValueError("the prompt is empty: give the text to continue")
@@ -53,8 +53,17 @@ def _generate(args: argparse.Namespace) -> int:
         # Instruct models answer a chat turn, not raw text: wrap the prompt as the user's message.
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(list(ids), streamer=streamer, **kwargs)
+    # Print the answer as it forms: the decoded text grows by whole characters (a token that ends inside a
+    # multi-byte character decodes to U+FFFD until the rest arrives). Needs no transformers import.
+    new: list[int] = []
+    printed = ""
+    for token in model.generate_yield(list(ids), **kwargs):
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    print(flush=True)
     return 0
 
 
@@ -62,7 +71,9 @@ def _compile(args: argparse.Namespace) -> int:
     from hdex_jax.tools import AutoCompiler
 
     AutoCompiler().compile(args.model, num_device=validation.check_num_device("--num-device", args.num_device),
-                           max_length=validation.check_max_length("--max-length", args.max_length))
+                           max_length=validation.check_max_length("--max-length", args.max_length),
+                           low_memory_usage=args.low_memory_usage, fast_compile=not args.full_compile,
+                           force=args.force)
     return 0
 
 
@@ -122,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                       help=f"longest sequence served (default: {DEFAULT_MAX_LENGTH}, capped at the model's "
                            f"positions)")
+    comp.add_argument("--force", action="store_true",
+                      help="redo every phase, replacing what an earlier compile wrote (e.g. a corrupted file)")
+    comp.add_argument("--low-memory-usage", action="store_true",
+                      help="delete the downloaded checkpoint file (in HDEX_HOME/downloads) after conversion")
+    comp.add_argument("--full-compile", action="store_true",
+                      help="fast_compile=False: export every bucket up to --max-length and XLA-compile each")
     comp.set_defaults(func=_compile)
 
     models = sub.add_parser("models", help="list the supported model families and their mechanisms")

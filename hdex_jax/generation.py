@@ -29,11 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hdex_jax import pytree
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
@@ -55,7 +55,7 @@ from hdex_jax.validation import per_row
 _MIN_STOP_SLOTS = 4
 
 
-@struct.dataclass
+@pytree.dataclass
 class Request:
     """The runtime inputs of one generation besides the prompts, one entry per row."""
 
@@ -66,7 +66,7 @@ class Request:
     pad_id: jax.Array  # [] int32
 
 
-@struct.dataclass
+@pytree.dataclass
 class DecodeState:
     cache: KVCache
     seen: jax.Array  # [B, V] bool: ids already in each row (repetition penalty)
@@ -170,6 +170,12 @@ class Placement:
     layout: HeadLayout
     mesh: Mesh
     source_cfg: ModelConfig
+    # The compiled programs of this mesh (`hdex_jax.inst.Programs`), used for the shapes they cover.
+    programs: Any = None
+
+    def program(self, name: str, batch: Batch, record: bool = False) -> Any:
+        """The exported program `name` ("start", "loop", "advance") for `batch`, or None: trace it."""
+        return None if self.programs is None or record else self.programs.get(name, batch)
 
 
 def place(cfg: ModelConfig, flat: dict[str, np.ndarray], num_device: int, first_device: int = 0) -> Placement:
@@ -284,8 +290,12 @@ def prepare_batch(prompts: Sequence[Sequence[int]], *, max_length: int,
 def _started(decode: Placement, batch: Batch, prefill: Placement | None, record: bool = False) -> DecodeState:
     """Prefill (on the prefill placement if given) and the first token, handed over to the decode placement."""
     src = prefill if prefill is not None else decode
-    state = _start(src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan, mesh=src.mesh,
-                   record=record)
+    exported = src.program("start", batch, record)
+    if exported is not None:
+        state = exported(src.params, batch.tokens, batch.mask, batch.request)
+    else:
+        state = _start(src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan,
+                       mesh=src.mesh, record=record)
     return _hand_over(state, src, decode)
 
 
@@ -300,6 +310,9 @@ class Recorded:
 
 def _finished(decode: Placement, batch: Batch, prefill: Placement | None, record: bool) -> DecodeState:
     state = _started(decode, batch, prefill, record)
+    exported = decode.program("loop", batch, record)
+    if exported is not None:
+        return exported(decode.params, state, batch.request)
     return _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
 
 
@@ -330,8 +343,10 @@ def stream_tokens(decode: Placement, batch: Batch, prefill: Placement | None = N
     """Step driver: yields the [rows] tokens of each step (pad for rows already stopped) as they are produced."""
     state = _started(decode, batch, prefill)
     yield np.asarray(state.token)[: batch.rows]
-    while not bool(jnp.all(state.done)):
-        state = _advance_jit(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
+    exported = decode.program("advance", batch)
+    advance = exported if exported is not None else functools.partial(_advance_jit, cfg=decode.cfg, mesh=decode.mesh)
+    while not bool(np.all(state.done)):
+        state = advance(decode.params, state, batch.request)
         yield np.asarray(state.token)[: batch.rows]
 
 

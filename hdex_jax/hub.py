@@ -119,6 +119,12 @@ def default_model_gguf() -> Path:
     return target
 
 
+def is_download(path: Path) -> bool:
+    """Whether `path` is a file hdex_jax downloaded into its own cache ($HDEX_HOME/downloads)."""
+    downloads = (hdex_home() / "downloads").resolve()
+    return path.is_file() and path.resolve().parent == downloads
+
+
 def fetch_checkpoint(model_id: str, token: str | None = None) -> Path:
     """A local path to the checkpoint of `model_id`: the path itself, the default GGUF, or a Hub snapshot."""
     if model_id == DEFAULT_MODEL:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from hdex_jax import pytree
 from hdex_jax.config import ModelConfig
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
     k: tuple[jax.Array, ...]  # L x [B, KV, S, hd]
     v: tuple[jax.Array, ...]  # L x [B, KV, S, hd]

@@ -38,9 +38,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax import lax
 
+from hdex_jax import pytree
 from hdex_jax.validation import (
     check_bool,
     check_float,
@@ -150,7 +150,7 @@ def row_key_data(seed: int, sequence: int = 0) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), sequence)))
 
 
-@struct.dataclass
+@pytree.dataclass
 class SamplingParams:
     """Per-row sampling values as runtime arrays, one entry per row: changing them never recompiles."""
 

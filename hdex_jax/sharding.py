@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
-from hdex_jax.params import ParamSpec, is_spec, param_specs, runtime_layout, runtime_specs
+from hdex_jax.params import is_spec, runtime_layout, runtime_specs
 from hdex_jax.validation import VIRTUAL_CPU_DEVICES, check_num_device
 
 LPU_AXIS = "lpu"
@@ -127,16 +127,6 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """NamedSharding for every weight of `cfg` in the form the forward pass reads."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_partition_specs(cfg, mesh.size),
                         is_leaf=is_pspec)
-
-
-def abstract_params(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """ShapeDtypeStruct leaves with their shardings, stacked as stored: the restore target for orbax."""
-
-    def leaf(spec: ParamSpec) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(spec.shape, spec.dtype,
-                                    sharding=NamedSharding(mesh, logical_to_spec(spec.axes)))
-
-    return jax.tree.map(leaf, param_specs(cfg), is_leaf=is_spec)
 
 
 def runtime_params(stacked: Mapping[str, Any], cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def test_interrupted_conversion_leaves_no_checkpoint(home, tmp_path, monkeypatch
         patch.setattr(artifacts, "write_ckpt", interrupted)
         with pytest.raises(KeyboardInterrupt):
             AutoCompiler().compile(str(directory), max_length=MAX_LENGTH)
-    assert not ckpt.exists() and list(ckpt.parent.iterdir()) == []
+    assert not ckpt.exists() and [p.name for p in ckpt.parent.iterdir()] == [artifacts.LOCK_FILE]
     AutoCompiler().compile(str(directory), max_length=MAX_LENGTH)
     assert artifacts.read_manifest(ckpt) is not None
 

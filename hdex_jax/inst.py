@@ -1,0 +1,248 @@
+"""`inst/lpu<N>/`: the compiled programs of a model, so a fresh process runs them without tracing its Python.
+
+Phase 4 of the compile exports, with `jax.export`, the three programs `generate` runs (`generation._start`:
+prefill and the first token; `_loop`: the whole decode loop; `_advance`: one decode step, for streaming) for the
+device count's mesh and each bucket of the compile (`buckets`), and writes them with a manifest: jax and jaxlib
+versions, platform, mesh shape, buckets, each program's input and output shapes and dtypes, and (through
+`artifacts.staged`) every file's hash. `load` reads them back as `Programs`; a call whose shapes fall outside
+the exported buckets, a hybrid prefill mesh, or a jax version or platform other than the compile's, traces as
+before (the last with a notice, once). Exported programs are the same computation as the traced ones, so the
+tokens are the same either way.
+
+XLA still compiles a deserialized program for the machine; JAX's persistent compilation cache, kept beside the
+model in `xla_cache/` (`use_xla_cache`), keeps that result, so it is paid once per machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax import export
+
+from hdex_jax import artifacts
+from hdex_jax.generation import Batch, DecodeState, Placement, Request, _advance_jit, _loop, _start, prepare_batch
+from hdex_jax.kv_cache import KVCache
+from hdex_jax.sampling import SamplingParams
+
+PROGRAMS = ("start", "loop", "advance")
+# Bumped when the programs' inputs or outputs change, so an old inst/ is rewritten rather than misread.
+FORMAT = 1
+# Stop-id slots of the exported programs: up to 4 stop ids per row (generation's smallest stop bucket).
+STOP_SLOTS = 4
+# fast_compile=True exports prompt buckets up to this many tokens.
+FAST_PROMPT_LIMIT = 128
+
+for _cls in (DecodeState, Request, KVCache, SamplingParams):
+    # The programs take and return these pytrees; their nodes carry no metadata (auxdata is ()).
+    export.register_pytree_node_serialization(_cls, serialized_name=f"hdex_jax.{_cls.__name__}",
+                                              serialize_auxdata=lambda aux: b"",
+                                              deserialize_auxdata=lambda data: ())
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+    """The static shapes of one set of programs: batch rows, prompt bucket, cache slots, stop-id slots."""
+
+    batch: int
+    prompt: int
+    cache: int
+    stop_slots: int = STOP_SLOTS
+
+    def file(self, program: str) -> str:
+        return f"{program}-b{self.batch}-t{self.prompt}-s{self.cache}-k{self.stop_slots}.jaxexport"
+
+
+def buckets(max_length: int, fast_compile: bool) -> list[Bucket]:
+    """The buckets a compile exports: batch 1, prompt buckets T (powers of two from 16), cache lengths 2T and
+    4T (up to max_length); fast_compile=True stops at prompt bucket 128, False goes on to max_length and also
+    exports cache length 8T.
+
+    Which generate calls they serve: one prompt, up to 4 stop ids, and a prompt bucket plus new tokens within
+    the cache length (e.g. a 40-token prompt, bucket 64, with up to 192 new tokens). Others trace.
+    """
+    factors = (2, 4) if fast_compile else (2, 4, 8)
+    limit = FAST_PROMPT_LIMIT if fast_compile else max_length
+    found = []
+    prompt = 16
+    while prompt <= limit and 2 * prompt <= max_length:
+        found += [Bucket(1, prompt, f * prompt) for f in factors if f * prompt <= max_length]
+        prompt *= 2
+    return found
+
+
+def bucket_of(batch: Batch) -> Bucket:
+    return Bucket(batch.tokens.shape[0], batch.plan.prompt_bucket, batch.plan.cache_length,
+                  batch.request.stop_ids.shape[1])
+
+
+def _example_batch(bucket: Bucket, max_length: int) -> Batch:
+    """A batch with exactly `bucket`'s shapes, through the same path generate takes (`prepare_batch`)."""
+    batch = prepare_batch([[0] * bucket.prompt] * bucket.batch, max_length=max_length,
+                          max_new_tokens=bucket.cache - bucket.prompt, stop=list(range(bucket.stop_slots)),
+                          pad_id=0, seed=0)
+    assert bucket_of(batch) == bucket, (bucket, bucket_of(batch))
+    return batch
+
+
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _avals(avals: Any) -> list[list[Any]]:
+    return [[list(a.shape), str(a.dtype)] for a in avals]
+
+
+def export_programs(placement: Placement, max_length: int, wanted: list[Bucket], directory: Path,
+                    precompile: bool = False) -> dict[str, Any]:
+    """Export the programs of every bucket in `wanted` for `placement`'s mesh into `directory`; return the
+    manifest (without the file hashes, which `artifacts.staged` adds). `precompile` also compiles each program
+    once, filling the XLA cache (`use_xla_cache`) so even the first run after the compile skips XLA."""
+    params = jax.tree.map(_spec, placement.params)
+    static = dict(cfg=placement.cfg, mesh=placement.mesh)
+    programs = {}
+    for bucket in wanted:
+        batch = _example_batch(bucket, max_length)
+        request = jax.tree.map(_spec, batch.request)
+        start = export.export(_start)(params, _spec(batch.tokens), _spec(batch.mask), request, plan=batch.plan,
+                                      record=False, **static)
+        out = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+               for a, s in zip(start.out_avals, start.out_shardings_jax(placement.mesh))]
+        state = jax.tree.unflatten(start.out_tree, out)
+        exported = {"start": start, "loop": export.export(_loop)(params, state, request, **static),
+                    "advance": export.export(_advance_jit)(params, state, request, **static)}
+        inputs = {"start": (params, _spec(batch.tokens), _spec(batch.mask), request),
+                  "loop": (params, state, request), "advance": (params, state, request)}
+        for name, program in exported.items():
+            (directory / bucket.file(name)).write_bytes(program.serialize())
+            programs[bucket.file(name)] = {"program": name, "bucket": dataclasses.asdict(bucket),
+                                           "inputs": _avals(program.in_avals), "outputs": _avals(program.out_avals)}
+            if precompile:  # exactly as `Programs` calls it, so a later process finds it in the XLA cache
+                _callable(program, name).lower(*inputs[name]).compile()
+    return {**environment(), "format": FORMAT, "mesh_shape": dict(placement.mesh.shape), "max_length": max_length,
+            "buckets": [dataclasses.asdict(b) for b in wanted], "programs": programs}
+
+
+def environment() -> dict[str, str]:
+    """What the exported programs are tied to: a different value anywhere means tracing instead. Besides jax
+    and the platform, the source of the hdex_jax modules the programs are traced from: programs exported by
+    another version of them could compute something else."""
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": jax.default_backend(),
+            "machine": platform.machine(), "hdex_jax_code": _code_hash()}
+
+
+# The modules whose code the exported programs are traced from.
+_PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "model", "params", "pytree", "sampling",
+                    "sharding")
+
+
+@functools.cache
+def _code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in _PROGRAM_MODULES:
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _callable(program: export.Exported, name: str) -> Callable[..., Any]:
+    """`program.call` jitted once, so each call only looks up its compiled executable. The decode programs
+    donate the state, as the traced ones do."""
+    return jax.jit(program.call, donate_argnums=() if name == "start" else (1,))
+
+
+_said: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(f"[hdex] {message}", flush=True)
+
+
+class Programs:
+    """The exported programs of one `inst/lpu<N>/` directory, deserialized on first use."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self.directory = directory
+        self._files = set(manifest["programs"])
+        self._loaded: dict[str, Callable[..., Any]] = {}
+
+    def get(self, program: str, batch: Batch) -> Callable[..., Any] | None:
+        """The exported `program` ("start", "loop" or "advance") for `batch`'s shapes, or None if the compile
+        did not export that bucket."""
+        name = bucket_of(batch).file(program)
+        if name not in self._files:
+            return None
+        if name not in self._loaded:
+            exported = export.deserialize(bytearray((self.directory / name).read_bytes()))
+            self._loaded[name] = _callable(exported, program)
+        return self._loaded[name]
+
+
+def load(directory: Path, num_device: int, max_length: int, level: str, remedy: str) -> Programs | None:
+    """The programs of a complete, verified `inst/lpu<N>/` matching this process's jax and platform; None
+    (tracing) when there is none or they were exported for another environment, said once. A corrupted file
+    raises `artifacts.ArtifactError`."""
+    manifest = artifacts.read_manifest(directory)
+    if manifest is None:
+        return None
+    artifacts.verify(directory, manifest, level, remedy)
+    here = environment()
+    recorded = {key: manifest.get(key) for key in here}
+    if recorded != here:
+        changed = ", ".join(f"{key} {recorded[key]} -> {here[key]}" for key in here if recorded[key] != here[key])
+        _notice_once(f"{directory} was exported by another environment ({changed}); tracing the programs instead "
+                     f"(same tokens, slower start-up); {remedy} to export them for this one")
+        return None
+    if manifest.get("format") != FORMAT or manifest.get("max_length") != max_length or \
+            manifest.get("mesh_shape") != {"lpu": num_device}:
+        _notice_once(f"{directory} does not match this hdex_jax, max_length {max_length} or {num_device} "
+                     f"device(s); tracing the programs instead; {remedy}")
+        return None
+    return Programs(directory, manifest)
+
+
+def reusable(manifest: dict[str, Any], max_length: int, wanted: list[Bucket]) -> bool:
+    """Whether an existing inst/ serves a compile for `max_length` and the buckets `wanted` in this environment."""
+    have = {Bucket(**b) for b in manifest.get("buckets", [])}
+    return (all(manifest.get(key) == value for key, value in environment().items())
+            and manifest.get("format") == FORMAT and manifest.get("max_length") == max_length
+            and have >= set(wanted))
+
+
+def xla_cache_dir(inst_dir: Path) -> Path:
+    """JAX's persistent compilation cache of a model: `inst/xla_cache/`, shared by its device counts."""
+    return inst_dir.parent / "xla_cache"
+
+
+# The cache directories `use_xla_cache` set (any other one was the user's).
+_cache_dirs_set: set[str] = set()
+
+
+def use_xla_cache(directory: Path) -> None:
+    """Keep JAX's persistent compilation cache in `directory`, for every program this process compiles from now
+    on (all sizes and compile times), unless the user set a cache directory of their own. A directory that
+    cannot be created (read-only HDEX_HOME) leaves the cache off."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    current = jax.config.jax_compilation_cache_dir
+    if current == str(directory) or (current and current not in _cache_dirs_set):
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.reset_cache()
+    _cache_dirs_set.add(str(directory))
