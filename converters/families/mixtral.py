@@ -24,7 +24,7 @@ import numpy as np
 from converters.families import llama
 from converters.family import Family
 from converters.hf_config import require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from converters.keymap import Rule, keep, lm_head, o_out, qkv_rules, transpose
 from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("mixtral",)
@@ -74,8 +74,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(layer + r"mlp\.experts\.down_proj", "layers/moe/down/w", _experts_linear),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    rules.append(lm_head(cfg))
     return rules
 
 
