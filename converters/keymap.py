@@ -327,6 +327,16 @@ def lm_head(cfg: ModelConfig, pattern: str = r"lm_head\.weight") -> Rule:
     return ignore(pattern) if cfg.tie_embeddings else Rule(pattern, "lm_head/w", transpose)
 
 
+def gated_mlp(layer: str, bias: bool = False) -> list[Rule]:
+    """The gated MLP of a Llama-like block (`mlp.{gate,up,down}_proj.weight` under the per-layer prefix `layer`),
+    and with `bias` their bias rules too."""
+    rules = []
+    for name in ("gate", "up", "down"):
+        weight, bias_rule = linear(layer + rf"mlp\.{name}_proj", f"layers/mlp/{name}")
+        rules += [weight, bias_rule] if bias else [weight]
+    return rules
+
+
 def qkv_rules(layer: str) -> list[Rule]:
     """The q/k/v projections of a Hugging Face attention block (`self_attn.{q,k,v}_proj.{weight,bias}` under
     the per-layer prefix `layer`), which Llama-like models and OPT name alike."""

@@ -116,7 +116,7 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
     files were saved from BloomModel ("h.0.…"), newer ones from BloomForCausalLM ("transformer.h.0.…")."""
     top = r"(?:transformer\.)?"
     layer = top + r"h\.(?P<layer>\d+)\."
-    rules: list[Rule | Derived] = [
+    return [
         Rule(top + r"word_embeddings\.weight", "embed", keep),
         *norm(top + r"word_embeddings_layernorm", "embed_norm"),
         *norm(layer + r"input_layernorm", "layers/ln1"),
@@ -127,9 +127,8 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
         *linear(layer + r"mlp\.dense_4h_to_h", "layers/mlp/down"),
         *norm(top + r"ln_f", "final_norm"),
         Derived("alibi_slopes", lambda c: bloom_alibi_slopes(c.num_heads)),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

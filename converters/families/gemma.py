@@ -26,7 +26,7 @@ import numpy as np
 from converters.errors import CheckpointError
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
-from converters.keymap import Rule, keep, linear, lm_head, o_out, qkv_rules, transpose
+from converters.keymap import Rule, gated_mlp, keep, linear, lm_head, o_out, qkv_rules
 from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("gemma",)
@@ -116,18 +116,15 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
 def gemma_rules(cfg: ModelConfig, norms: Mapping[str, str]) -> list[Rule]:
     """The Gemma tensor layout, with `norms` mapping each per-layer norm's HF name to its canonical name."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *(Rule(layer + rf"{hf_name}\.weight", f"layers/{name}/scale", one_plus) for hf_name, name in norms.items()),
         *qkv_rules(layer),
         *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        *gated_mlp(layer),
         Rule(r"model\.norm\.weight", "final_norm/scale", one_plus),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 def key_map(cfg: ModelConfig) -> list[Rule]:

@@ -106,7 +106,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     openai-community files were saved from GPT2Model ("h.0.…"), newer ones from GPT2LMHeadModel."""
     top = r"(?:transformer\.)?"
     layer = top + r"h\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(top + r"wte\.weight", "embed", keep),
         Rule(top + r"wpe\.weight", "pos_embed", keep),
         *norm(layer + r"ln_1", "layers/ln1"),
@@ -119,9 +119,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         *norm(top + r"ln_f", "final_norm"),
         # Old files saved the causal mask (`attn.bias`) and its fill value (`attn.masked_bias`) as buffers.
         ignore(layer + r"attn\.(?:masked_)?bias"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -68,7 +68,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     layer = top + r"h\.(?P<layer>\d+)\."
     # With a single head the two layouts of c_attn coincide.
     split = _split_mqa if cfg.num_kv_heads == 1 else split_per_head_qkv
-    rules = [
+    return [
         Rule(top + r"wte\.weight", "embed", keep),
         Rule(top + r"wpe\.weight", "pos_embed", keep),
         *norm(layer + r"ln_1", "layers/ln1"),
@@ -78,9 +78,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         *linear(layer + r"mlp\.c_fc", "layers/mlp/up"),
         *linear(layer + r"mlp\.c_proj", "layers/mlp/down"),
         *norm(top + r"ln_f", "final_norm"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -92,7 +92,7 @@ def split_per_head_qkv(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of GPT-NeoX -> canonical names."""
     layer = r"gpt_neox\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"gpt_neox\.embed_in\.weight", "embed", keep),
         *norm(layer + r"input_layernorm", "layers/ln1"),
         *linear(layer + r"attention\.query_key_value", QKV, split_per_head_qkv, split_per_head_qkv),
@@ -104,11 +104,10 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         # Old files (pythia) saved the causal mask, its fill value and the rotary frequencies as buffers.
         ignore(layer + r"attention\.(?:masked_bias|bias|rotary_emb\.inv_freq)"),
         ignore(r"gpt_neox\.rotary_emb\.inv_freq"),
+        # The head is `embed_out` in the Hub files and `lm_head` in the class since transformers 5; a tied
+        # checkpoint may still carry a copy of the embedding.
+        lm_head(cfg, r"(?:embed_out|lm_head)\.weight"),
     ]
-    # The head is `embed_out` in the Hub files and `lm_head` in the class since transformers 5; a tied
-    # checkpoint may still carry a copy of the embedding.
-    rules.append(lm_head(cfg, r"(?:embed_out|lm_head)\.weight"))
-    return rules
 
 
 FAMILY = Family(

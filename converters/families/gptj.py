@@ -87,7 +87,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of GPT-J -> canonical names (`transformer.` prefix optional, as for GPT-2)."""
     top = r"(?:transformer\.)?"
     layer = top + r"h\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(top + r"wte\.weight", "embed", keep),
         *norm(layer + r"ln_1", "layers/ln1"),
         Rule(layer + r"attn\.q_proj\.weight", "layers/attn/q/w", compose(q_in, _rotate_every_two_to_half)),
@@ -100,9 +100,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(r"lm_head\.bias", "lm_head/b", keep),
         # The Hub files of gpt-j-6b carry the causal mask (`attn.bias`) and its fill value as buffers.
         ignore(layer + r"attn\.(?:masked_)?bias"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -13,7 +13,7 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
-from converters.keymap import Rule, ignore, keep, linear, lm_head, o_out, qkv_rules
+from converters.keymap import Rule, gated_mlp, ignore, keep, linear, lm_head, o_out, qkv_rules
 from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -93,21 +93,18 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of the llama layout -> canonical names. Bias rules are always listed: whether a
     bias is expected is decided by the config, and a bias the config does not declare is an error."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
         *qkv_rules(layer),
         *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
-        *linear(layer + r"mlp\.gate_proj", "layers/mlp/gate"),
-        *linear(layer + r"mlp\.up_proj", "layers/mlp/up"),
-        *linear(layer + r"mlp\.down_proj", "layers/mlp/down"),
+        *gated_mlp(layer, bias=True),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
         # Older checkpoints saved the rotary inverse frequencies as buffers; they are recomputed from config.
         ignore(r"model\.(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -113,7 +113,7 @@ def _wqkv(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.n
 def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
     """HF tensor names of MPT -> canonical names."""
     layer = r"transformer\.blocks\.(?P<layer>\d+)\."
-    rules: list[Rule | Derived] = [
+    return [
         Rule(r"transformer\.wte\.weight", "embed", keep),
         Rule(layer + r"norm_1\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"attn\.Wqkv\.weight", ("layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w"), _wqkv),
@@ -123,9 +123,8 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
         Rule(layer + r"ffn\.down_proj\.weight", "layers/mlp/down/w", transpose),
         Rule(r"transformer\.norm_f\.weight", "final_norm/scale", keep),
         Derived("alibi_slopes", lambda c: mpt_alibi_slopes(c.num_heads)),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -13,7 +13,7 @@ from converters.errors import CheckpointError
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
-from converters.keymap import Rule, keep, linear, lm_head, o_out, qkv_rules, transpose
+from converters.keymap import Rule, gated_mlp, keep, linear, lm_head, o_out, qkv_rules
 from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("olmo",)
@@ -51,16 +51,13 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of OLMo -> canonical names (no norm tensors exist). Bias rules are always listed: a bias
     the config (`attention_bias`) does not declare is an error."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *qkv_rules(layer),
         *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        *gated_mlp(layer),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

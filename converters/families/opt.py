@@ -58,7 +58,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     facebook/opt files were saved from OPTModel ("decoder.…") and newer ones from OPTForCausalLM."""
     top = r"(?:model\.)?decoder\."
     layer = top + r"layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(top + r"embed_tokens\.weight", "embed", keep),
         Rule(top + r"embed_positions\.weight", "pos_embed", keep),
         Rule(top + r"project_in\.weight", "project_in", transpose),
@@ -71,9 +71,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         *norm(layer + r"final_layer_norm", "layers/ln2"),
         *linear(layer + r"fc1", "layers/mlp/up"),
         *linear(layer + r"fc2", "layers/mlp/down"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -52,7 +52,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Phi -> canonical names. The one `input_layernorm` is ln1, which both sublayers read."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *norm(layer + r"input_layernorm", "layers/ln1"),
         *qkv_rules(layer),
@@ -62,9 +62,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         *norm(r"model\.final_layernorm", "final_norm"),
         # The head's bias is its own even when its weight is tied to the embedding.
         Rule(r"lm_head\.bias", "lm_head/b", keep),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -64,7 +64,7 @@ def split_gate_up(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarr
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Phi-3 -> canonical names."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
@@ -74,9 +74,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(layer + r"mlp\.gate_up_proj\.weight", ("layers/mlp/gate/w", "layers/mlp/up/w"), split_gate_up),
         Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

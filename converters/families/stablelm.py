@@ -14,7 +14,7 @@ from converters.errors import CheckpointError
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
-from converters.keymap import Rule, keep, lm_head, norm, o_out, qkv_rules, transpose
+from converters.keymap import Rule, gated_mlp, keep, lm_head, norm, o_out, qkv_rules
 from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("stablelm",)
@@ -55,19 +55,16 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of StableLM -> canonical names. q/k/v bias rules are always listed: a bias the config
     (`use_qkv_bias`) does not declare is an error, as is a `post_attention_layernorm` in a parallel model."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *norm(layer + r"input_layernorm", "layers/ln1"),
         *norm(layer + r"post_attention_layernorm", "layers/ln2"),
         *qkv_rules(layer),
         Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        *gated_mlp(layer),
         *norm(r"model\.norm", "final_norm"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(

@@ -48,7 +48,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of StarCoder2 -> canonical names. Bias rules are always listed: a bias the config
     (`use_bias`) does not declare is an error."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *norm(layer + r"input_layernorm", "layers/ln1"),
         *norm(layer + r"post_attention_layernorm", "layers/ln2"),
@@ -57,9 +57,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         *linear(layer + r"mlp\.c_fc", "layers/mlp/up"),
         *linear(layer + r"mlp\.c_proj", "layers/mlp/down"),
         *norm(r"model\.norm", "final_norm"),
+        lm_head(cfg),
     ]
-    rules.append(lm_head(cfg))
-    return rules
 
 
 FAMILY = Family(
