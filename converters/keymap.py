@@ -297,12 +297,49 @@ def convert(source: TensorSource, rules: Sequence[Rule | Derived], cfg: ModelCon
     return out
 
 
+# The fused q/k/v targets (their `/w` and `/b` weights), for `linear` over a fused tensor.
+QKV = ("layers/attn/q", "layers/attn/k", "layers/attn/v")
+
+
+def linear(pattern: str, target: str | tuple[str, ...], weight: Transform = transpose,
+           bias: Transform = keep) -> list[Rule]:
+    """The weight and bias rules of one (possibly fused) linear layer: `pattern.weight` -> `target/w` and
+    `pattern.bias` -> `target/b` (each target of a tuple). The bias rule is always listed; a bias the config does
+    not declare is an error, a bias the checkpoint does not have is fine when the config does not declare it."""
+    def names(suffix: str) -> str | tuple[str, ...]:
+        return f"{target}/{suffix}" if isinstance(target, str) else tuple(f"{t}/{suffix}" for t in target)
+
+    return [Rule(pattern + r"\.weight", names("w"), weight), Rule(pattern + r"\.bias", names("b"), bias)]
+
+
+def norm(pattern: str, target: str, scale: Transform = keep, bias: bool = True) -> list[Rule]:
+    """The rules of one norm: `pattern.weight` -> `target/scale` and, unless `bias` is false (RMSNorm),
+    `pattern.bias` -> `target/bias`."""
+    rules = [Rule(pattern + r"\.weight", f"{target}/scale", scale)]
+    if bias:
+        rules.append(Rule(pattern + r"\.bias", f"{target}/bias", keep))
+    return rules
+
+
+def lm_head(cfg: ModelConfig, pattern: str = r"lm_head\.weight") -> Rule:
+    """The LM head's weight (an nn.Linear), or for a tied head an ignored tensor: a tied checkpoint may still
+    carry a copy of the embedding as the head's weight."""
+    return ignore(pattern) if cfg.tie_embeddings else Rule(pattern, "lm_head/w", transpose)
+
+
+def gated_mlp(layer: str, bias: bool = False) -> list[Rule]:
+    """The gated MLP of a Llama-like block (`mlp.{gate,up,down}_proj.weight` under the per-layer prefix `layer`),
+    and with `bias` their bias rules too."""
+    rules = []
+    for name in ("gate", "up", "down"):
+        weight, bias_rule = linear(layer + rf"mlp\.{name}_proj", f"layers/mlp/{name}")
+        rules += [weight, bias_rule] if bias else [weight]
+    return rules
+
+
 def qkv_rules(layer: str) -> list[Rule]:
     """The q/k/v projections of a Hugging Face attention block (`self_attn.{q,k,v}_proj.{weight,bias}` under
     the per-layer prefix `layer`), which Llama-like models and OPT name alike."""
-    rules = []
-    for name in "qkv":
-        weight, bias = (q_in, q_bias) if name == "q" else (kv_in, kv_bias)
-        rules.append(Rule(layer + rf"self_attn\.{name}_proj\.weight", f"layers/attn/{name}/w", weight))
-        rules.append(Rule(layer + rf"self_attn\.{name}_proj\.bias", f"layers/attn/{name}/b", bias))
-    return rules
+    return [*linear(layer + r"self_attn\.q_proj", "layers/attn/q", q_in, q_bias),
+            *linear(layer + r"self_attn\.k_proj", "layers/attn/k", kv_in, kv_bias),
+            *linear(layer + r"self_attn\.v_proj", "layers/attn/v", kv_in, kv_bias)]

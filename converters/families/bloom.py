@@ -21,9 +21,9 @@ import numpy as np
 
 from converters.errors import CheckpointError
 from converters.family import Family
-from converters.hf_config import require
-from converters.keymap import Derived, Rule, ignore, keep, o_out, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import hf_sizes, require
+from converters.keymap import QKV, Derived, Rule, keep, linear, lm_head, norm, o_out
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("bloom",)
 
@@ -76,10 +76,6 @@ def grouped_qkv_bias(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.nd
     return b[:, :g].reshape(cfg.num_heads, cfg.head_dim), b[:, g], b[:, g + 1]
 
 
-QKV = ("layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w")
-QKV_BIAS = ("layers/attn/q/b", "layers/attn/k/b", "layers/attn/v/b")
-
-
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig of a BLOOM `config.json` dict; `source` names the file in errors.
 
@@ -95,16 +91,12 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         raise CheckpointError(f"{source}: hidden size {hidden} is not a multiple of the {heads} heads")
     return ModelConfig(
         model_type="bloom",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(hf.get("n_layer") or require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
         # BloomMLP is always 4x wide; config.json has no key for it.
-        intermediate_size=4 * hidden,
-        max_position_embeddings=int(hf.get("max_position_embeddings") or hf.get("seq_length") or DEFAULT_CONTEXT),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                   num_layers=int(hf.get("n_layer") or require(hf, "num_hidden_layers", source)),
+                   intermediate_size=4 * hidden,
+                   max_position_embeddings=int(hf.get("max_position_embeddings") or hf.get("seq_length")
+                                               or DEFAULT_CONTEXT)),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         embed_norm=True,
@@ -116,9 +108,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=True,
         mlp_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -127,29 +116,19 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
     files were saved from BloomModel ("h.0.…"), newer ones from BloomForCausalLM ("transformer.h.0.…")."""
     top = r"(?:transformer\.)?"
     layer = top + r"h\.(?P<layer>\d+)\."
-    rules: list[Rule | Derived] = [
+    return [
         Rule(top + r"word_embeddings\.weight", "embed", keep),
-        Rule(top + r"word_embeddings_layernorm\.weight", "embed_norm/scale", keep),
-        Rule(top + r"word_embeddings_layernorm\.bias", "embed_norm/bias", keep),
-        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"input_layernorm\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"self_attention\.query_key_value\.weight", QKV, grouped_qkv),
-        Rule(layer + r"self_attention\.query_key_value\.bias", QKV_BIAS, grouped_qkv_bias),
-        Rule(layer + r"self_attention\.dense\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attention\.dense\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"post_attention_layernorm\.bias", "layers/ln2/bias", keep),
-        Rule(layer + r"mlp\.dense_h_to_4h\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.dense_h_to_4h\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.dense_4h_to_h\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.dense_4h_to_h\.bias", "layers/mlp/down/b", keep),
-        Rule(top + r"ln_f\.weight", "final_norm/scale", keep),
-        Rule(top + r"ln_f\.bias", "final_norm/bias", keep),
+        *norm(top + r"word_embeddings_layernorm", "embed_norm"),
+        *norm(layer + r"input_layernorm", "layers/ln1"),
+        *linear(layer + r"self_attention\.query_key_value", QKV, grouped_qkv, grouped_qkv_bias),
+        *linear(layer + r"self_attention\.dense", "layers/attn/o", o_out),
+        *norm(layer + r"post_attention_layernorm", "layers/ln2"),
+        *linear(layer + r"mlp\.dense_h_to_4h", "layers/mlp/up"),
+        *linear(layer + r"mlp\.dense_4h_to_h", "layers/mlp/down"),
+        *norm(top + r"ln_f", "final_norm"),
         Derived("alibi_slopes", lambda c: bloom_alibi_slopes(c.num_heads)),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

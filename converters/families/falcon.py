@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import CheckpointError
-from converters.families.bloom import QKV, QKV_BIAS, bloom_alibi_slopes, grouped_qkv, grouped_qkv_bias
+from converters.families.bloom import bloom_alibi_slopes, grouped_qkv, grouped_qkv_bias
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Derived, Rule, ignore, keep, o_out, transpose
-from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+from converters.hf_config import activation, hf_sizes, require
+from converters.keymap import QKV, Derived, Rule, keep, linear, lm_head, norm, o_out
+from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("falcon",)
 
@@ -100,15 +100,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     bias = bool(hf.get("bias", False))
     return ModelConfig(
         model_type="falcon",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=hidden // heads,
-        intermediate_size=int(hf.get("ffn_hidden_size") or 4 * hidden),
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
+                   intermediate_size=int(hf.get("ffn_hidden_size") or 4 * hidden),
+                   max_position_embeddings=int(hf.get("max_position_embeddings") or 2048)),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon") or 1e-5),
         parallel_residual=parallel,
@@ -122,9 +116,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=bias,
         mlp_bias=bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -135,25 +126,18 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
     layer = r"transformer\.h\.(?P<layer>\d+)\."
     rules: list[Rule | Derived] = [
         Rule(r"transformer\.word_embeddings\.weight", "embed", keep),
-        Rule(layer + r"self_attention\.query_key_value\.weight", QKV, grouped_qkv),
-        Rule(layer + r"self_attention\.query_key_value\.bias", QKV_BIAS, grouped_qkv_bias),
-        Rule(layer + r"self_attention\.dense\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attention\.dense\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"mlp\.dense_h_to_4h\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.dense_h_to_4h\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.dense_4h_to_h\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.dense_4h_to_h\.bias", "layers/mlp/down/b", keep),
-        Rule(r"transformer\.ln_f\.weight", "final_norm/scale", keep),
-        Rule(r"transformer\.ln_f\.bias", "final_norm/bias", keep),
+        *linear(layer + r"self_attention\.query_key_value", QKV, grouped_qkv, grouped_qkv_bias),
+        *linear(layer + r"self_attention\.dense", "layers/attn/o", o_out),
+        *linear(layer + r"mlp\.dense_h_to_4h", "layers/mlp/up"),
+        *linear(layer + r"mlp\.dense_4h_to_h", "layers/mlp/down"),
+        *norm(r"transformer\.ln_f", "final_norm"),
     ]
-    for hf_name, norm in (("input_layernorm", "ln1"), ("ln_attn", "ln1"), ("post_attention_layernorm", "ln2"),
+    for hf_name, ln in (("input_layernorm", "ln1"), ("ln_attn", "ln1"), ("post_attention_layernorm", "ln2"),
                           ("ln_mlp", "ln2")):
-        rules.append(Rule(layer + hf_name + r"\.weight", f"layers/{norm}/scale", keep))
-        rules.append(Rule(layer + hf_name + r"\.bias", f"layers/{norm}/bias", keep))
+        rules += norm(layer + hf_name, f"layers/{ln}")
     if cfg.positions == "alibi":
         rules.append(Derived("alibi_slopes", falcon_alibi_slopes))
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
+    rules.append(lm_head(cfg))
     return rules
 
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from converters.errors import CheckpointError
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
-from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+from converters.hf_config import activation, hf_sizes, require
+from converters.keymap import Rule, gated_mlp, keep, linear, lm_head, o_out, qkv_rules
+from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("gemma",)
 
@@ -94,15 +94,7 @@ def gemma_config(hf: Mapping[str, Any], source: str, act: str) -> ModelConfig:
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         model_type=require(hf, "model_type", source),
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=head_dim(hf, source),
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, head_dim=head_dim(hf, source)),
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
         embed_scale=float(np.float32(math.sqrt(hidden))),
@@ -113,9 +105,6 @@ def gemma_config(hf: Mapping[str, Any], source: str, act: str) -> ModelConfig:
         qkv_bias=attention_bias,
         o_bias=attention_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -127,20 +116,15 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
 def gemma_rules(cfg: ModelConfig, norms: Mapping[str, str]) -> list[Rule]:
     """The Gemma tensor layout, with `norms` mapping each per-layer norm's HF name to its canonical name."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *(Rule(layer + rf"{hf_name}\.weight", f"layers/{name}/scale", one_plus) for hf_name, name in norms.items()),
         *qkv_rules(layer),
-        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
+        *gated_mlp(layer),
         Rule(r"model\.norm\.weight", "final_norm/scale", one_plus),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 def key_map(cfg: ModelConfig) -> list[Rule]:

@@ -16,9 +16,9 @@ import numpy as np
 
 from converters.errors import CheckpointError
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import QKV, Rule, ignore, keep, linear, lm_head, norm
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("gpt2",)
 
@@ -74,10 +74,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     # `reorder_and_upcast_attn` only changes the float16 numerics of the same attention, so it is accepted.
     return ModelConfig(
         model_type="gpt2",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        num_kv_heads=sizes["num_heads"],
-        embed_dim=sizes["hidden_size"],
-        **sizes,
+        **hf_sizes(hf, source, num_kv_heads=sizes["num_heads"], **sizes),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS)),
         positions="learned",
@@ -88,9 +85,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=True,
         mlp_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -112,36 +106,28 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     openai-community files were saved from GPT2Model ("h.0.…"), newer ones from GPT2LMHeadModel."""
     top = r"(?:transformer\.)?"
     layer = top + r"h\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(top + r"wte\.weight", "embed", keep),
         Rule(top + r"wpe\.weight", "pos_embed", keep),
-        Rule(layer + r"ln_1\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"ln_1\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"attn\.c_attn\.weight", ("layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w"), _split_qkv),
-        Rule(layer + r"attn\.c_attn\.bias", ("layers/attn/q/b", "layers/attn/k/b", "layers/attn/v/b"), _split_qkv),
-        Rule(layer + r"attn\.c_proj\.weight", "layers/attn/o/w", _o_conv1d),
-        Rule(layer + r"attn\.c_proj\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"ln_2\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"ln_2\.bias", "layers/ln2/bias", keep),
+        *norm(layer + r"ln_1", "layers/ln1"),
+        *linear(layer + r"attn\.c_attn", QKV, _split_qkv, _split_qkv),
+        *linear(layer + r"attn\.c_proj", "layers/attn/o", _o_conv1d),
+        *norm(layer + r"ln_2", "layers/ln2"),
         # Conv1D weights are already [in, out], the canonical orientation.
-        Rule(layer + r"mlp\.c_fc\.weight", "layers/mlp/up/w", keep),
-        Rule(layer + r"mlp\.c_fc\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.c_proj\.weight", "layers/mlp/down/w", keep),
-        Rule(layer + r"mlp\.c_proj\.bias", "layers/mlp/down/b", keep),
-        Rule(top + r"ln_f\.weight", "final_norm/scale", keep),
-        Rule(top + r"ln_f\.bias", "final_norm/bias", keep),
+        *linear(layer + r"mlp\.c_fc", "layers/mlp/up", keep),
+        *linear(layer + r"mlp\.c_proj", "layers/mlp/down", keep),
+        *norm(top + r"ln_f", "final_norm"),
         # Old files saved the causal mask (`attn.bias`) and its fill value (`attn.masked_bias`) as buffers.
         ignore(layer + r"attn\.(?:masked_)?bias"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight. The head is an nn.Linear.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="openai-community/gpt2",
-    mechanisms=("learned positions", "LayerNorm", "gelu_new MLP", "biases", "fused c_attn (Conv1D, [in, out])", "tied LM head"),
+    mechanisms=("learned positions", "LayerNorm", "gelu_new MLP", "biases", "fused c_attn (Conv1D, [in, out])",
+                "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="scale_attn_by_inverse_layer_idx and add_cross_attention are refused",

@@ -21,9 +21,9 @@ from converters.families.gpt2 import (
 )
 from converters.families.gpt_neox import split_per_head_qkv
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import QKV, Rule, keep, linear, lm_head, norm, o_out
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("gpt_bigcode",)
 
@@ -35,10 +35,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     # `attention_softmax_in_fp32` and `scale_attention_softmax_in_fp32` only change half-precision numerics.
     return ModelConfig(
         model_type="gpt_bigcode",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        num_kv_heads=1 if hf.get("multi_query", True) else sizes["num_heads"],
-        embed_dim=sizes["hidden_size"],
-        **sizes,
+        **hf_sizes(hf, source, num_kv_heads=1 if hf.get("multi_query", True) else sizes["num_heads"], **sizes),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS)),
         positions="learned",
@@ -49,9 +46,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=True,
         mlp_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -74,33 +68,26 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     layer = top + r"h\.(?P<layer>\d+)\."
     # With a single head the two layouts of c_attn coincide.
     split = _split_mqa if cfg.num_kv_heads == 1 else split_per_head_qkv
-    rules = [
+    return [
         Rule(top + r"wte\.weight", "embed", keep),
         Rule(top + r"wpe\.weight", "pos_embed", keep),
-        Rule(layer + r"ln_1\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"ln_1\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"attn\.c_attn\.weight", ("layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w"), split),
-        Rule(layer + r"attn\.c_attn\.bias", ("layers/attn/q/b", "layers/attn/k/b", "layers/attn/v/b"), split),
-        Rule(layer + r"attn\.c_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"attn\.c_proj\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"ln_2\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"ln_2\.bias", "layers/ln2/bias", keep),
-        Rule(layer + r"mlp\.c_fc\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.c_fc\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.c_proj\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.c_proj\.bias", "layers/mlp/down/b", keep),
-        Rule(top + r"ln_f\.weight", "final_norm/scale", keep),
-        Rule(top + r"ln_f\.bias", "final_norm/bias", keep),
+        *norm(layer + r"ln_1", "layers/ln1"),
+        *linear(layer + r"attn\.c_attn", QKV, split, split),
+        *linear(layer + r"attn\.c_proj", "layers/attn/o", o_out),
+        *norm(layer + r"ln_2", "layers/ln2"),
+        *linear(layer + r"mlp\.c_fc", "layers/mlp/up"),
+        *linear(layer + r"mlp\.c_proj", "layers/mlp/down"),
+        *norm(top + r"ln_f", "final_norm"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="bigcode/tiny_starcoder_py",
-    mechanisms=("learned positions", "LayerNorm", "gelu_pytorch_tanh MLP", "biases", "multi-query attention (fused c_attn: all q heads, one k, one v)", "multi_query=false (per-head fused c_attn)", "tied LM head"),
+    mechanisms=("learned positions", "LayerNorm", "gelu_pytorch_tanh MLP", "biases",
+                "multi-query attention (fused c_attn: all q heads, one k, one v)",
+                "multi_query=false (per-head fused c_attn)", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="add_cross_attention is refused",

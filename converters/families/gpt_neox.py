@@ -15,9 +15,9 @@ import numpy as np
 
 from converters.errors import CheckpointError
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, transpose
-from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+from converters.hf_config import activation, hf_sizes, require
+from converters.keymap import QKV, Rule, ignore, keep, linear, lm_head, norm, o_out
+from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -60,15 +60,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     attention_bias = bool(hf.get("attention_bias", True))
     return ModelConfig(
         model_type="gpt_neox",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps", LAYER_NORM_EPS)),
         parallel_residual=parallel,
@@ -83,9 +75,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=attention_bias,
         mlp_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -103,38 +92,29 @@ def split_per_head_qkv(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of GPT-NeoX -> canonical names."""
     layer = r"gpt_neox\.layers\.(?P<layer>\d+)\."
-    qkv = ("layers/attn/q/{}", "layers/attn/k/{}", "layers/attn/v/{}")
-    rules = [
+    return [
         Rule(r"gpt_neox\.embed_in\.weight", "embed", keep),
-        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"input_layernorm\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"attention\.query_key_value\.weight", tuple(t.format("w") for t in qkv), split_per_head_qkv),
-        Rule(layer + r"attention\.query_key_value\.bias", tuple(t.format("b") for t in qkv), split_per_head_qkv),
-        Rule(layer + r"attention\.dense\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"attention\.dense\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"post_attention_layernorm\.bias", "layers/ln2/bias", keep),
-        Rule(layer + r"mlp\.dense_h_to_4h\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.dense_h_to_4h\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.dense_4h_to_h\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.dense_4h_to_h\.bias", "layers/mlp/down/b", keep),
-        Rule(r"gpt_neox\.final_layer_norm\.weight", "final_norm/scale", keep),
-        Rule(r"gpt_neox\.final_layer_norm\.bias", "final_norm/bias", keep),
+        *norm(layer + r"input_layernorm", "layers/ln1"),
+        *linear(layer + r"attention\.query_key_value", QKV, split_per_head_qkv, split_per_head_qkv),
+        *linear(layer + r"attention\.dense", "layers/attn/o", o_out),
+        *norm(layer + r"post_attention_layernorm", "layers/ln2"),
+        *linear(layer + r"mlp\.dense_h_to_4h", "layers/mlp/up"),
+        *linear(layer + r"mlp\.dense_4h_to_h", "layers/mlp/down"),
+        *norm(r"gpt_neox\.final_layer_norm", "final_norm"),
         # Old files (pythia) saved the causal mask, its fill value and the rotary frequencies as buffers.
         ignore(layer + r"attention\.(?:masked_bias|bias|rotary_emb\.inv_freq)"),
         ignore(r"gpt_neox\.rotary_emb\.inv_freq"),
+        # The head is `embed_out` in the Hub files and `lm_head` in the class since transformers 5; a tied
+        # checkpoint may still carry a copy of the embedding.
+        lm_head(cfg, r"(?:embed_out|lm_head)\.weight"),
     ]
-    # The head is `embed_out` in the Hub files and `lm_head` in the class since transformers 5; a tied
-    # checkpoint may still carry a copy of the embedding.
-    head = r"(?:embed_out|lm_head)\.weight"
-    rules.append(ignore(head) if cfg.tie_embeddings else Rule(head, "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="EleutherAI/pythia-70m",
-    mechanisms=("partial rotate-half RoPE (rotary_pct)", "LayerNorm", "GELU MLP", "biases", "fused per-head query_key_value", "parallel residual with two norms, or sequential"),
+    mechanisms=("partial rotate-half RoPE (rotary_pct)", "LayerNorm", "GELU MLP", "biases",
+                "fused per-head query_key_value", "parallel residual with two norms, or sequential"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="rope scaling kinds other than linear are refused; an odd rotary dimension is refused",

@@ -21,9 +21,9 @@ import numpy as np
 from converters.errors import CheckpointError
 from converters.families.gpt2 import LAYER_NORM_EPS, gpt_sizes, refuse_cross_attention
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, compose, ignore, keep, kv_in, o_out, q_in, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import Rule, compose, ignore, keep, kv_in, linear, lm_head, norm, o_out, q_in
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("gptj",)
 
@@ -52,10 +52,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
                               f"dimension {head_dim}")
     cfg = ModelConfig(
         model_type="gptj",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        num_kv_heads=sizes["num_heads"],
-        embed_dim=sizes["hidden_size"],
-        **sizes,
+        **hf_sizes(hf, source, num_kv_heads=sizes["num_heads"], **sizes),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS)),
         parallel_residual=True,
@@ -71,9 +68,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         # GPTJForCausalLM's lm_head is an nn.Linear with a bias, whether or not its weight is tied.
         lm_head_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
     return cfg
 
@@ -93,33 +87,29 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of GPT-J -> canonical names (`transformer.` prefix optional, as for GPT-2)."""
     top = r"(?:transformer\.)?"
     layer = top + r"h\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(top + r"wte\.weight", "embed", keep),
-        Rule(layer + r"ln_1\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"ln_1\.bias", "layers/ln1/bias", keep),
+        *norm(layer + r"ln_1", "layers/ln1"),
         Rule(layer + r"attn\.q_proj\.weight", "layers/attn/q/w", compose(q_in, _rotate_every_two_to_half)),
         Rule(layer + r"attn\.k_proj\.weight", "layers/attn/k/w", compose(kv_in, _rotate_every_two_to_half)),
         Rule(layer + r"attn\.v_proj\.weight", "layers/attn/v/w", kv_in),
         Rule(layer + r"attn\.out_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"mlp\.fc_in\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.fc_in\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.fc_out\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.fc_out\.bias", "layers/mlp/down/b", keep),
-        Rule(top + r"ln_f\.weight", "final_norm/scale", keep),
-        Rule(top + r"ln_f\.bias", "final_norm/bias", keep),
+        *linear(layer + r"mlp\.fc_in", "layers/mlp/up"),
+        *linear(layer + r"mlp\.fc_out", "layers/mlp/down"),
+        *norm(top + r"ln_f", "final_norm"),
         Rule(r"lm_head\.bias", "lm_head/b", keep),
         # The Hub files of gpt-j-6b carry the causal mask (`attn.bias`) and its fill value as buffers.
         ignore(layer + r"attn\.(?:masked_)?bias"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="EleutherAI/gpt-j-6b",
-    mechanisms=("partial RoPE (rotary_dim), interleaved pairs permuted to rotate-half at conversion", "parallel residual with one shared LayerNorm", "gelu_new MLP with biases", "no attention biases", "untied LM head with bias"),
+    mechanisms=("partial RoPE (rotary_dim), interleaved pairs permuted to rotate-half at conversion",
+                "parallel residual with one shared LayerNorm", "gelu_new MLP with biases", "no attention biases",
+                "untied LM head with bias"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="add_cross_attention is refused; rotary_dim must be even",

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
 from converters.family import Family
-from hdex_jax.config import ModelConfig, eos_ids, rope_scaling_items
+from converters.hf_config import activation, hf_sizes, require
+from converters.keymap import Rule, gated_mlp, ignore, keep, linear, lm_head, o_out, qkv_rules
+from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -69,15 +69,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         model_type=model_type,
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_layers=layers, num_heads=heads),
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         pre_norm=True,
@@ -94,9 +86,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=False if model_type == "qwen2" else attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -104,32 +93,26 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of the llama layout -> canonical names. Bias rules are always listed: whether a
     bias is expected is decided by the config, and a bias the config does not declare is an error."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
         *qkv_rules(layer),
-        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.gate_proj\.bias", "layers/mlp/gate/b", keep),
-        Rule(layer + r"mlp\.up_proj\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.down_proj\.bias", "layers/mlp/down/b", keep),
+        *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
+        *gated_mlp(layer, bias=True),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
         # Older checkpoints saved the rotary inverse frequencies as buffers; they are recomputed from config.
         ignore(r"model\.(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="HuggingFaceTB/SmolLM2-135M-Instruct",
-    mechanisms=("RMSNorm", "rotate-half RoPE (default, linear, llama3 scaling)", "SiLU-gated MLP", "grouped-query attention", "optional biases", "sliding window (Mistral; Qwen2, also on some layers only)"),
+    mechanisms=("RMSNorm", "rotate-half RoPE (default, linear, llama3 scaling)", "SiLU-gated MLP",
+                "grouped-query attention", "optional biases",
+                "sliding window (Mistral; Qwen2, also on some layers only)"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="rope scaling kinds other than linear and llama3 are refused",

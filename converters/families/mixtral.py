@@ -24,7 +24,7 @@ import numpy as np
 from converters.families import llama
 from converters.family import Family
 from converters.hf_config import require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
+from converters.keymap import Rule, keep, lm_head, o_out, qkv_rules, transpose
 from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("mixtral",)
@@ -60,7 +60,7 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Mixtral (both expert layouts) -> canonical names."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
     expert = layer + r"block_sparse_moe\.experts\.(?P<expert>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
@@ -73,10 +73,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(layer + r"mlp\.experts\.gate_up_proj", ("layers/moe/gate/w", "layers/moe/up/w"), _split_gate_up),
         Rule(layer + r"mlp\.experts\.down_proj", "layers/moe/down/w", _experts_linear),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

@@ -23,9 +23,9 @@ import numpy as np
 
 from converters.errors import CheckpointError
 from converters.family import Family
-from converters.hf_config import require
-from converters.keymap import Derived, Rule, ignore, keep, o_out, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import hf_sizes, require
+from converters.keymap import Derived, Rule, keep, lm_head, o_out, transpose
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("mpt",)
 
@@ -87,17 +87,12 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     softmax_scale = attn.get("softmax_scale")
     return ModelConfig(
         model_type="mpt",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "n_layers", source)),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
         # MPT's own code sizes the MLP by expansion_ratio (transformers assumes 4); the weights' shapes are
         # checked against this, so a disagreement is an error, not a silent misread.
-        intermediate_size=int(float(hf.get("expansion_ratio", 4)) * hidden),
-        max_position_embeddings=int(hf.get("max_seq_len", 2048)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_layers=int(require(hf, "n_layers", source)), num_heads=heads,
+                   num_kv_heads=heads, head_dim=hidden // heads,
+                   intermediate_size=int(float(hf.get("expansion_ratio", 4)) * hidden),
+                   max_position_embeddings=int(hf.get("max_seq_len", 2048))),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         norm_bias=False,
@@ -106,9 +101,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         activation="gelu",
         gated_mlp=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -121,7 +113,7 @@ def _wqkv(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.n
 def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
     """HF tensor names of MPT -> canonical names."""
     layer = r"transformer\.blocks\.(?P<layer>\d+)\."
-    rules: list[Rule | Derived] = [
+    return [
         Rule(r"transformer\.wte\.weight", "embed", keep),
         Rule(layer + r"norm_1\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"attn\.Wqkv\.weight", ("layers/attn/q/w", "layers/attn/k/w", "layers/attn/v/w"), _wqkv),
@@ -131,10 +123,8 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
         Rule(layer + r"ffn\.down_proj\.weight", "layers/mlp/down/w", transpose),
         Rule(r"transformer\.norm_f\.weight", "final_norm/scale", keep),
         Derived("alibi_slopes", lambda c: mpt_alibi_slopes(c.num_heads)),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

@@ -12,9 +12,9 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import Rule, gated_mlp, keep, linear, lm_head, o_out, qkv_rules
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("olmo",)
 
@@ -27,22 +27,12 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     if hf.get("clip_qkv") is not None:
         # Clamping q, k and v to [-clip_qkv, clip_qkv] (OLMo-1.7) is not a mechanism of the canonical model.
         raise CheckpointError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (only null)")
-    hidden = int(require(hf, "hidden_size", source))
-    heads = int(require(hf, "num_attention_heads", source))
     bias = bool(hf.get("attention_bias", False))
     # OLMo's rotary embedding ignores any partial factor and rotates whole heads.
     theta, _ = unscaled_rope(hf, source, default_partial=1.0)
     return ModelConfig(
         model_type="olmo",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source),
         norm="layernorm",
         norm_eps=_LAYER_NORM_EPS,
         norm_scale=False,
@@ -54,9 +44,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         qkv_bias=bias,
         o_bias=bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -64,18 +51,13 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of OLMo -> canonical names (no norm tensors exist). Bias rules are always listed: a bias
     the config (`attention_bias`) does not declare is an error."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         *qkv_rules(layer),
-        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
+        *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
+        *gated_mlp(layer),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

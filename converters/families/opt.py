@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
 from converters.family import Family
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes, require
+from converters.keymap import Rule, keep, linear, lm_head, norm, o_out, qkv_rules, transpose
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("opt",)
 
@@ -34,15 +34,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         raise CheckpointError(f"{source}: layer_norm_elementwise_affine=false is not supported")
     return ModelConfig(
         model_type="opt",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=int(require(hf, "ffn_dim", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=int(hf.get("word_embed_proj_dim") or hidden),
+        **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                   intermediate_size=int(require(hf, "ffn_dim", source)),
+                   embed_dim=int(hf.get("word_embed_proj_dim") or hidden)),
         norm="layernorm",
         norm_eps=LAYER_NORM_EPS,
         pre_norm=pre_norm,
@@ -56,9 +50,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=bias,
         mlp_bias=bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -67,35 +58,28 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     facebook/opt files were saved from OPTModel ("decoder.…") and newer ones from OPTForCausalLM."""
     top = r"(?:model\.)?decoder\."
     layer = top + r"layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(top + r"embed_tokens\.weight", "embed", keep),
         Rule(top + r"embed_positions\.weight", "pos_embed", keep),
         Rule(top + r"project_in\.weight", "project_in", transpose),
         Rule(top + r"project_out\.weight", "project_out", transpose),
-        Rule(top + r"final_layer_norm\.weight", "final_norm/scale", keep),
-        Rule(top + r"final_layer_norm\.bias", "final_norm/bias", keep),
-        Rule(layer + r"self_attn_layer_norm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"self_attn_layer_norm\.bias", "layers/ln1/bias", keep),
+        *norm(top + r"final_layer_norm", "final_norm"),
+        *norm(layer + r"self_attn_layer_norm", "layers/ln1"),
         *qkv_rules(layer),
-        Rule(layer + r"self_attn\.out_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attn\.out_proj\.bias", "layers/attn/o/b", keep),
+        *linear(layer + r"self_attn\.out_proj", "layers/attn/o", o_out),
         # The per-layer "final_layer_norm" is the LayerNorm around the MLP, not the decoder's final norm.
-        Rule(layer + r"final_layer_norm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"final_layer_norm\.bias", "layers/ln2/bias", keep),
-        Rule(layer + r"fc1\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"fc1\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"fc2\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"fc2\.bias", "layers/mlp/down/b", keep),
+        *norm(layer + r"final_layer_norm", "layers/ln2"),
+        *linear(layer + r"fc1", "layers/mlp/up"),
+        *linear(layer + r"fc2", "layers/mlp/down"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="facebook/opt-125m",
-    mechanisms=("learned positions (offset 2)", "LayerNorm", "ReLU MLP", "biases", "pre-LN and post-LN (opt-350m)", "embedding projection (opt-350m)"),
+    mechanisms=("learned positions (offset 2)", "LayerNorm", "ReLU MLP", "biases", "pre-LN and post-LN (opt-350m)",
+                "embedding projection (opt-350m)"),
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="layer_norm_elementwise_affine=false is refused",

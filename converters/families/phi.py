@@ -12,9 +12,9 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import Rule, keep, linear, lm_head, norm, o_out, qkv_rules
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("phi",)
 
@@ -28,20 +28,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     if hf.get("qk_layernorm"):
         # Per-head LayerNorms on q and k before the rotary embedding: not a mechanism of the canonical model.
         raise CheckpointError(f"{source}: qk_layernorm=true is not supported")
-    hidden = int(require(hf, "hidden_size", source))
-    heads = int(require(hf, "num_attention_heads", source))
     theta, partial = unscaled_rope(hf, source, default_partial=_PARTIAL_ROTARY_FACTOR)
     return ModelConfig(
         model_type="phi",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps") or _LAYER_NORM_EPS),
         parallel_residual=True,
@@ -56,34 +46,24 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         mlp_bias=True,
         lm_head_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Phi -> canonical names. The one `input_layernorm` is ln1, which both sublayers read."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
-        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"input_layernorm\.bias", "layers/ln1/bias", keep),
+        *norm(layer + r"input_layernorm", "layers/ln1"),
         *qkv_rules(layer),
-        Rule(layer + r"self_attn\.dense\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attn\.dense\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"mlp\.fc1\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.fc1\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.fc2\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.fc2\.bias", "layers/mlp/down/b", keep),
-        Rule(r"model\.final_layernorm\.weight", "final_norm/scale", keep),
-        Rule(r"model\.final_layernorm\.bias", "final_norm/bias", keep),
+        *linear(layer + r"self_attn\.dense", "layers/attn/o", o_out),
+        *linear(layer + r"mlp\.fc1", "layers/mlp/up"),
+        *linear(layer + r"mlp\.fc2", "layers/mlp/down"),
+        *norm(r"model\.final_layernorm", "final_norm"),
         # The head's bias is its own even when its weight is tied to the embedding.
         Rule(r"lm_head\.bias", "lm_head/b", keep),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

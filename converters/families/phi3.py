@@ -16,9 +16,9 @@ import numpy as np
 
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, kv_in, o_out, q_in, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import Rule, keep, kv_in, lm_head, o_out, q_in, transpose
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("phi3",)
 
@@ -28,20 +28,10 @@ _RMS_NORM_EPS = 1e-5
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig of a phi3 `config.json` dict; `source` names the file in errors."""
-    hidden = int(require(hf, "hidden_size", source))
-    heads = int(require(hf, "num_attention_heads", source))
     theta, partial = unscaled_rope(hf, source, default_partial=1.0)
     return ModelConfig(
         model_type="phi3",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source),
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps") or _RMS_NORM_EPS),
         positions="rope",
@@ -51,9 +41,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
         gated_mlp=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -77,7 +64,7 @@ def split_gate_up(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarr
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Phi-3 -> canonical names."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
         Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
@@ -87,10 +74,8 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
         Rule(layer + r"mlp\.gate_up_proj\.weight", ("layers/mlp/gate/w", "layers/mlp/up/w"), split_gate_up),
         Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

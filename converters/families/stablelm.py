@@ -13,9 +13,9 @@ from typing import Any
 from converters.errors import CheckpointError
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes, require
+from converters.keymap import Rule, gated_mlp, keep, lm_head, norm, o_out, qkv_rules
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("stablelm",)
 
@@ -35,16 +35,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     theta, partial = unscaled_rope(hf, source, default_partial=_PARTIAL_ROTARY_FACTOR)
     return ModelConfig(
         model_type="stablelm",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         # StableLmAttention always splits hidden_size evenly over the heads; it reads no head_dim.
-        head_dim=hidden // heads,
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, head_dim=hidden // heads),
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_eps") or _LAYER_NORM_EPS),
         parallel_residual=parallel,
@@ -56,9 +48,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         gated_mlp=True,
         qkv_bias=bool(hf.get("use_qkv_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -66,23 +55,16 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of StableLM -> canonical names. q/k/v bias rules are always listed: a bias the config
     (`use_qkv_bias`) does not declare is an error, as is a `post_attention_layernorm` in a parallel model."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
-        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"input_layernorm\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"post_attention_layernorm\.bias", "layers/ln2/bias", keep),
+        *norm(layer + r"input_layernorm", "layers/ln1"),
+        *norm(layer + r"post_attention_layernorm", "layers/ln2"),
         *qkv_rules(layer),
         Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"mlp\.gate_proj\.weight", "layers/mlp/gate/w", transpose),
-        Rule(layer + r"mlp\.up_proj\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.down_proj\.weight", "layers/mlp/down/w", transpose),
-        Rule(r"model\.norm\.weight", "final_norm/scale", keep),
-        Rule(r"model\.norm\.bias", "final_norm/bias", keep),
+        *gated_mlp(layer),
+        *norm(r"model\.norm", "final_norm"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(

@@ -11,9 +11,9 @@ from typing import Any
 
 from converters.families._rotary import unscaled_rope
 from converters.family import Family
-from converters.hf_config import activation, require
-from converters.keymap import Rule, ignore, keep, o_out, qkv_rules, transpose
-from hdex_jax.config import ModelConfig, eos_ids
+from converters.hf_config import activation, hf_sizes
+from converters.keymap import Rule, keep, linear, lm_head, norm, o_out, qkv_rules
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("starcoder2",)
 
@@ -23,22 +23,12 @@ _NORM_EPS = 1e-5
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig of a starcoder2 `config.json` dict; `source` names the file in errors."""
-    hidden = int(require(hf, "hidden_size", source))
-    heads = int(require(hf, "num_attention_heads", source))
     bias = bool(hf.get("use_bias", True))
     # Starcoder2's rotary embedding is the shared default one, which reads a partial factor if one is given.
     theta, partial = unscaled_rope(hf, source, default_partial=1.0)
     return ModelConfig(
         model_type="starcoder2",
-        vocab_size=int(require(hf, "vocab_size", source)),
-        hidden_size=hidden,
-        num_layers=int(require(hf, "num_hidden_layers", source)),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        intermediate_size=int(require(hf, "intermediate_size", source)),
-        max_position_embeddings=int(require(hf, "max_position_embeddings", source)),
-        embed_dim=hidden,
+        **hf_sizes(hf, source),
         norm="layernorm",
         norm_eps=float(hf.get("norm_epsilon") or _NORM_EPS),
         positions="rope",
@@ -51,9 +41,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         o_bias=bias,
         mlp_bias=bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
     )
 
 
@@ -61,25 +48,17 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of StarCoder2 -> canonical names. Bias rules are always listed: a bias the config
     (`use_bias`) does not declare is an error."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
-    rules = [
+    return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
-        Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
-        Rule(layer + r"input_layernorm\.bias", "layers/ln1/bias", keep),
-        Rule(layer + r"post_attention_layernorm\.weight", "layers/ln2/scale", keep),
-        Rule(layer + r"post_attention_layernorm\.bias", "layers/ln2/bias", keep),
+        *norm(layer + r"input_layernorm", "layers/ln1"),
+        *norm(layer + r"post_attention_layernorm", "layers/ln2"),
         *qkv_rules(layer),
-        Rule(layer + r"self_attn\.o_proj\.weight", "layers/attn/o/w", o_out),
-        Rule(layer + r"self_attn\.o_proj\.bias", "layers/attn/o/b", keep),
-        Rule(layer + r"mlp\.c_fc\.weight", "layers/mlp/up/w", transpose),
-        Rule(layer + r"mlp\.c_fc\.bias", "layers/mlp/up/b", keep),
-        Rule(layer + r"mlp\.c_proj\.weight", "layers/mlp/down/w", transpose),
-        Rule(layer + r"mlp\.c_proj\.bias", "layers/mlp/down/b", keep),
-        Rule(r"model\.norm\.weight", "final_norm/scale", keep),
-        Rule(r"model\.norm\.bias", "final_norm/bias", keep),
+        *linear(layer + r"self_attn\.o_proj", "layers/attn/o", o_out),
+        *linear(layer + r"mlp\.c_fc", "layers/mlp/up"),
+        *linear(layer + r"mlp\.c_proj", "layers/mlp/down"),
+        *norm(r"model\.norm", "final_norm"),
+        lm_head(cfg),
     ]
-    # A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
-    rules.append(ignore(r"lm_head\.weight") if cfg.tie_embeddings else Rule(r"lm_head\.weight", "lm_head/w", transpose))
-    return rules
 
 
 FAMILY = Family(
