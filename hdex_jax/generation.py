@@ -2,8 +2,9 @@
 
 `_start` (prefill + first token) and `_advance` (decode one token + sample) are the only step functions.
 `generate_tokens` runs `_advance` inside one jitted `lax.while_loop` that stops when every row has hit a stop
-token or its token budget; `stream_tokens` calls it from Python, one token at a time, for streamers and
-`generate_yield`. Both produce identical tokens.
+token or its token budget (`_loop`; with `_start` in front of it, one program for a whole generation:
+`_generate`); `stream_tokens` calls it from Python, one token at a time, for streamers and `generate_yield`.
+Both produce identical tokens.
 
 Everything that varies between calls with the same shapes is a runtime input (`Request`): the sampling
 values, seeds, stop ids and token budget of each row. The compiled programs depend only on the model, the
@@ -126,8 +127,7 @@ def _record(state: DecodeState, logits: jax.Array, token: jax.Array, request: Re
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "mesh", "record"), compiler_options=COMPILER_OPTIONS)
-def _start(params: Params, tokens: jax.Array, mask: jax.Array, request: Request, *, cfg: ModelConfig,
+def _start_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Request, *, cfg: ModelConfig,
            plan: Plan, mesh: Mesh, record: bool) -> DecodeState:
     """Prefill the left-padded prompts [B, T] and produce the first token; `record` keeps scores and logits."""
     B = tokens.shape[0]
@@ -142,6 +142,9 @@ def _start(params: Params, tokens: jax.Array, mask: jax.Array, request: Request,
     return _record(state, logits, first, request)
 
 
+_start = jax.jit(_start_fn, static_argnames=("cfg", "plan", "mesh", "record"), compiler_options=COMPILER_OPTIONS)
+
+
 def _advance(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
     """Feed the last token, sample the next one."""
     logits, cache = decode_step_fn(params, state.cache, state.token, cfg, mesh)  # [B, V]
@@ -153,12 +156,24 @@ _advance_jit = jax.jit(_advance, static_argnames=("cfg", "mesh"), donate_argname
                        compiler_options=COMPILER_OPTIONS)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames="state",
-                   compiler_options=COMPILER_OPTIONS)
-def _loop(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
+def _loop_fn(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
     """`_advance` inside one `lax.while_loop` until every row stopped or spent its budget."""
     return lax.while_loop(lambda s: ~jnp.all(s.done),
                           lambda s: _advance(params, s, request, cfg=cfg, mesh=mesh), state)
+
+
+_loop = jax.jit(_loop_fn, static_argnames=("cfg", "mesh"), donate_argnames="state", compiler_options=COMPILER_OPTIONS)
+
+
+def _generate_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Request, *, cfg: ModelConfig,
+                 plan: Plan, mesh: Mesh) -> DecodeState:
+    """`_start` and `_loop` as one program: a whole generation on one mesh in one dispatch (and, for a compiled
+    model, one executable to load instead of two)."""
+    state = _start_fn(params, tokens, mask, request, cfg=cfg, plan=plan, mesh=mesh, record=False)
+    return _loop_fn(params, state, request, cfg=cfg, mesh=mesh)
+
+
+_generate = jax.jit(_generate_fn, static_argnames=("cfg", "plan", "mesh"), compiler_options=COMPILER_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +189,7 @@ class Placement:
     programs: Any = None
 
     def program(self, name: str, batch: Batch, record: bool = False) -> Any:
-        """The exported program `name` ("start", "loop", "advance") for `batch`, or None: trace it."""
+        """The exported program `name` ("start", "generate", "advance") for `batch`, or None: trace it."""
         return None if self.programs is None or record else self.programs.get(name, batch)
 
 
@@ -309,10 +324,15 @@ class Recorded:
 
 
 def _finished(decode: Placement, batch: Batch, prefill: Placement | None, record: bool) -> DecodeState:
+    """The state after the whole generation: one program on one mesh; prefill, hand-over and decode loop for
+    the hybrid split or when recording (these always trace)."""
+    if prefill is None and not record:
+        exported = decode.program("generate", batch)
+        if exported is not None:
+            return exported(decode.params, batch.tokens, batch.mask, batch.request)
+        return _generate(decode.params, batch.tokens, batch.mask, batch.request, cfg=decode.cfg, plan=batch.plan,
+                         mesh=decode.mesh)
     state = _started(decode, batch, prefill, record)
-    exported = decode.program("loop", batch, record)
-    if exported is not None:
-        return exported(decode.params, state, batch.request)
     return _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
 
 

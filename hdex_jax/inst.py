@@ -1,40 +1,57 @@
 """`inst/lpu<N>/`: the compiled programs of a model, so a fresh process runs them without tracing its Python.
 
-Phase 4 of the compile exports, with `jax.export`, the three programs `generate` runs (`generation._start`:
-prefill and the first token; `_loop`: the whole decode loop; `_advance`: one decode step, for streaming) for the
-device count's mesh and each bucket of the compile (`buckets`), and writes them with a manifest: jax and jaxlib
-versions, platform, mesh shape, buckets, each program's input and output shapes and dtypes, and (through
-`artifacts.staged`) every file's hash. `load` reads them back as `Programs`; a call whose shapes fall outside
-the exported buckets, a hybrid prefill mesh, or a jax version or platform other than the compile's, traces as
-before (the last with a notice, once). Exported programs are the same computation as the traced ones, so the
-tokens are the same either way.
+Phase 4 of the compile exports, with `jax.export`, the three programs `generate` runs (`generation._generate`:
+a whole generation, prefill to last token; `_start`: prefill and the first token, and `_advance`: one decode
+step, for streaming) for the device count's mesh and each bucket of the compile (`buckets`), and writes them
+with a manifest: jax and jaxlib versions, platform, mesh shape, buckets, each program's input and output shapes
+and dtypes, and (through `artifacts.staged`) every file's hash. `load` reads them back as `Programs`; a call
+whose shapes fall outside the exported buckets, a hybrid prefill mesh, or a jax version or platform other than
+the compile's, traces as before (the last with a notice, once). Exported programs are the same computation as
+the traced ones, so the tokens are the same either way.
 
-XLA still compiles a deserialized program for the machine; JAX's persistent compilation cache, kept beside the
-model in `xla_cache/` (`use_xla_cache`), keeps that result, so it is paid once per machine.
+XLA still compiles an exported program for the machine. The result, the executable itself, is kept beside the
+model in `xla_cache/` (`Executable`): the first process that runs a program on a machine compiles and stores it
+(a compile with fast_compile=False does it for every program), later ones load it without lowering or
+compiling anything. Programs that trace (the cases above) use JAX's persistent compilation cache in the same
+directory (`use_xla_cache`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import os
+import pickle
 import platform
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax import export
+from jax.sharding import Mesh
 
 from hdex_jax import artifacts
-from hdex_jax.generation import Batch, DecodeState, Placement, Request, _advance_jit, _loop, _start, prepare_batch
+from hdex_jax.generation import (
+    Batch,
+    DecodeState,
+    Placement,
+    Request,
+    _advance_jit,
+    _generate,
+    _start,
+    prepare_batch,
+)
 from hdex_jax.kv_cache import KVCache
+from hdex_jax.model import COMPILER_OPTIONS
 from hdex_jax.sampling import SamplingParams
 
-PROGRAMS = ("start", "loop", "advance")
+PROGRAMS = ("start", "generate", "advance")
 # Bumped when the programs' inputs or outputs change, so an old inst/ is rewritten rather than misread.
-FORMAT = 1
+FORMAT = 2
 # Stop-id slots of the exported programs: up to 4 stop ids per row (generation's smallest stop bucket).
 STOP_SLOTS = 4
 # fast_compile=True exports prompt buckets up to this many tokens.
@@ -104,28 +121,31 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
                     precompile: bool = False) -> dict[str, Any]:
     """Export the programs of every bucket in `wanted` for `placement`'s mesh into `directory`; return the
     manifest (without the file hashes, which `artifacts.staged` adds). `precompile` also compiles each program
-    once, filling the XLA cache (`use_xla_cache`) so even the first run after the compile skips XLA."""
+    and stores its executable in `xla_cache_dir(directory)`, so even the first run after the compile skips
+    XLA; `directory` is then the final `inst/lpu<N>/` path or a scratch directory beside it."""
     params = jax.tree.map(_spec, placement.params)
     static = dict(cfg=placement.cfg, mesh=placement.mesh)
     programs = {}
     for bucket in wanted:
         batch = _example_batch(bucket, max_length)
         request = jax.tree.map(_spec, batch.request)
-        start = export.export(_start)(params, _spec(batch.tokens), _spec(batch.mask), request, plan=batch.plan,
-                                      record=False, **static)
+        prompt = (params, _spec(batch.tokens), _spec(batch.mask), request)
+        start = export.export(_start)(*prompt, plan=batch.plan, record=False, **static)
         out = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                for a, s in zip(start.out_avals, start.out_shardings_jax(placement.mesh))]
         state = jax.tree.unflatten(start.out_tree, out)
-        exported = {"start": start, "loop": export.export(_loop)(params, state, request, **static),
+        exported = {"start": start, "generate": export.export(_generate)(*prompt, plan=batch.plan, **static),
                     "advance": export.export(_advance_jit)(params, state, request, **static)}
-        inputs = {"start": (params, _spec(batch.tokens), _spec(batch.mask), request),
-                  "loop": (params, state, request), "advance": (params, state, request)}
+        inputs = {"start": prompt, "generate": prompt, "advance": (params, state, request)}
         for name, program in exported.items():
-            (directory / bucket.file(name)).write_bytes(program.serialize())
+            data = program.serialize()
+            (directory / bucket.file(name)).write_bytes(data)
             programs[bucket.file(name)] = {"program": name, "bucket": dataclasses.asdict(bucket),
                                            "inputs": _avals(program.in_avals), "outputs": _avals(program.out_avals)}
-            if precompile:  # exactly as `Programs` calls it, so a later process finds it in the XLA cache
-                _callable(program, name).lower(*inputs[name]).compile()
+            if precompile:
+                path = _executable_path(directory, bucket.file(name), hashlib.sha256(data).hexdigest(),
+                                        placement.mesh)
+                Executable(directory / bucket.file(name), name, path, placement.mesh, program).compile(inputs[name])
     return {**environment(), "format": FORMAT, "mesh_shape": dict(placement.mesh.shape), "max_length": max_length,
             "buckets": [dataclasses.asdict(b) for b in wanted], "programs": programs}
 
@@ -153,12 +173,6 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def _callable(program: export.Exported, name: str) -> Callable[..., Any]:
-    """`program.call` jitted once, so each call only looks up its compiled executable. The decode programs
-    donate the state, as the traced ones do."""
-    return jax.jit(program.call, donate_argnums=() if name == "start" else (1,))
-
-
 _said: set[str] = set()
 
 
@@ -168,34 +182,124 @@ def _notice_once(message: str) -> None:
         print(f"[hdex] {message}", flush=True)
 
 
+def _executable_path(directory: Path, file: str, program_sha256: str, mesh: Mesh) -> Path:
+    """Where the executable of the exported program `file` of `directory` (inst/lpu<N>/ or its scratch copy) is
+    kept: named by what it was compiled from and for, so a changed program, jax, device set or XLA_FLAGS never
+    loads an executable compiled for something else. (XLA itself refuses one built for another CPU.)"""
+    what = [program_sha256, *environment().values(), repr(sorted(COMPILER_OPTIONS.items())),
+            os.environ.get("XLA_FLAGS", ""), ",".join(str(d.id) for d in mesh.devices.flat)]
+    key = hashlib.sha256("\n".join(what).encode()).hexdigest()[:16]
+    return xla_cache_dir(directory) / f"lpu{mesh.devices.size}-{Path(file).stem}-{key}.xla"
+
+
+class Executable:
+    """The exported program in the file `program` run as the XLA executable kept at `path`: loaded from there
+    when it is whole and was compiled for this machine, else compiled (with `_advance` donating the state, as
+    the traced one does) and stored there for the next process. Loading skips deserializing the exported
+    program, jit's lowering of the call and the compile (docs/performance.md has the figures).
+
+    The file holds the SHA-256 of the rest, checked before loading: a damaged one is compiled again, never run.
+    It is a pickle (`jax.experimental.serialize_executable`): the model directory is as trusted as the code."""
+
+    def __init__(self, program: Path, name: str, path: Path, mesh: Mesh, exported: export.Exported | None = None):
+        self.program, self.name, self.path, self.mesh = program, name, path, mesh
+        self._exported = exported
+        self._compiled: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            self._compiled = self._load(args) or self.compile(args)
+        return self._compiled(*args)
+
+    def _load(self, args: tuple[Any, ...]) -> Any:
+        from jax.experimental import serialize_executable
+
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return None
+        digest, payload = data[:32], data[32:]
+        if hashlib.sha256(payload).digest() != digest:
+            _notice_once(f"{self.path} is damaged; compiling the program again")
+            return None
+        serialized, in_tree, out_tree = pickle.loads(payload)
+        if in_tree != jax.tree.structure((args, {})):
+            return None
+        try:
+            return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree,
+                                                             execution_devices=list(self.mesh.devices.flat))
+        except Exception as error:  # compiled for another CPU or XLA: say so and compile for this one
+            _notice_once(f"{self.path} does not load here ({str(error).splitlines()[0][:200]}); compiling the "
+                         "program again")
+            return None
+
+    def compile(self, args: tuple[Any, ...]) -> Any:
+        """Compile for `args` (arrays or `jax.ShapeDtypeStruct`s with shardings) and store the executable; a
+        directory that cannot be written (read-only HDEX_HOME) only loses the store."""
+        from jax.experimental import serialize_executable
+
+        exported = self._exported or export.deserialize(bytearray(self.program.read_bytes()))
+        jitted = jax.jit(exported.call, donate_argnums=(1,) if self.name == "advance" else (),
+                         compiler_options=COMPILER_OPTIONS)
+        with _without_persistent_cache():
+            compiled = jitted.lower(*args).compile()
+        payload = pickle.dumps(serialize_executable.serialize(compiled))
+        scratch = self.path.with_name(f".{self.path.name}.{platform.node()}-{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            scratch.write_bytes(hashlib.sha256(payload).digest() + payload)
+            os.replace(scratch, self.path)  # whole or absent: a concurrent reader never sees half a file
+        except OSError:
+            scratch.unlink(missing_ok=True)
+        return compiled
+
+
+@contextlib.contextmanager
+def _without_persistent_cache() -> Iterator[None]:
+    """Compile afresh inside the block: an executable read from JAX's persistent cache serializes without its
+    code (jaxlib 0.10.2: a later load fails with "Function ... not found"). JAX decides whether the cache is on
+    once per process, so it is reset around the change."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 class Programs:
-    """The exported programs of one `inst/lpu<N>/` directory, deserialized on first use."""
+    """The exported programs of one `inst/lpu<N>/` directory, each run as an `Executable`."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]):
-        self.directory = directory
-        self._files = set(manifest["programs"])
-        self._loaded: dict[str, Callable[..., Any]] = {}
+    def __init__(self, directory: Path, manifest: dict[str, Any], mesh: Mesh):
+        self.directory, self.mesh = directory, mesh
+        self._files = {name: manifest["files"][name]["sha256"] for name in manifest["programs"]}
+        self._loaded: dict[str, Executable] = {}
 
-    def get(self, program: str, batch: Batch) -> Callable[..., Any] | None:
-        """The exported `program` ("start", "loop" or "advance") for `batch`'s shapes, or None if the compile
+    def get(self, program: str, batch: Batch) -> Executable | None:
+        """The exported `program` ("start", "generate" or "advance") for `batch`'s shapes, or None if the compile
         did not export that bucket."""
         name = bucket_of(batch).file(program)
         if name not in self._files:
             return None
         if name not in self._loaded:
-            exported = export.deserialize(bytearray((self.directory / name).read_bytes()))
-            self._loaded[name] = _callable(exported, program)
+            path = _executable_path(self.directory, name, self._files[name], self.mesh)
+            self._loaded[name] = Executable(self.directory / name, program, path, self.mesh)
         return self._loaded[name]
 
 
-def load(directory: Path, num_device: int, max_length: int, level: str, remedy: str) -> Programs | None:
-    """The programs of a complete, verified `inst/lpu<N>/` matching this process's jax and platform; None
-    (tracing) when there is none or they were exported for another environment, said once. A corrupted file
-    raises `artifacts.ArtifactError`."""
+def load(directory: Path, mesh: Mesh, max_length: int, level: str, remedy: str) -> Programs | None:
+    """The programs of a complete, verified `inst/lpu<N>/` for `mesh`, matching this process's jax and platform;
+    None (tracing) when there is none or they were exported for another environment, said once. A corrupted
+    file raises `artifacts.ArtifactError`."""
     manifest = artifacts.read_manifest(directory)
     if manifest is None:
         return None
     artifacts.verify(directory, manifest, level, remedy)
+    num_device = mesh.devices.size
     here = environment()
     recorded = {key: manifest.get(key) for key in here}
     if recorded != here:
@@ -208,7 +312,7 @@ def load(directory: Path, num_device: int, max_length: int, level: str, remedy: 
         _notice_once(f"{directory} does not match this hdex_jax, max_length {max_length} or {num_device} "
                      f"device(s); tracing the programs instead; {remedy}")
         return None
-    return Programs(directory, manifest)
+    return Programs(directory, manifest, mesh)
 
 
 def reusable(manifest: dict[str, Any], max_length: int, wanted: list[Bucket]) -> bool:
@@ -219,8 +323,15 @@ def reusable(manifest: dict[str, Any], max_length: int, wanted: list[Bucket]) ->
             and have >= set(wanted))
 
 
+def forget_executables(inst_dir: Path, num_device: int) -> None:
+    """Delete the stored executables of `num_device` devices' programs (before their programs are replaced)."""
+    for path in xla_cache_dir(inst_dir).glob(f"lpu{num_device}-*.xla"):
+        path.unlink(missing_ok=True)
+
+
 def xla_cache_dir(inst_dir: Path) -> Path:
-    """JAX's persistent compilation cache of a model: `inst/xla_cache/`, shared by its device counts."""
+    """The stored executables of a model's programs and JAX's persistent compilation cache: `inst/xla_cache/`,
+    shared by its device counts."""
     return inst_dir.parent / "xla_cache"
 
 

@@ -351,8 +351,11 @@ def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelCo
 
 # XLA options of every program that updates the cache. Region analysis lets copy insertion see that attention
 # reads a layer's cache before its update, so the update happens in place: without it XLA CPU copies every
-# layer's k and v twice per decode step (docs/performance.md). The field is shared by all backends' options.
-COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# layer's k and v twice per decode step (docs/performance.md). No YNNPACK fusions: XLA CPU builds each one's
+# runtime on a program's first run (0.6 s of the first generate of SmolLM2 on 2 devices) and the attention
+# products it took measured no faster per token than XLA's own dots. The fields are shared by all backends'
+# options.
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
                   compiler_options=COMPILER_OPTIONS)

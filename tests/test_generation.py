@@ -2,14 +2,12 @@
 and budgets; each row of a batch gets exactly the tokens it gets alone, at any batch position, whatever the
 other rows."""
 
-import contextlib
-
 import jax
 import pytest
-from jax._src import dispatch
 
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
+from tests.compilations import counting_compilations
 from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
 
 PROMPTS = [[3, 17, 42, 9, 5], [8, 8, 1], [60, 2, 2, 7], [11, 12]]
@@ -21,22 +19,6 @@ def model(home, tmp_path_factory):
     save_tiny_tokenizer(directory)
     AutoCompiler().compile(str(directory), max_length=64)
     return AutoModelForCausalLM.from_pretrained(str(directory))
-
-
-@contextlib.contextmanager
-def counting_compilations():
-    """Count XLA backend compilations (jax.monitoring's compile event) inside the block."""
-    count = []
-
-    def listener(event: str, duration: float, **_) -> None:
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            count.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 SWEEP = [

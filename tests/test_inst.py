@@ -21,6 +21,7 @@ from hdex_jax import artifacts, generation, hub, inst
 from hdex_jax.cli import main
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
+from tests.compilations import counting_compilations
 from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer, write_tiny_gguf
 
 # One bucket (prompt 16, cache 32): three programs, so every compile here is quick.
@@ -59,10 +60,10 @@ def test_inst_holds_programs_and_manifest(model_dir):
     assert manifest["buckets"] == [{"batch": 1, "prompt": 16, "cache": 32, "stop_slots": 4}]
     files = sorted(p.name for p in directory.iterdir() if p.name != artifacts.COMPLETE)
     assert files == sorted(manifest["programs"]) == sorted(manifest["files"]) == [
-        f"{name}-b1-t16-s32-k4.jaxexport" for name in ("advance", "loop", "start")]
+        f"{name}-b1-t16-s32-k4.jaxexport" for name in ("advance", "generate", "start")]
     start = manifest["programs"]["start-b1-t16-s32-k4.jaxexport"]
     assert start["program"] == "start" and [[1, 16], "int32"] in start["inputs"]  # the prompt tokens and mask
-    assert [[1, 16], "int32"] in manifest["programs"]["loop-b1-t16-s32-k4.jaxexport"]["outputs"]  # new tokens
+    assert [[1, 16], "int32"] in manifest["programs"]["generate-b1-t16-s32-k4.jaxexport"]["outputs"]  # new tokens
     for name, record in manifest["files"].items():
         assert record["size"] == (directory / name).stat().st_size
 
@@ -72,7 +73,7 @@ def test_exported_programs_give_the_traced_tokens_without_tracing(model_dir, che
         raise AssertionError("the model's Python code was traced")
 
     monkeypatch.setattr(hdex_jax.model, "_forward", no_tracing)
-    for name in ("_start", "_loop", "_advance_jit"):
+    for name in ("_start", "_loop", "_generate", "_advance_jit"):
         monkeypatch.setattr(generation, name, no_tracing)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
     assert model.generate(PROMPT, **GREEDY) == traced["greedy"]
@@ -95,6 +96,43 @@ def test_other_jax_version_is_said_once_and_traces_the_same_tokens(model_dir, ch
     assert models[1].generate(PROMPT, **SAMPLED) == traced["sampled"]
 
 
+def _run_all(model) -> dict:
+    return {"greedy": model.generate(PROMPT, **GREEDY), "sampled": model.generate(PROMPT, **SAMPLED),
+            "streamed": list(model.generate_yield(PROMPT, **SAMPLED))}
+
+
+def _executables(model_dir: Path) -> list[Path]:
+    return sorted(inst.xla_cache_dir(artifacts.inst_dir(model_dir, 2)).glob("lpu2-*.xla"))
+
+
+def test_a_process_loads_the_stored_executables_and_compiles_nothing(model_dir, checkpoint, traced):
+    # The first use of each program on this machine compiles it and stores the executable beside the model...
+    AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate(PROMPT, **GREEDY)
+    list(AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate_yield(PROMPT, **GREEDY))
+    assert [p.name.rsplit("-", 1)[0] for p in _executables(model_dir)] == [
+        f"lpu2-{name}-b1-t16-s32-k4" for name in ("advance", "generate", "start")]
+    # ...and a later load (a new process reads the same files) runs them without compiling anything.
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    with counting_compilations() as compiled:
+        assert _run_all(model) == traced
+    assert compiled == []
+
+
+def test_a_damaged_executable_is_compiled_again_never_run(model_dir, checkpoint, traced, capsys):
+    AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate(PROMPT, **GREEDY)
+    stored = next(p for p in _executables(model_dir) if "-generate-" in p.name)
+    _damage(stored, "flip")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    with counting_compilations() as compiled:
+        assert model.generate(PROMPT, **GREEDY) == traced["greedy"]
+    assert len(compiled) == 1 and f"{stored} is damaged; compiling the program again" in capsys.readouterr().out
+    # The compile stored a whole executable again: the next load compiles nothing.
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    with counting_compilations() as compiled:
+        assert model.generate(PROMPT, **GREEDY) == traced["greedy"]
+    assert compiled == []
+
+
 # ------------------------------------------------------------------------------------------------ integrity
 
 def _damage(path: Path, how: str) -> bytes:
@@ -110,7 +148,7 @@ def _damage(path: Path, how: str) -> bytes:
 @pytest.mark.parametrize("artifact,name,how", [
     ("param", artifacts.WEIGHTS_FILE, "flip"), ("param", artifacts.WEIGHTS_FILE, "truncate"),
     ("ckpt", artifacts.WEIGHTS_FILE, "flip"), ("ckpt", "tokenizer.json", "flip"),
-    ("inst", "loop-b1-t16-s32-k4.jaxexport", "flip")])
+    ("inst", "generate-b1-t16-s32-k4.jaxexport", "flip")])
 def test_corrupted_or_truncated_file_is_an_error_naming_it(model_dir, checkpoint, artifact, name, how):
     directory = {"param": artifacts.param_dir(model_dir, 2), "ckpt": artifacts.ckpt_dir(model_dir),
                  "inst": artifacts.inst_dir(model_dir, 2)}[artifact]
@@ -302,8 +340,9 @@ def test_fast_compile_exports_the_common_buckets_and_full_compile_all(home, tmp_
     model_dir = AutoCompiler().compile(str(directory), num_device=1, max_length=2 * MAX_LENGTH, fast_compile=False)
     manifest = artifacts.read_manifest(artifacts.inst_dir(model_dir, 1))
     assert {(b["prompt"], b["cache"]) for b in manifest["buckets"]} == {(16, 32), (16, 64), (32, 64)}
-    # fast_compile=False also XLA-compiled every program into the persistent cache beside the model.
-    assert len(list(inst.xla_cache_dir(artifacts.inst_dir(model_dir, 1)).iterdir())) >= len(manifest["programs"])
+    # fast_compile=False also compiled every program and stored its executable beside the model.
+    stored = sorted(p.name for p in inst.xla_cache_dir(artifacts.inst_dir(model_dir, 1)).glob("lpu1-*.xla"))
+    assert [name.rsplit("-", 1)[0] for name in stored] == sorted(f"lpu1-{Path(p).stem}" for p in manifest["programs"])
 
 
 # --------------------------------------------------------------------------------------------- quick tokenizer

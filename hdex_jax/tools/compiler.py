@@ -192,8 +192,7 @@ class AutoCompiler:
                         precompile: bool) -> None:
         _say(f"  exporting {len(wanted) * len(inst.PROGRAMS)} programs ({len(wanted)} buckets) into {inst_dir}"
              + (", XLA-compiling each" if precompile else ""))
-        if precompile:
-            inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
+        inst.forget_executables(inst_dir, placement.mesh.devices.size)
         manifest: dict = {}  # filled in before `staged` writes it, with the hashes, at the end
         with artifacts.staged(inst_dir, manifest) as tmp:
             manifest.update(inst.export_programs(placement, max_length, wanted, tmp, precompile))

@@ -433,7 +433,7 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
     exported = None
     if programs:
         inst_dir = artifacts.inst_dir(model_dir, num_device)
-        exported = inst.load(inst_dir, num_device, max_length, level, artifacts.remedy(model_id, num_device))
+        exported = inst.load(inst_dir, mesh, max_length, level, artifacts.remedy(model_id, num_device))
         if exported is not None:
             inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
     return Placement(params, cfg, head_layout(base, num_device), mesh, base, exported), max_length
