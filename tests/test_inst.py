@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from jax.experimental import serialize_executable
 
 import hdex_jax.model
 from hdex_jax import artifacts, generation, hub, inst
@@ -131,6 +132,20 @@ def test_a_damaged_executable_is_compiled_again_never_run(model_dir, checkpoint,
     with counting_compilations() as compiled:
         assert model.generate(PROMPT, **GREEDY) == traced["greedy"]
     assert compiled == []
+
+
+def test_an_executable_that_does_not_load_here_is_compiled_again(model_dir, checkpoint, traced, capsys,
+                                                                  monkeypatch):
+    AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate(PROMPT, **GREEDY)
+
+    def refuse(*args, **kwargs):  # what XLA says of an executable compiled for another CPU
+        raise RuntimeError("Machine type used for XLA:CPU compilation doesn't match the machine type for execution")
+
+    monkeypatch.setattr(serialize_executable, "deserialize_and_load", refuse)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    with counting_compilations() as compiled:
+        assert model.generate(PROMPT, **GREEDY) == traced["greedy"]
+    assert len(compiled) == 1 and "does not load here (Machine type used" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ integrity

@@ -83,7 +83,8 @@ def smollm2():
 
 
 def test_smollm2_does_not_depend_on_device_count(smollm2):
-    """9 heads and 3 KV heads: N = 2, 4, 8 pad heads, N = 8 replicates KV heads, N = 3 splits them exactly."""
+    """9 heads and 3 KV heads: N = 2 and 8 pad heads, N = 8 replicates KV heads, N = 3 splits them exactly. (N = 4,
+    another padding, is left to the tiny models above: each N costs this test about a minute.)"""
     import torch
     import transformers
 
@@ -101,7 +102,7 @@ def test_smollm2_does_not_depend_on_device_count(smollm2):
             expected = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
                                        min_new_tokens=40)[0, len(prompt):].tolist()
         assert ours == expected
-    for n in DEVICE_COUNTS:
+    for n in (2, 3, 8):
         many = place(cfg, flat, n)
         # SmolLM2's logits reach ~33: float32 rounding of another summation order (partial sums per device,
         # then psum) moves them by up to ~1.6e-4 (measured), the size of hdex_jax vs transformers at N=1

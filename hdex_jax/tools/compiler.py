@@ -81,8 +81,8 @@ class AutoCompiler:
                 you gave and Hugging Face's own cache are never touched.
             fast_compile: True exports the programs of the common buckets (one prompt of up to 128 tokens,
                 cache 2x or 4x its bucket: `hdex_jax.inst.buckets`); False exports every prompt bucket up to
-                max_length with caches up to 8x, and also XLA-compiles each program into the persistent cache
-                beside the model, so even the first run skips XLA.
+                max_length with caches up to 8x, and also XLA-compiles each program and stores the executable
+                beside the model (`inst/xla_cache/`), so even the first run compiles nothing.
             token: Hugging Face token for gated or private Hub repositories.
             force: redo every phase, replacing what an earlier compile wrote (the remedy for a corrupted
                 artifact).
