@@ -25,6 +25,7 @@ import hashlib
 import os
 import pickle
 import platform
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,34 +205,49 @@ class Executable:
     def __init__(self, program: Path, name: str, path: Path, mesh: Mesh, exported: export.Exported | None = None):
         self.program, self.name, self.path, self.mesh = program, name, path, mesh
         self._exported = exported
+        self._loaded: tuple[Any, Any] | None = None  # (executable, its input tree) read from `path`
         self._compiled: Any = None
+        self._prefetching: threading.Thread | None = None
+
+    def prefetch(self) -> None:
+        """Start loading the stored executable in a background thread, so that it overlaps other work (the
+        weights being read) instead of delaying the first call."""
+        self._prefetching = threading.Thread(target=self._load, name=f"hdex-load-{self.path.name}")
+        self._prefetching.start()
 
     def __call__(self, *args: Any) -> Any:
         if self._compiled is None:
-            self._compiled = self._load(args) or self.compile(args)
+            if self._prefetching is not None:
+                self._prefetching.join()
+            else:
+                self._load()
+            fits = self._loaded is not None and self._loaded[1] == jax.tree.structure((args, {}))
+            self._compiled = self._loaded[0] if fits else self.compile(args)
         return self._compiled(*args)
 
-    def _load(self, args: tuple[Any, ...]) -> Any:
+    def _load(self) -> None:
+        """Read the stored executable into `_loaded` if it is whole and loads here (and mark it used)."""
         from jax.experimental import serialize_executable
 
         try:
             data = self.path.read_bytes()
         except OSError:
-            return None
+            return
         digest, payload = data[:32], data[32:]
         if hashlib.sha256(payload).digest() != digest:
             _notice_once(f"{self.path} is damaged; compiling the program again")
-            return None
+            return
         serialized, in_tree, out_tree = pickle.loads(payload)
-        if in_tree != jax.tree.structure((args, {})):
-            return None
         try:
-            return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree,
-                                                             execution_devices=list(self.mesh.devices.flat))
+            executable = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree,
+                                                                   execution_devices=list(self.mesh.devices.flat))
         except Exception as error:  # compiled for another CPU or XLA: say so and compile for this one
             _notice_once(f"{self.path} does not load here ({str(error).splitlines()[0][:200]}); compiling the "
                          "program again")
-            return None
+            return
+        self._loaded = (executable, in_tree)
+        with contextlib.suppress(OSError):  # its time of last use picks what the next process prefetches
+            os.utime(self.path)
 
     def compile(self, args: tuple[Any, ...]) -> Any:
         """Compile for `args` (arrays or `jax.ShapeDtypeStruct`s with shardings) and store the executable; a
@@ -276,19 +292,32 @@ class Programs:
 
     def __init__(self, directory: Path, manifest: dict[str, Any], mesh: Mesh):
         self.directory, self.mesh = directory, mesh
-        self._files = {name: manifest["files"][name]["sha256"] for name in manifest["programs"]}
-        self._loaded: dict[str, Executable] = {}
+        self._programs = {name: record["program"] for name, record in manifest["programs"].items()}
+        self._paths = {name: _executable_path(directory, name, manifest["files"][name]["sha256"], mesh)
+                       for name in manifest["programs"]}
+        self._executables: dict[str, Executable] = {}
 
     def get(self, program: str, batch: Batch) -> Executable | None:
         """The exported `program` ("start", "generate" or "advance") for `batch`'s shapes, or None if the compile
         did not export that bucket."""
         name = bucket_of(batch).file(program)
-        if name not in self._files:
-            return None
-        if name not in self._loaded:
-            path = _executable_path(self.directory, name, self._files[name], self.mesh)
-            self._loaded[name] = Executable(self.directory / name, program, path, self.mesh)
-        return self._loaded[name]
+        return self._executable(name) if name in self._programs else None
+
+    def _executable(self, name: str) -> Executable:
+        if name not in self._executables:
+            self._executables[name] = Executable(self.directory / name, self._programs[name], self._paths[name],
+                                                 self.mesh)
+        return self._executables[name]
+
+    def prefetch(self) -> None:
+        """Start loading, in the background, the stored executable this machine used last, if any: most runs
+        repeat the last one's shapes (a CLI called again, a notebook run again)."""
+        stored = []
+        for name, path in self._paths.items():
+            with contextlib.suppress(OSError):
+                stored.append((path.stat().st_mtime_ns, name))
+        if stored:
+            self._executable(max(stored)[1]).prefetch()
 
 
 def load(directory: Path, mesh: Mesh, max_length: int, level: str, remedy: str) -> Programs | None:

@@ -119,6 +119,23 @@ def test_a_process_loads_the_stored_executables_and_compiles_nothing(model_dir, 
     assert compiled == []
 
 
+def test_from_pretrained_prefetches_the_executable_used_last(model_dir, checkpoint, traced):
+    AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate(PROMPT, **GREEDY)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    prefetched = {name: e for name, e in model.decode.programs._executables.items() if e._prefetching is not None}
+    assert list(prefetched) == ["generate-b1-t16-s32-k4.jaxexport"]
+    prefetched["generate-b1-t16-s32-k4.jaxexport"]._prefetching.join()
+    assert prefetched["generate-b1-t16-s32-k4.jaxexport"]._loaded is not None  # loaded before any call
+    with counting_compilations() as compiled:
+        assert model.generate(PROMPT, **GREEDY) == traced["greedy"]
+    assert compiled == []
+    # Streaming loads `start` and then `advance`: the next process prefetches `advance`.
+    list(model.generate_yield(PROMPT, **GREEDY))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    assert [name for name, e in model.decode.programs._executables.items() if e._prefetching is not None] == [
+        "advance-b1-t16-s32-k4.jaxexport"]
+
+
 def test_a_damaged_executable_is_compiled_again_never_run(model_dir, checkpoint, traced, capsys):
     AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate(PROMPT, **GREEDY)
     stored = next(p for p in _executables(model_dir) if "-generate-" in p.name)

@@ -428,7 +428,6 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
     if found != (num_device, cfg.num_heads, cfg.num_kv_heads):
         raise wrong_layout("its manifest says so")
     mesh = make_mesh(num_device, first_device)
-    params = artifacts.restore_params(params_dir, param_shardings(cfg, mesh), wrong_layout)
     max_length = manifest["max_length"]
     exported = None
     if programs:
@@ -436,4 +435,6 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
         exported = inst.load(inst_dir, mesh, max_length, level, artifacts.remedy(model_id, num_device))
         if exported is not None:
             inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
+            exported.prefetch()  # while the weights are read
+    params = artifacts.restore_params(params_dir, param_shardings(cfg, mesh), wrong_layout)
     return Placement(params, cfg, head_layout(base, num_device), mesh, base, exported), max_length
