@@ -116,6 +116,13 @@ def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+def save_tiny_checkpoint(family: str, directory: str | Path, seed: int = 0) -> Path:
+    """`save_tiny_model` and `save_tiny_tokenizer` into `directory`: a checkpoint hdex_jax compiles and generates
+    text with; returns the directory."""
+    save_tiny_tokenizer(save_tiny_model(family, directory, seed=seed))
+    return Path(directory)
+
+
 def save_tiny_tokenizer(directory: str | Path) -> Path:
     """Save a tiny byte-level BPE tokenizer (VOCAB tokens, ids 1/2/3 = bos/eos/pad) to `directory`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -15,15 +15,14 @@ import transformers
 from hdex_jax import artifacts, hub
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+from tests.helpers_tiny import save_tiny_checkpoint, save_tiny_model, save_tiny_tokenizer
 
 MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     return str(directory)
 
 
@@ -154,8 +153,7 @@ def test_interrupted_compile_leaves_nothing_loadable(home, checkpoint, model, mo
 
 
 def test_interrupted_conversion_leaves_no_checkpoint(home, tmp_path, monkeypatch):
-    directory = save_tiny_model("qwen2", tmp_path / "tiny-qwen2")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("qwen2", tmp_path / "tiny-qwen2")
     ckpt = artifacts.ckpt_dir(hub.model_dir(str(directory)))
 
     def interrupted(directory, cfg, flat):

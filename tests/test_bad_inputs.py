@@ -28,7 +28,7 @@ from hdex_jax.config import ModelConfig
 from hdex_jax.lpu import estimate
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer, tiny_hf_config, write_tiny_gguf
+from tests.helpers_tiny import save_tiny_checkpoint, tiny_hf_config, write_tiny_gguf
 
 MAX_LENGTH = 64
 POSITIONS = tiny_hf_config("llama").max_position_embeddings  # 128
@@ -39,15 +39,9 @@ SUBPROCESS_TIMEOUT = 300
 
 # --------------------------------------------------------------------------------------------------- fixtures
 
-def _tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
-    save_tiny_model("llama", directory, seed=seed)
-    save_tiny_tokenizer(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    return str(_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama"))
+    return str(save_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def poisoned(tmp_path_factory):
     """Tiny checkpoints whose final norm holds a NaN or an infinity, by kind."""
 
     def make(kind: str) -> str:
-        directory = _tiny_checkpoint(tmp_path_factory.mktemp(f"poisoned-{kind}") / f"tiny-{kind}")
+        directory = save_tiny_checkpoint("llama", tmp_path_factory.mktemp(f"poisoned-{kind}") / f"tiny-{kind}")
         weights = load_file(directory / "model.safetensors")
         weights["model.norm.weight"][3] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}[kind]
         save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
@@ -197,7 +191,7 @@ def test_bad_checkpoints_name_the_file(home, tmp_path):
 
 
 def test_max_length_beyond_the_positions_is_capped_with_a_notice(home, tmp_path, capsys):
-    directory = _tiny_checkpoint(tmp_path / "capped")
+    directory = save_tiny_checkpoint("llama", tmp_path / "capped")
     model_dir = AutoCompiler().compile(str(directory), max_length=10**9)
     assert f"max_length 1000000000 exceeds the {POSITIONS} positions" in capsys.readouterr().out
     assert artifacts.read_manifest(artifacts.param_dir(model_dir, 1))["max_length"] == POSITIONS
@@ -206,7 +200,7 @@ def test_max_length_beyond_the_positions_is_capped_with_a_notice(home, tmp_path,
 def test_device_count_is_checked_before_the_max_length(home, tmp_path, capsys):
     """HyperDex's default max_length (4096) exceeds the tiny model's positions: the device count is what is
     wrong, and what the message says."""
-    directory = _tiny_checkpoint(tmp_path / "uncompiled")
+    directory = save_tiny_checkpoint("llama", tmp_path / "uncompiled")
     with pytest.raises(ValueError, match="num_device") as err:
         AutoCompiler().compile(str(directory), num_device=9)
     assert "max_length" not in str(err.value)
@@ -299,7 +293,7 @@ def test_from_pretrained_rejects(model, checkpoint, kwargs, error, fragment):
 
 
 def test_from_pretrained_without_max_length_compiles_for_the_positions(home, tmp_path, capsys):
-    directory = _tiny_checkpoint(tmp_path / "implicit")
+    directory = save_tiny_checkpoint("llama", tmp_path / "implicit")
     loaded = AutoModelForCausalLM.from_pretrained(str(directory))
     printed = capsys.readouterr().out
     assert "not compiled for 1 device(s) yet" in printed
@@ -627,7 +621,7 @@ def test_cli_unusable_hdex_home(checkpoint, tmp_path, monkeypatch, capsys, comma
 
 
 def test_cli_compile_caps_max_length_with_a_notice(home, tmp_path, capsys):
-    directory = _tiny_checkpoint(tmp_path / "cli-capped")
+    directory = save_tiny_checkpoint("llama", tmp_path / "cli-capped")
     code, out, err = _cli(["compile", str(directory), "--max-length", "100000"], capsys)
     assert code == 0, err
     assert f"max_length 100000 exceeds the {POSITIONS} positions" in out
@@ -635,7 +629,7 @@ def test_cli_compile_caps_max_length_with_a_notice(home, tmp_path, capsys):
 
 def test_cli_generate_compiles_an_uncompiled_model_for_its_positions(home, tmp_path, capsys):
     """`hdex generate` has no --max-length: the default must not become an error about it."""
-    directory = _tiny_checkpoint(tmp_path / "cli-implicit")
+    directory = save_tiny_checkpoint("llama", tmp_path / "cli-implicit")
     code, out, err = _cli(["generate", "hello", "--model", str(directory), "--max-new-tokens", "3", "--raw"],
                           capsys)
     assert code == 0, err

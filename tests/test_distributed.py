@@ -15,7 +15,7 @@ import pytest
 from hdex_jax import distributed
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+from tests.helpers_tiny import save_tiny_checkpoint
 
 MAX_LENGTH = 64
 PROCESSES = 2
@@ -31,8 +31,7 @@ DEVICE_MAPS = [{"lpu": 4}, {"gpu": 2, "lpu": 2}]
 @pytest.fixture(scope="module")
 def checkpoint(home, tmp_path_factory):
     """A tiny llama, compiled here for every device count the workers use: they only restore."""
-    directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     for num_device in (4, 2):
         AutoCompiler().compile(str(directory), num_device=num_device, max_length=MAX_LENGTH)
     return str(directory)

@@ -8,15 +8,14 @@ import pytest
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.compilations import counting_compilations
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+from tests.helpers_tiny import save_tiny_checkpoint
 
 PROMPTS = [[3, 17, 42, 9, 5], [8, 8, 1], [60, 2, 2, 7], [11, 12]]
 
 
 @pytest.fixture(scope="module")
 def model(home, tmp_path_factory):
-    directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     AutoCompiler().compile(str(directory), max_length=64)
     return AutoModelForCausalLM.from_pretrained(str(directory))
 

@@ -23,7 +23,7 @@ from hdex_jax.cli import main
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.compilations import counting_compilations
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer, write_tiny_gguf
+from tests.helpers_tiny import save_tiny_checkpoint, save_tiny_tokenizer, write_tiny_gguf
 
 # One bucket (prompt 16, cache 32): three programs, so every compile here is quick.
 MAX_LENGTH = 32
@@ -34,8 +34,7 @@ SAMPLED = dict(max_new_tokens=8, do_sample=True, top_k=0, top_p=0.9, temperature
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    directory = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     return str(directory)
 
 
@@ -194,8 +193,7 @@ def test_corrupted_or_truncated_file_is_an_error_naming_it(model_dir, checkpoint
 
 
 def test_force_recompile_repairs_a_corrupted_file(home, tmp_path, traced):
-    directory = save_tiny_model("llama", tmp_path / "tiny-repaired")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path / "tiny-repaired")
     model_dir = AutoCompiler().compile(str(directory), num_device=2, max_length=MAX_LENGTH)
     _damage(artifacts.param_dir(model_dir, 2) / artifacts.WEIGHTS_FILE, "flip")
     with pytest.raises(artifacts.ArtifactError):
@@ -281,8 +279,7 @@ KILL_POINTS = [("write_ckpt", 1), ("file_records", 2), ("file_records", 3), ("wr
 
 @pytest.mark.parametrize("point,nth", KILL_POINTS)
 def test_kill_9_at_any_phase_leaves_nothing_loadable_and_a_rerun_resumes(home, tmp_path, traced, point, nth):
-    directory = save_tiny_model("llama", tmp_path / f"tiny-killed-{point}-{nth}")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path / f"tiny-killed-{point}-{nth}")
     checkpoint = str(directory)
     _kill_when_stopped(_start_worker(checkpoint, point, nth))
     model_dir = hub.model_dir(checkpoint)
@@ -334,8 +331,7 @@ def test_a_compile_in_progress_holds_readers_off_until_it_ends(model_dir, checkp
 
 
 def test_two_concurrent_compiles_both_succeed_with_one_consistent_result(home, tmp_path, traced):
-    directory = save_tiny_model("llama", tmp_path / "tiny-concurrent")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path / "tiny-concurrent")
     workers = [_start_worker(str(directory)) for _ in range(2)]
     outs = [w.communicate()[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0] and all("FINISHED" in out for out in outs)
@@ -367,8 +363,7 @@ def test_fast_compile_exports_the_common_buckets_and_full_compile_all(home, tmp_
     assert {(b.prompt, b.cache) for b in fast} == {(t, f * t) for t in (16, 32, 64, 128) for f in (2, 4)}
     assert set(fast) < set(full) and max(b.prompt for b in full) == 2048
     assert all(b.cache <= 4096 and b.batch == 1 for b in full)
-    directory = save_tiny_model("llama", tmp_path / "tiny-full-compile")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint("llama", tmp_path / "tiny-full-compile")
     model_dir = AutoCompiler().compile(str(directory), num_device=1, max_length=2 * MAX_LENGTH, fast_compile=False)
     manifest = artifacts.read_manifest(artifacts.inst_dir(model_dir, 1))
     assert {(b["prompt"], b["cache"]) for b in manifest["buckets"]} == {(16, 32), (16, 64), (32, 64)}

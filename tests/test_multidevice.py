@@ -20,7 +20,7 @@ from hdex_jax.params import flatten, runtime_specs
 from hdex_jax.sampling import SamplingConfig
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+from tests.helpers_tiny import save_tiny_checkpoint, save_tiny_model
 
 DEVICE_COUNTS = [2, 3, 4, 8]
 GREEDY = SamplingConfig(do_sample=False)
@@ -116,8 +116,7 @@ def test_smollm2_does_not_depend_on_device_count(smollm2):
 # ------------------------------------------------------------------------------------ the compiled API path
 @pytest.fixture(scope="module", params=["llama", "opt"])
 def checkpoint(request, home, tmp_path_factory):
-    directory = save_tiny_model(request.param, tmp_path_factory.mktemp("ckpt") / f"tiny-{request.param}")
-    save_tiny_tokenizer(directory)
+    directory = save_tiny_checkpoint(request.param, tmp_path_factory.mktemp("ckpt") / f"tiny-{request.param}")
     return str(directory)
 
 

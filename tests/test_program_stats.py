@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hdex_jax.lpu import estimate
 from hdex_jax.program_stats import collective_bytes, param_bytes_per_device, sync_bytes_per_token
 from hdex_jax.transformers import AutoModelForCausalLM
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer, tiny_hf_config
+from tests.helpers_tiny import save_tiny_checkpoint, tiny_hf_config
 
 F32 = 4
 ROWS, COLS, STEPS = 8, 3, 5
@@ -73,8 +73,7 @@ MAX_LENGTH = 64
 @pytest.fixture(scope="module")
 def models(home, tmp_path_factory):
     """The tiny llama loaded on 1 and on 2 devices (compiled into the module's HDEX_HOME)."""
-    checkpoint = save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
-    save_tiny_tokenizer(checkpoint)
+    checkpoint = save_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
     return {n: AutoModelForCausalLM.from_pretrained(str(checkpoint), device_map={"lpu": n}, max_length=MAX_LENGTH)
             for n in (1, 2)}
 

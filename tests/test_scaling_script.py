@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_tiny import save_tiny_model, save_tiny_tokenizer
+from tests.helpers_tiny import save_tiny_checkpoint
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "scaling.py"
 
@@ -24,8 +24,7 @@ def scaling():
 
 
 def test_grid_resumes_from_its_csv(scaling, home, tmp_path, monkeypatch):
-    checkpoint = save_tiny_model("llama", tmp_path / "tiny")
-    save_tiny_tokenizer(checkpoint)
+    checkpoint = save_tiny_checkpoint("llama", tmp_path / "tiny")
     csv_path, png = tmp_path / "grid.csv", tmp_path / "grid.png"
     argv = ["--models", str(checkpoint), "--devices", "2", "--contexts", "8", "--new-tokens", "4", "--runs", "1",
             "--csv", str(csv_path), "--plot", str(png)]
