@@ -2,10 +2,13 @@
 
     python scripts/op_cost.py [--model SmolLM2-135M-Instruct] [--slots 256]
 
-First a chain of 500 tiny RMS-norm-like steps on a [576] vector, which XLA cannot fuse into fewer than three
-thunks each: the best of 30 runs divided by the thunk count is the cost of a thunk. Then the optimized decode
-step of the compiled model on one device, counted by kind (`jit(...).compile().as_text()`). Their product is the
-part of a decode step that is fixed cost, whatever the bytes read (docs/performance.md).
+First the optimized decode step of the compiled model on one device, counted by kind
+(`jit(...).compile().as_text()`). Then chains of tiny RMS-norm-like steps on a [576] vector, which XLA cannot
+fuse into fewer than three thunks each: the best of 30 runs divided by the thunk count is the cost of a thunk.
+That cost grows with the program's size, so one chain has as many thunks as the decode step, a short one (100
+steps) shows the difference, and the same number of steps as the iterations of a loop over a 10-step body shows
+what a small program that repeats itself costs. The step's thunks times the cost at its size is the part of a
+decode step that is fixed cost, whatever the bytes read (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def entry_thunks(hlo: str) -> collections.Counter:
-    """Operations of the entry computation of an optimized HLO module, by kind (fusions by their kind)."""
+def entry_thunks(hlo: str, computation: str = "ENTRY") -> collections.Counter:
+    """Operations of one computation of an optimized HLO module (the entry by default), by kind (fusions by
+    their kind)."""
     counts: collections.Counter = collections.Counter()
-    for line in hlo[hlo.index("ENTRY"):].splitlines():
+    body = hlo[re.search(rf"^{re.escape(computation)}\b.*{{$", hlo, re.MULTILINE).end():]
+    for line in body[:body.index("\n}")].splitlines():
         found = re.search(r"= \S+ ([\w-]+)\(", line)
         if found is None or found.group(1) in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
             continue
@@ -32,23 +37,27 @@ def entry_thunks(hlo: str) -> collections.Counter:
     return counts
 
 
-def thunk_cost(steps: int = 500, runs: int = 30) -> tuple[float, int]:
-    """Seconds per thunk of a chain of `steps` tiny dependent steps, and the chain's thunk count."""
+def thunk_cost(steps: int, repeats: int = 1, runs: int = 30) -> tuple[float, int]:
+    """Seconds per executed thunk of a chain of `steps` tiny dependent steps, run straight (repeats 1) or as the
+    body of a `fori_loop` of `repeats` iterations, and the program's thunk count (the loop body's for a loop)."""
     def chain(x: jax.Array) -> jax.Array:
         for _ in range(steps):
             x = x * lax.rsqrt(jnp.mean(x * x) + 1e-6) + 0.001
         return x
 
+    program = chain if repeats == 1 else lambda x: lax.fori_loop(0, repeats, lambda i, x: chain(x), x)
     x = jnp.ones((576,), jnp.float32)
-    compiled = jax.jit(chain).lower(x).compile()
-    thunks = sum(entry_thunks(compiled.as_text()).values())
+    compiled = jax.jit(program).lower(x).compile()
+    hlo = compiled.as_text()
+    loop = re.search(r"while\(.*body=(%?[\w.-]+)", hlo)
+    thunks = sum(entry_thunks(hlo, "ENTRY" if repeats == 1 else loop.group(1)).values())
     compiled(x).block_until_ready()
     best = float("inf")
     for _ in range(runs):
         start = time.perf_counter()
         compiled(x).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return best / thunks, thunks
+    return best / (thunks * repeats), thunks
 
 
 def decode_thunks(model_id: str, slots: int) -> collections.Counter:
@@ -70,13 +79,19 @@ def main() -> None:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--slots", type=int, default=256)
     args = parser.parse_args()
-    cost, thunks = thunk_cost()
-    print(f"chain of tiny steps: {thunks} thunks, {cost * 1e6:.1f} us per thunk (best of 30 runs)")
     counts = decode_thunks(args.model, args.slots)
     total = sum(counts.values())
     print(f"{args.model} decode step, 1 device, {args.slots} slots: {total} thunks "
-          f"({', '.join(f'{n} {kind}' for kind, n in counts.most_common())})")
-    print(f"fixed cost at {cost * 1e6:.1f} us per thunk: {total * cost * 1e3:.1f} ms per token")
+          f"({', '.join(f'{n} {kind}' for kind, n in counts.most_common())})", flush=True)
+    for steps, repeats in ((100, 1), (round(total / 3), 1), (10, round(total / 30))):
+        cost, thunks = thunk_cost(steps, repeats)
+        shape = f"{steps} tiny steps" if repeats == 1 else f"{repeats} loop iterations of {steps} tiny steps"
+        print(f"{shape}: {thunks} thunks{' per iteration' if repeats > 1 else ''}, {cost * 1e6:.2f} us per executed "
+              "thunk (best of 30 runs)", flush=True)
+        if repeats == 1:
+            step_cost = cost
+    print(f"fixed cost at {step_cost * 1e6:.2f} us per thunk (the straight chain of the decode step's size): "
+          f"{total * step_cost * 1e3:.1f} ms per token")
 
 
 if __name__ == "__main__":
