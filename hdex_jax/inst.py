@@ -221,12 +221,18 @@ class Executable:
                 self._prefetching.join()
             else:
                 self._load()
-            fits = self._loaded is not None and self._loaded[1] == jax.tree.structure((args, {}))
-            self._compiled = self._loaded[0] if fits else self.compile(args)
+            if self._loaded is not None and self._loaded[1] == jax.tree.structure((args, {})):
+                self._compiled = self._loaded[0]
+                # Marked used when it runs, not when it is loaded: a prefetch that guessed wrong must not make
+                # its executable the next process's guess.
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+            else:
+                self._compiled = self.compile(args)
         return self._compiled(*args)
 
     def _load(self) -> None:
-        """Read the stored executable into `_loaded` if it is whole and loads here (and mark it used)."""
+        """Read the stored executable into `_loaded` if it is whole and loads here."""
         from jax.experimental import serialize_executable
 
         try:
@@ -246,8 +252,6 @@ class Executable:
                          "program again")
             return
         self._loaded = (executable, in_tree)
-        with contextlib.suppress(OSError):  # its time of last use picks what the next process prefetches
-            os.utime(self.path)
 
     def compile(self, args: tuple[Any, ...]) -> Any:
         """Compile for `args` (arrays or `jax.ShapeDtypeStruct`s with shardings) and store the executable; a

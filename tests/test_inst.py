@@ -119,7 +119,20 @@ def test_a_process_loads_the_stored_executables_and_compiles_nothing(model_dir, 
 
 
 def test_from_pretrained_prefetches_the_executable_used_last(model_dir, checkpoint, traced):
-    AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate(PROMPT, **GREEDY)
+    list(AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}).generate_yield(PROMPT, **GREEDY))
+    # As if the last process had streamed: "advance" was used last, the others a minute before.
+    stored = {path.name.split("-")[1]: path for path in _executables(model_dir)}
+    a_minute_ago = stored["advance"].stat().st_mtime_ns - 60 * 10**9
+    for name in ("start", "generate"):
+        os.utime(stored[name], ns=(a_minute_ago, a_minute_ago))
+    mtimes = {path: path.stat().st_mtime_ns for path in stored.values()}
+    guessing = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
+    [guess] = [e for e in guessing.decode.programs._executables.values() if e._prefetching is not None]
+    guess._prefetching.join()
+    assert guess.name == "advance" and guess._loaded is not None
+    # A guess is not a use: the prefetched file keeps its time, and generate (used next) becomes the last used.
+    assert {path: path.stat().st_mtime_ns for path in stored.values()} == mtimes
+    guessing.generate(PROMPT, **GREEDY)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2})
     prefetched = {name: e for name, e in model.decode.programs._executables.items() if e._prefetching is not None}
     assert list(prefetched) == ["generate-b1-t16-s32-k4.jaxexport"]

@@ -22,7 +22,10 @@ from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.helpers_tiny import save_tiny_checkpoint, save_tiny_model
 
-DEVICE_COUNTS = [2, 3, 4, 8]
+# 4 heads and 2 KV heads: N = 2 splits both exactly, 3 pads both, 4 replicates KV heads, 8 pads heads and
+# replicates KV heads. Every family shares the layout code, so llama runs every N and the other families the two
+# that pad (each N costs a family about 9 s of compiles).
+DEVICE_COUNTS = {"llama": [2, 3, 4, 8], "mistral": [3, 8], "qwen2": [3, 8], "opt": [3, 8], "opt350m": [3, 8]}
 GREEDY = SamplingConfig(do_sample=False)
 SAMPLED = SamplingConfig(do_sample=True, temperature=1.0, top_k=20, top_p=0.95)
 
@@ -46,9 +49,10 @@ def tokens_of(placement, prompts, sampling, n=40, max_length=64):
     return generate_tokens(placement, batch)
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "opt", "opt350m"])
+@pytest.fixture(scope="module", params=list(DEVICE_COUNTS))
 def tiny(request, tmp_path_factory):
-    return converters.load_checkpoint(save_tiny_model(request.param, tmp_path_factory.mktemp(request.param)))
+    return request.param, converters.load_checkpoint(save_tiny_model(request.param,
+                                                                     tmp_path_factory.mktemp(request.param)))
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 90, 17]]
@@ -64,12 +68,12 @@ def _left_pad(prompts):
 
 
 def test_tiny_models_do_not_depend_on_device_count(tiny):
-    cfg, flat = tiny
+    family, (cfg, flat) = tiny
     one = place(cfg, flat, 1)
     tokens, mask = _left_pad(PROMPTS)
     reference = logits_trace(one, tokens, mask, steps=8)
     greedy, sampled = tokens_of(one, PROMPTS, GREEDY), tokens_of(one, PROMPTS, SAMPLED)
-    for n in DEVICE_COUNTS:
+    for n in DEVICE_COUNTS[family]:
         many = place(cfg, flat, n)
         np.testing.assert_allclose(logits_trace(many, tokens, mask, steps=8), reference, atol=1e-4, rtol=0,
                                    err_msg=f"{cfg.model_type} N={n}")
@@ -83,26 +87,16 @@ def smollm2():
 
 
 def test_smollm2_does_not_depend_on_device_count(smollm2):
-    """9 heads and 3 KV heads: N = 2 and 8 pad heads, N = 8 replicates KV heads, N = 3 splits them exactly. (N = 4,
-    another padding, is left to the tiny models above: each N costs this test about a minute.)"""
-    import torch
-    import transformers
-
+    """9 heads and 3 KV heads: N = 2 and 8 pad heads, N = 8 replicates KV heads. (N = 3 and 4, an exact split and
+    another padding, are left to the tiny models above: each N costs this test about a minute. N = 1 is tied to
+    transformers by tests/test_smollm2.py.)"""
     cfg, flat = smollm2
     one = place(cfg, flat, 1)
     prompts = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30], [504, 2107, 282, 260, 8210, 15403]]
     tokens, mask = _left_pad(prompts)
     reference = logits_trace(one, tokens, mask, steps=4)
     greedy, sampled = tokens_of(one, prompts, GREEDY, max_length=128), tokens_of(one, prompts, SAMPLED, max_length=128)
-    gguf = hub.default_model_gguf()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                               dtype=torch.float32).eval()
-    for prompt, ours in zip(prompts, greedy):
-        with torch.no_grad():
-            expected = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
-                                       min_new_tokens=40)[0, len(prompt):].tolist()
-        assert ours == expected
-    for n in (2, 3, 8):
+    for n in (2, 8):
         many = place(cfg, flat, n)
         # SmolLM2's logits reach ~33: float32 rounding of another summation order (partial sums per device,
         # then psum) moves them by up to ~1.6e-4 (measured), the size of hdex_jax vs transformers at N=1

@@ -1,5 +1,6 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF, greedy tokens identical to transformers loading the same
-GGUF. The GGUF is fetched at most once per test session, into the session's temporary HDEX_HOME (conftest.py)."""
+GGUF. The GGUF is fetched at most once per test session, into the session's temporary HDEX_HOME (conftest.py),
+where the model is compiled once for this module and the quickstart notebook."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,9 @@ import transformers
 from hdex_jax import hub
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
+
+# With the quickstart notebook, which compiles the same model in the same session HDEX_HOME.
+pytestmark = pytest.mark.xdist_group("default_model")
 
 NEW_TOKENS = 40
 CHATS = ["Write a short story about a robot who learns to paint.",
@@ -30,9 +34,12 @@ def reference(gguf):
 
 
 @pytest.fixture(scope="module")
-def model(gguf, home):
-    AutoCompiler().compile(str(gguf), max_length=256)
-    return AutoModelForCausalLM.from_pretrained(str(gguf))
+def model(gguf):
+    """The default model compiled as notebooks/quickstart.ipynb compiles it, in the session's HDEX_HOME: whichever
+    of the two runs first compiles it (about a minute and a half) and the other loads it, as a user's second
+    process does."""
+    AutoCompiler().compile(model_id=hub.DEFAULT_MODEL, num_device=1, max_length=512)
+    return AutoModelForCausalLM.from_pretrained(hub.DEFAULT_MODEL, device_map={"lpu": 1})
 
 
 def _prompts(tokenizer):
