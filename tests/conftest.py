@@ -1,10 +1,10 @@
 """Test setup: JAX on CPU with 8 virtual devices (set before JAX starts), and never the user's cache.
 
 Every test runs with HDEX_HOME in a temporary directory: one for the whole session (for each worker under
-pytest-xdist), and a fresh one per module that asks for the `home` fixture. Subprocesses and notebook kernels inherit it through the environment. The
-default model's GGUF lands in the session's `downloads/`, which every module's HDEX_HOME links to, so it is
-fetched at most once per session. At the end the session fails if the user's cache (`~/.cache/hdex_jax`, or
-the HDEX_HOME the suite was started with) changed.
+pytest-xdist), and a fresh one per module that asks for the `home` fixture. Subprocesses and notebook kernels
+inherit it through the environment. The default model's GGUF lands in the session's `downloads/`, which every
+module's HDEX_HOME links to, so it is fetched at most once per session. At the end the session fails if the
+user's cache (`~/.cache/hdex_jax`, or the HDEX_HOME the suite was started with) changed.
 """
 
 import os
