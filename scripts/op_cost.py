@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def entry_thunks(hlo: str, computation: str = "ENTRY") -> collections.Counter:
+def computation_thunks(hlo: str, computation: str = "ENTRY") -> collections.Counter:
     """Operations of one computation of an optimized HLO module (the entry by default), by kind (fusions by
     their kind)."""
     counts: collections.Counter = collections.Counter()
@@ -50,7 +50,7 @@ def thunk_cost(steps: int, repeats: int = 1, runs: int = 30) -> tuple[float, int
     compiled = jax.jit(program).lower(x).compile()
     hlo = compiled.as_text()
     loop = re.search(r"while\(.*body=(%?[\w.-]+)", hlo)
-    thunks = sum(entry_thunks(hlo, "ENTRY" if repeats == 1 else loop.group(1)).values())
+    thunks = sum(computation_thunks(hlo, "ENTRY" if repeats == 1 else loop.group(1)).values())
     compiled(x).block_until_ready()
     best = float("inf")
     for _ in range(runs):
@@ -71,7 +71,7 @@ def decode_thunks(model_id: str, slots: int) -> collections.Counter:
                    donate_argnums=1, compiler_options=COMPILER_OPTIONS)
     cache = init_cache(placement.cfg, 1, slots)
     hlo = step.lower(placement.params, cache, jnp.zeros((1,), jnp.int32)).compile().as_text()
-    return entry_thunks(hlo)
+    return computation_thunks(hlo)
 
 
 def main() -> None:
@@ -83,15 +83,16 @@ def main() -> None:
     total = sum(counts.values())
     print(f"{args.model} decode step, 1 device, {args.slots} slots: {total} thunks "
           f"({', '.join(f'{n} {kind}' for kind, n in counts.most_common())})", flush=True)
-    for steps, repeats in ((100, 1), (round(total / 3), 1), (10, round(total / 30))):
-        cost, thunks = thunk_cost(steps, repeats)
-        shape = f"{steps} tiny steps" if repeats == 1 else f"{repeats} loop iterations of {steps} tiny steps"
-        print(f"{shape}: {thunks} thunks{' per iteration' if repeats > 1 else ''}, {cost * 1e6:.2f} us per executed "
-              "thunk (best of 30 runs)", flush=True)
-        if repeats == 1:
-            step_cost = cost
-    print(f"fixed cost at {step_cost * 1e6:.2f} us per thunk (the straight chain of the decode step's size): "
-          f"{total * step_cost * 1e3:.1f} ms per token")
+    for steps in (100, round(total / 3)):
+        cost, thunks = thunk_cost(steps)
+        print(f"{steps} tiny steps: {thunks} thunks, {cost * 1e6:.2f} us per executed thunk (best of 30 runs)",
+              flush=True)
+    looped, body = thunk_cost(10, repeats=round(total / 30))
+    print(f"{round(total / 30)} loop iterations of 10 tiny steps: {body} thunks per iteration, {looped * 1e6:.2f} us "
+          "per executed thunk (best of 30 runs)", flush=True)
+    # `cost` is the last straight chain's: the one of the decode step's size.
+    print(f"fixed cost at {cost * 1e6:.2f} us per thunk (the straight chain of the decode step's size): "
+          f"{total * cost * 1e3:.1f} ms per token")
 
 
 if __name__ == "__main__":
