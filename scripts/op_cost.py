@@ -17,6 +17,7 @@ import argparse
 import collections
 import re
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,9 @@ def thunk_cost(steps: int, repeats: int = 1, runs: int = 30) -> tuple[float, int
     return best / (thunks * repeats), thunks
 
 
-def decode_thunks(model_id: str, slots: int) -> collections.Counter:
-    """Thunks of the optimized one-device decode step of `model_id` (compiled if needed) with `slots` cache slots."""
+def decode_step(model_id: str, slots: int) -> tuple[Any, tuple]:
+    """The optimized one-device decode step of `model_id` (compiled if needed) with `slots` cache slots, and its
+    inputs (params, an empty cache, which it donates, and a token)."""
     from hdex_jax.kv_cache import init_cache
     from hdex_jax.model import COMPILER_OPTIONS, decode_step_fn
     from hdex_jax.transformers import AutoModelForCausalLM
@@ -69,9 +71,14 @@ def decode_thunks(model_id: str, slots: int) -> collections.Counter:
     placement = AutoModelForCausalLM.from_pretrained(model_id, device_map={"lpu": 1}).decode
     step = jax.jit(lambda params, cache, token: decode_step_fn(params, cache, token, placement.cfg, placement.mesh),
                    donate_argnums=1, compiler_options=COMPILER_OPTIONS)
-    cache = init_cache(placement.cfg, 1, slots)
-    hlo = step.lower(placement.params, cache, jnp.zeros((1,), jnp.int32)).compile().as_text()
-    return computation_thunks(hlo)
+    inputs = (placement.params, init_cache(placement.cfg, 1, slots), jnp.zeros((1,), jnp.int32))
+    return step.lower(*inputs).compile(), inputs
+
+
+def decode_thunks(model_id: str, slots: int) -> collections.Counter:
+    """Thunks of the optimized one-device decode step of `model_id` (compiled if needed) with `slots` cache slots."""
+    compiled, _ = decode_step(model_id, slots)
+    return computation_thunks(compiled.as_text())
 
 
 def main() -> None:
