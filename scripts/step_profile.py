@@ -25,7 +25,8 @@ import jax
 
 from op_cost import decode_step
 
-DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "s8": 1, "u8": 1, "pred": 1}
+DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4, "u32": 4, "s16": 2,
+               "u16": 2, "s8": 1, "u8": 1, "pred": 1}
 
 
 @dataclasses.dataclass
