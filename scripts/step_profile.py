@@ -25,9 +25,6 @@ import jax
 
 from op_cost import decode_step
 
-DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4, "u32": 4, "s16": 2,
-               "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-
 
 @dataclasses.dataclass
 class Group:
@@ -41,7 +38,8 @@ class Group:
 def _shape_bytes(shape: str) -> int:
     """Bytes of an HLO array shape such as `f32[576,960]{1,0}`."""
     dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", shape).groups()
-    return DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    bits = int(re.sub(r"\D", "", dtype) or 8)  # the width XLA writes in the name (f32, bf16, s8); pred is a byte
+    return bits // 8 * math.prod(int(d) for d in dims.split(",") if d)
 
 
 def dot_signatures(hlo: str) -> dict[str, tuple[str, int]]:
