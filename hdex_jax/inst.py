@@ -35,7 +35,7 @@ import numpy as np
 from jax import export
 from jax.sharding import Mesh
 
-from hdex_jax import artifacts
+from hdex_jax import artifacts, matvec
 from hdex_jax.generation import (
     Batch,
     DecodeState,
@@ -131,12 +131,12 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
         batch = _example_batch(bucket, max_length)
         request = jax.tree.map(_spec, batch.request)
         prompt = (params, _spec(batch.tokens), _spec(batch.mask), request)
-        start = export.export(_start)(*prompt, plan=batch.plan, record=False, **static)
+        start = _export(_start)(*prompt, plan=batch.plan, record=False, **static)
         out = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                for a, s in zip(start.out_avals, start.out_shardings_jax(placement.mesh))]
         state = jax.tree.unflatten(start.out_tree, out)
-        exported = {"start": start, "generate": export.export(_generate)(*prompt, plan=batch.plan, **static),
-                    "advance": export.export(_advance_jit)(params, state, request, **static)}
+        exported = {"start": start, "generate": _export(_generate)(*prompt, plan=batch.plan, **static),
+                    "advance": _export(_advance_jit)(params, state, request, **static)}
         inputs = {"start": prompt, "generate": prompt, "advance": (params, state, request)}
         for name, program in exported.items():
             data = program.serialize()
@@ -151,19 +151,25 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
             "buckets": [dataclasses.asdict(b) for b in wanted], "programs": programs}
 
 
+def _export(fn: Any) -> Any:
+    """`jax.export.export` of `fn`, allowing the decode kernel's custom call (`matvec`): it is registered in
+    every process that loads the programs, which `environment` ties them to."""
+    return export.export(fn, disabled_checks=[export.DisabledSafetyCheck.custom_call(matvec.TARGET)])
+
+
 def environment() -> dict[str, str]:
     """What the exported programs are tied to: a different value anywhere means tracing instead. Besides jax
-    and the platform, the source of the hdex_jax modules the programs are traced from: programs exported by
-    another version of them could compute something else."""
+    and the platform, the source of the hdex_jax modules the programs are traced from (programs exported by
+    another version of them could compute something else) and the decode kernel they call, if any."""
     import jaxlib
 
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": jax.default_backend(),
-            "machine": platform.machine(), "hdex_jax_code": _code_hash()}
+            "machine": platform.machine(), "hdex_jax_code": _code_hash(), "matvec_kernel": matvec.kernel() or "none"}
 
 
 # The modules whose code the exported programs are traced from.
-_PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "model", "params", "pytree", "sampling",
-                    "sharding")
+_PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "matvec", "model", "params", "pytree",
+                    "sampling", "sharding")
 
 
 @functools.cache

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache
+from hdex_jax.matvec import batched_matmul, matmul
 from hdex_jax.params import Params
 from hdex_jax.sharding import LPU_AXIS, cache_partition_specs, make_mesh, param_partition_specs
 
@@ -60,15 +61,15 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _linear(x: jax.Array, p: dict, spec: str) -> jax.Array:
-    """Replicated or column-parallel projection: each device computes its own output features."""
-    y = jnp.einsum(spec, x, p["w"])
+def _linear(x: jax.Array, p: dict) -> jax.Array:
+    """Replicated or column-parallel projection [B, T, D] @ [D, F]: each device computes its own features."""
+    y = matmul(x, p["w"])
     return y + p["b"] if "b" in p else y
 
 
 def _fused(x: jax.Array, p: dict) -> jax.Array:
     """Column-parallel projection by a fused matrix [D, 1, F] (this device's slice of [D, N, F]) -> [B, T, F]."""
-    y = jnp.einsum("btd,df->btf", x, p["w"][:, 0])
+    y = matmul(x, p["w"][:, 0])
     return y + p["b"][0] if "b" in p else y
 
 
@@ -94,9 +95,14 @@ def _esl_sync(x: jax.Array) -> jax.Array:
         return lax.psum(x, LPU_AXIS)
 
 
-def _row_parallel(x: jax.Array, p: dict, spec: str) -> jax.Array:
-    """Projection whose input features are split: partial sums, synchronised, then the (replicated) bias."""
-    y = _esl_sync(jnp.einsum(spec, x, p["w"]))
+def _row_parallel(x: jax.Array, p: dict) -> jax.Array:
+    """Projection whose input features are split: partial sums, synchronised, then the (replicated) bias.
+
+    The weight's leading axes are the input features ([H, hd, D] for o, [F, D] for down), contracted with the
+    same number of trailing axes of x, as one [in, D] matrix (reshaping a stored weight copies nothing)."""
+    w = p["w"]
+    x = x.reshape(*x.shape[: x.ndim - (w.ndim - 1)], -1)  # [B, T, in]
+    y = _esl_sync(matmul(x, w.reshape(-1, w.shape[-1])))  # [B, T, D]
     return y + p["b"] if "b" in p else y
 
 
@@ -133,8 +139,12 @@ def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Arra
     # q: [B, T, H, hd]; k_cache, v_cache: [B, KV, S, hd]; k, v: [B, T, KV, hd]; masks: [B, T, S], [B, T, T]
     B, T, H, hd = q.shape
     KV, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, T, KV, H // KV, hd)  # [B, T, KV, G, hd]
-    cached = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)  # [B, KV, G, T, S]
+    G = H // KV
+    qg = q.reshape(B, T, KV, G, hd)  # [B, T, KV, G, hd]
+    # Each KV head's queries [G * T, hd] against its cache [S, hd] as stored: one product per (row, KV head).
+    queries = qg.transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+    cached = batched_matmul(queries, k_cache, transposed=True,
+                            preferred_element_type=jnp.float32).reshape(B, KV, G, T, S)  # [B, KV, G, T, S]
     block = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, T]
     scale = cfg.attention_scale if cfg.attention_scale is not None else hd ** -0.5
     scores = _softcap(jnp.concatenate([cached, block], axis=-1) * scale, cfg.attn_softcap)  # [B, KV, G, T, S + T]
@@ -143,9 +153,9 @@ def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Arra
     mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S + T]
     # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    # The cache product keeps the cache's own [S, hd] layout ("bkgts,bksd->bkgtd"): asking for [B, T, ...]
-    # directly made XLA transpose (copy) every layer's V cache each step.
-    out = (jnp.einsum("bkgts,bksd->bkgtd", probs[..., :S], v_cache)
+    # The cache product keeps the cache's own [S, hd] layout: a result asked for as [B, T, ...] directly made
+    # XLA transpose (copy) every layer's V cache each step.
+    out = (batched_matmul(probs[..., :S].reshape(B, KV, G * T, S), v_cache).reshape(B, KV, G, T, hd)
            + jnp.einsum("bkgtu,bukd->bkgtd", probs[..., S:], v))  # [B, KV, G, T, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
@@ -173,8 +183,8 @@ def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
         gate, up = jnp.split(_fused(x, p["gate_up"]), 2, axis=-1)  # [B, T, F/N] each
         hidden = act(gate) * up
     else:
-        hidden = act(_linear(x, p["up"], "btd,df->btf"))  # [B, T, F/N]
-    return _row_parallel(hidden, p["down"], "btf,fd->btd")  # [B, T, D]
+        hidden = act(_linear(x, p["up"]))  # [B, T, F/N]
+    return _row_parallel(hidden, p["down"])  # [B, T, D]
 
 
 def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -187,7 +197,7 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
     if cfg.embed_scale is not None:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     if cfg.projects_embeddings:
-        x = x @ params["project_in"]  # [B, T, D]
+        x = matmul(x, params["project_in"])  # [B, T, D]
     if cfg.positions == "learned":
         x = x + params["pos_embed"][positions + cfg.position_offset]
     if cfg.embed_norm:
@@ -199,12 +209,12 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     if cfg.final_norm:
         h = _norm(h, params.get("final_norm", {}), cfg)
     if cfg.projects_embeddings:
-        h = h @ params["project_out"]  # [B, E]
+        h = matmul(h, params["project_out"])  # [B, E]
     # A tied head contracts the embedding [V/N, E] on E as it is stored: a transpose would copy it every step.
     if cfg.tie_embeddings:
-        local = jnp.einsum("be,ve->bv", h, params["embed"], preferred_element_type=jnp.float32)  # [B, V/N]
+        local = matmul(h, params["embed"], transposed=True, preferred_element_type=jnp.float32)  # [B, V/N]
     else:
-        local = jnp.einsum("be,ev->bv", h, params["lm_head"]["w"], preferred_element_type=jnp.float32)
+        local = matmul(h, params["lm_head"]["w"], preferred_element_type=jnp.float32)
     if cfg.lm_head_bias:
         local = local + params["lm_head"]["b"]
     local = _softcap(local, cfg.final_softcap)
@@ -229,7 +239,7 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
         q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
     with jax.named_scope("attention"):
         attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg)  # [B, T, H, hd]
-        attn = _row_parallel(attn, lp["attn"]["o"], "bthk,hkd->btd")  # [B, T, D]
+        attn = _row_parallel(attn, lp["attn"]["o"])  # [B, T, D]
         # Written after attention has read the cache: the update is then done in place (with
         # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
         k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))

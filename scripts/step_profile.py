@@ -4,7 +4,8 @@
 
 Runs the optimized one-device decode step of a compiled model (`jit(...).compile()`, the program
 `op_cost.py` counts) `--steps` times under `jax.profiler`, and sums the duration XLA CPU records for each of
-its thunks (one per fusion, dot or copy). Matrix products are grouped by their shapes, with the bytes their
+its thunks (one per fusion, dot, copy or kernel call). Matrix products (XLA's dots and the decode kernel's
+calls, `hdex_jax/matvec.py`) are grouped by their shapes, with the bytes their
 operands hold and the rate at which they read them; the other thunks by kind. The last lines compare the sum
 with the step's wall time measured without the profiler: tracing adds a little to every thunk.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 
+from hdex_jax import matvec
 from op_cost import decode_step
 
 
@@ -43,12 +45,17 @@ def _shape_bytes(shape: str) -> int:
 
 
 def dot_signatures(hlo: str) -> dict[str, tuple[str, int]]:
-    """For every dot of an optimized HLO module: its name -> ("output <- operand x operand" shapes, operand bytes)."""
+    """For every matrix product of an optimized HLO module (XLA's dots and the calls of hdex_jax's decode kernel,
+    marked "kernel"): its name -> ("output <- operand x operand" shapes, operand bytes)."""
     shapes = dict(re.findall(r"%([\w.-]+) = (\w+\[[\d,]*\])", hlo))
     dots = {}
-    for name, out, operands in re.findall(r"%(dot[\w.-]*) = (\w+\[[\d,]*\])\S* dot\(([^)]*)\)", hlo):
+    pattern = r'%([\w.-]+) = (\w+\[[\d,]*\])\S* (dot|custom-call)\(([^)]*)\)(, custom_call_target="(\w+)")?'
+    for name, out, op, operands, _, target in re.findall(pattern, hlo):
+        if op == "custom-call" and target != matvec.TARGET:
+            continue
         ins = [shapes[o.strip().lstrip("%")] for o in operands.split(",")]
-        dots[name] = (f"{out} <- {' x '.join(ins)}", sum(_shape_bytes(s) for s in ins))
+        mark = " kernel" if op == "custom-call" else ""
+        dots[name] = (f"{out} <- {' x '.join(ins)}{mark}", sum(_shape_bytes(s) for s in ins))
     return dots
 
 

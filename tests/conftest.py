@@ -2,9 +2,10 @@
 
 Every test runs with HDEX_HOME in a temporary directory: one for the whole session (for each worker under
 pytest-xdist), and a fresh one per module that asks for the `home` fixture. Subprocesses and notebook kernels
-inherit it through the environment. The default model's GGUF lands in the session's `downloads/`, which every
-module's HDEX_HOME links to, so it is fetched at most once per session. At the end the session fails if the
-user's cache (`~/.cache/hdex_jax`, or the HDEX_HOME the suite was started with) changed.
+inherit it through the environment. The default model's GGUF lands in the session's `downloads/` and the decode
+kernel in its `kernels/`, which every module's HDEX_HOME links to, so each is fetched or built at most once per
+session. At the end the session fails if the user's cache (`~/.cache/hdex_jax`, or the HDEX_HOME the suite was
+started with) changed.
 """
 
 import os
@@ -50,6 +51,7 @@ def session_home(tmp_path_factory):
     """HDEX_HOME for the whole session, in a temporary directory."""
     path = tmp_path_factory.mktemp("hdex_home_session")
     (path / "downloads").mkdir()
+    (path / "kernels").mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HDEX_HOME", str(path))
         yield path
@@ -57,9 +59,11 @@ def session_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, session_home):
-    """A fresh HDEX_HOME for one test module's compiled artifacts (sharing the session's downloads)."""
+    """A fresh HDEX_HOME for one test module's compiled artifacts (sharing the session's downloads and the
+    decode kernel built in it)."""
     path = tmp_path_factory.mktemp("hdex_home")
-    (path / "downloads").symlink_to(session_home / "downloads", target_is_directory=True)
+    for shared in ("downloads", "kernels"):
+        (path / shared).symlink_to(session_home / shared, target_is_directory=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HDEX_HOME", str(path))
         yield path

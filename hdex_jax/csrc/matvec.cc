@@ -1,0 +1,312 @@
+// The matrix products of decode and short prompts on the CPU: y[b, M, N] = x[b, M, K] @ W[b] for a few rows M
+// (the projections: one product of M = batch rows x tokens; attention at decode: one per KV head, M = its query
+// heads).
+//
+// XLA CPU runs these products through Eigen's contraction, which reads SmolLM2's layer weights at 15-21 GB/s
+// where a plain stream reaches about 30 (docs/performance.md, "The matrix-vector kernel"). Here one row streams
+// the weight once, in contiguous pieces, one per core; several rows use register tiles over blocks of the
+// weight small enough to stay in L2 while every row passes over them. Sums are float32 with fused
+// multiply-adds. It is an XLA FFI handler: `hdex_jax/matvec.py` builds, registers and calls it.
+//
+// W[b] is either [K, N] (`transposed` false: the projections, stored [in, out]; attention's values [S, hd]) or
+// [N, K] (`transposed` true: a tied LM head contracting the embedding [V, E] on E; attention's keys [S, hd]).
+// Several products are split between the pieces whole; a single one over K for [K, N] (each piece writes
+// partial sums, added at the end) and over N for [N, K] (each writes its own outputs). The pieces run on the
+// calling thread and on helper threads of this library, which stay awake between the products of a step.
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// [batch, rows, columns]: one product per batch element.
+using Batch = ffi::Buffer<ffi::F32, 3>;
+
+namespace {
+
+// One function body, compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best the CPU has.
+#if defined(__x86_64__)
+#define HDEX_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define HDEX_CLONES
+#endif
+
+// y[N] = x[k0:k1] @ w[k0:k1, N] for one row x, with w row-major [K, N]: a stream over the weight. Four rows of w
+// per pass over y, so y (in L1) is loaded and stored once per four rows of the weight.
+HDEX_CLONES void stream_kn(const float* x, const float* w, float* y, int64_t N, int64_t k0, int64_t k1) {
+  std::memset(y, 0, sizeof(float) * N);
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const float *r0 = w + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
+    const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
+    float* __restrict out = y;
+    for (int64_t n = 0; n < N; ++n) out[n] += a0 * r0[n] + a1 * r1[n] + a2 * r2[n] + a3 * r3[n];
+  }
+  for (; k < k1; ++k) {
+    const float* r = w + k * N;
+    const float a = x[k];
+    float* __restrict out = y;
+    for (int64_t n = 0; n < N; ++n) out[n] += a * r[n];
+  }
+}
+
+// 16 floats; compiled to one AVX-512 register, two AVX2 registers or four SSE ones, by the clone it is in.
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+
+__attribute__((always_inline)) inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Columns per tile, and rows of w per block: a block of [kBlockRows, N] stays in L2 while every group of R rows
+// of x passes over it, so the weight comes from memory once however many rows x has.
+constexpr int64_t kTile = 64;
+constexpr int64_t kBlockRows = 32;
+
+// y[R rows, tile of kTile columns at nb] += x[R rows, kb:ke] @ w[kb:ke, tile]: R x kTile / 16 registers of sums.
+template <int R>
+__attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, const float* w, int64_t N, float* y,
+                                                   int64_t kb, int64_t ke, int64_t nb) {
+  constexpr int V = kTile / 16;
+  f32x16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = load16(y + r * N + nb + 16 * v);
+  for (int64_t k = kb; k < ke; ++k) {
+    f32x16 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load16(w + k * N + nb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const float a = x[r * K + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store16(y + r * N + nb + 16 * v, acc[r][v]);
+}
+
+// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] for several rows: register tiles of 4 rows x 32 columns over blocks of w
+// that stay in L2.
+HDEX_CLONES void blocked_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0,
+                            int64_t k1) {
+  std::memset(y, 0, sizeof(float) * M * N);
+  const int64_t tiled = N / kTile * kTile;
+  for (int64_t kb = k0; kb < k1; kb += kBlockRows) {
+    const int64_t ke = std::min(kb + kBlockRows, k1);
+    for (int64_t nb = 0; nb < tiled; nb += kTile) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile_kn<4>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
+      switch (M - m) {
+        case 3: tile_kn<3>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 2: tile_kn<2>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 1: tile_kn<1>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        default: break;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {  // the last N % 32 columns
+      for (int64_t k = kb; k < ke; ++k) {
+        const float a = x[m * K + k];
+        for (int64_t n = tiled; n < N; ++n) y[m * N + n] += a * w[k * N + n];
+      }
+    }
+  }
+}
+
+// y[M, N] = x[M, k0:k1] @ w[k0:k1, N], with w row-major [K, N].
+void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  if (M == 1) {
+    stream_kn(x, w, y, N, k0, k1);
+  } else {
+    blocked_kn(x, w, y, M, K, N, k0, k1);
+  }
+}
+
+// y[M, n0:n1] = x[M, K] @ w[n0:n1, K]^T, with w row-major [N, K]: one dot product per output.
+HDEX_CLONES void rows_nk(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                         int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* __restrict row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* __restrict xm = x + m * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += row[k] * xm[k];
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+int cores() {
+  static const int count = [] {
+    cpu_set_t set;
+    return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+  }();
+  return count;
+}
+
+// Below this many weight bytes per piece, splitting costs more than it saves.
+constexpr int64_t kMinPieceBytes = 64 << 10;
+
+// How long a helper keeps polling for the next product before it sleeps. A decode step calls the kernel every
+// few to few tens of microseconds (the small operations between products run on one thread), so a helper that
+// slept after each product would be woken for the next, which takes longer than a small product itself.
+constexpr auto kAwake = std::chrono::microseconds(300);
+
+inline void relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// One product split into pieces: participants take the next piece not yet taken. A helper that arrives after
+// every piece was taken returns without calling `fn`, whose context (the caller's stack) may then be gone; the
+// job itself lives as long as anyone holds it.
+struct Job {
+  void (*fn)(const void* context, int64_t piece);
+  const void* context;
+  int64_t count;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void work() {
+    for (int64_t p; (p = next.fetch_add(1)) < count;) {
+      fn(context, p);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// cores - 1 helper threads, started on first use and kept for the process.
+class Helpers {
+ public:
+  static Helpers& get() {
+    static Helpers* helpers = new Helpers(cores() - 1);  // never destroyed: its threads run until exit
+    return *helpers;
+  }
+
+  // Runs piece(0) .. piece(count - 1) on the calling thread and the helpers, or on the calling thread alone
+  // while another call (another device's program) has them. Returns when every piece is done.
+  template <typename Piece>
+  void run(int64_t count, const Piece& piece) {
+    auto job = std::make_shared<Job>();
+    job->fn = [](const void* context, int64_t p) { (*static_cast<const Piece*>(context))(p); };
+    job->context = &piece;
+    job->count = count;
+    const bool shared = count > 1 && !threads_.empty() && !busy_.exchange(true, std::memory_order_acquire);
+    if (shared) {
+      std::atomic_store(&current_, job);
+      generation_.fetch_add(1);
+      if (sleeping_.load() > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        wake_.notify_all();
+      }
+    }
+    job->work();
+    while (job->done.load(std::memory_order_acquire) < count) relax();
+    if (shared) busy_.store(false, std::memory_order_release);
+  }
+
+ private:
+  explicit Helpers(int count) {
+    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { loop(); });
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      auto until = std::chrono::steady_clock::now() + kAwake;
+      while (generation_.load() == seen) {
+        if (std::chrono::steady_clock::now() < until) {
+          relax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleeping_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleeping_.fetch_sub(1);
+      }
+      seen = generation_.load();
+      std::atomic_load(&current_)->work();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0};
+  std::shared_ptr<Job> current_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
+template <typename Piece>
+void run_pieces(int64_t count, const Piece& piece) {
+  Helpers::get().run(count, piece);
+}
+
+ffi::Error Matvec(Batch x, Batch w, ffi::Result<Batch> y, bool transposed) {
+  const int64_t B = x.dimensions()[0], M = x.dimensions()[1], K = x.dimensions()[2];
+  const int64_t N = transposed ? w.dimensions()[1] : w.dimensions()[2];
+  if (w.dimensions()[0] != B || (transposed ? w.dimensions()[2] : w.dimensions()[1]) != K ||
+      y->dimensions()[0] != B || y->dimensions()[1] != M || y->dimensions()[2] != N) {
+    return ffi::Error::InvalidArgument("hdex_matvec: shapes of x, w and y do not agree");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  auto product = [&](int64_t b, float* out, int64_t lo, int64_t hi) {
+    const float* xb = xp + b * M * K;
+    const float* wb = wp + b * K * N;
+    if (transposed) {
+      rows_nk(xb, wb, out, M, K, N, lo, hi);
+    } else {
+      rows_kn(xb, wb, out, M, K, N, lo, hi);
+    }
+  };
+  const int64_t pieces = std::clamp<int64_t>(B * K * N * 4 / kMinPieceBytes, 1, cores());
+  if (B > 1 || pieces == 1) {
+    // Whole products, split between the pieces by batch element (attention's heads).
+    const int64_t count = std::min(B, pieces);
+    run_pieces(count, [&](int64_t p) {
+      for (int64_t b = B * p / count; b < B * (p + 1) / count; ++b) product(b, yp + b * M * N, 0, transposed ? N : K);
+    });
+    return ffi::Error::Success();
+  }
+  if (transposed) {
+    run_pieces(pieces, [&](int64_t p) { product(0, yp, N * p / pieces, N * (p + 1) / pieces); });
+    return ffi::Error::Success();
+  }
+  // One product split over K: piece 0 sums into y, the others into `partial`, added at the end. Boundaries are
+  // multiples of 4 rows but for the last.
+  std::vector<float> partial(static_cast<size_t>((pieces - 1) * M * N));
+  auto bound = [&](int64_t p) { return p == pieces ? K : K * p / pieces / 4 * 4; };
+  run_pieces(pieces, [&](int64_t p) {
+    product(0, p == 0 ? yp : partial.data() + (p - 1) * M * N, bound(p), bound(p + 1));
+  });
+  for (int64_t p = 1; p < pieces; ++p) {
+    const float* q = partial.data() + (p - 1) * M * N;
+    for (int64_t i = 0; i < M * N; ++i) yp[i] += q[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HdexMatvec, Matvec,
+                              ffi::Ffi::Bind()
+                                  .Arg<Batch>()
+                                  .Arg<Batch>()
+                                  .Ret<Batch>()
+                                  .Attr<bool>("transposed"));
