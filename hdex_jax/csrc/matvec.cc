@@ -14,7 +14,9 @@
 // partial sums, added at the end) and over N for [N, K] (each writes its own outputs). The pieces run on the
 // calling thread and on helper threads of this library, which stay awake between the products of a step.
 
+#if defined(__linux__)
 #include <sched.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -149,10 +151,14 @@ HDEX_CLONES void rows_nk(const float* x, const float* w, float* y, int64_t M, in
   }
 }
 
+// The cores this process may run on (its affinity mask on Linux, which containers and taskset narrow).
 int cores() {
   static const int count = [] {
+#if defined(__linux__)
     cpu_set_t set;
-    return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }();
   return count;
 }
