@@ -1,11 +1,12 @@
-"""The matrix products of the forward pass: XLA's dot, or on the CPU, for the few rows of a decode step, the
-matrix-vector kernel of `csrc/matvec.cc`.
+"""The matrix products of the forward pass: on the CPU, float32 products of up to `MAX_ROWS` rows (decode steps
+and short prompts) run on the kernel of `csrc/matvec.cc`, the others on XLA's dot.
 
 Decode reads every weight once per token, so its speed is the rate at which the products read their weights.
 XLA CPU's products of SmolLM2's layer shapes read them at 15-21 GB/s where a plain stream reaches about 30; the
-kernel streams each weight once, one contiguous piece per core, and reaches about 29 (docs/performance.md, "The
-matrix-vector kernel"). It is an XLA FFI custom call, so it runs inside the jitted and exported programs like
-any other operation, on XLA's own thread pool.
+kernel streams each weight once, one contiguous piece per core, and reaches about 29; with several rows it keeps
+blocks of the weight in L2 while register tiles of every row pass over them (docs/performance.md, "The
+matrix-vector kernel"). It is an XLA FFI custom call, so it runs inside the jitted and exported programs like any
+other operation.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`) against the
 XLA FFI headers shipped in jaxlib, and kept in `$HDEX_HOME/kernels/` under a name that covers its source, jaxlib
@@ -20,9 +21,11 @@ import functools
 import hashlib
 import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -82,7 +85,8 @@ def build() -> Path:
     if target.exists():
         return target
     # Compiled beside the target and renamed into place: a concurrent process sees the whole file or none.
-    scratch = target.with_name(f".{target.name}.{os.getpid()}")
+    scratch = target.with_name(f".{target.name}.{platform.node()}-{os.getpid()}")
+    print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, a few seconds)", flush=True)
     command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(scratch)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -97,10 +101,18 @@ def build() -> Path:
     return target
 
 
-@functools.cache
+_building = threading.Lock()
+
+
 def kernel() -> str | None:
     """Build and register the kernel once per process; its library's name (which the exported programs are
     tied to), or None when every product is XLA's dot (said once, with the reason)."""
+    with _building:
+        return _kernel()
+
+
+@functools.cache
+def _kernel() -> str | None:
     if os.environ.get("HDEX_MATVEC", "1") == "0":
         return None
     try:
