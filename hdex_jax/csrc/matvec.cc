@@ -38,9 +38,10 @@ using Batch = ffi::Buffer<ffi::F32, 3>;
 
 namespace {
 
-// One function body, compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best the CPU has.
+// One function body, compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 and FMA) and baseline x86-64; the loader
+// picks the best the CPU has. Loops written for the compiler's vectorizer.
 #if defined(__x86_64__)
-#define HDEX_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define HDEX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HDEX_CLONES
 #endif
@@ -64,67 +65,101 @@ HDEX_CLONES void stream_kn(const float* x, const float* w, float* y, int64_t N, 
   }
 }
 
-// 16 floats; compiled to one AVX-512 register, two AVX2 registers or four SSE ones, by the clone it is in.
-typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+// W floats: one register of the instruction set a register tile is compiled for (generic vectors wider than the
+// registers are split through memory, many times slower).
+template <int W>
+struct Lanes;
+template <>
+struct Lanes<16> { typedef float type __attribute__((vector_size(64), aligned(4))); };
+template <>
+struct Lanes<8> { typedef float type __attribute__((vector_size(32), aligned(4))); };
+template <>
+struct Lanes<4> { typedef float type __attribute__((vector_size(16), aligned(4))); };
 
-__attribute__((always_inline)) inline f32x16 load16(const float* p) {
-  f32x16 v;
+template <int W>
+__attribute__((always_inline)) inline typename Lanes<W>::type load(const float* p) {
+  typename Lanes<W>::type v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-__attribute__((always_inline)) inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+template <int W>
+__attribute__((always_inline)) inline void store(float* p, typename Lanes<W>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
-// Columns per tile, and rows of w per block: a block of [kBlockRows, N] stays in L2 while every group of R rows
-// of x passes over it, so the weight comes from memory once however many rows x has.
-constexpr int64_t kTile = 64;
+// Rows of w per block: a block of [kBlockRows, N] stays in L2 while every group of rows of x passes over it, so
+// the weight comes from memory once however many rows x has.
 constexpr int64_t kBlockRows = 32;
+constexpr int kTileRows = 4;
 
-// y[R rows, tile of kTile columns at nb] += x[R rows, kb:ke] @ w[kb:ke, tile]: R x kTile / 16 registers of sums.
-template <int R>
+// y[R rows, V registers of columns at nb] += x[R rows, kb:ke] @ w[kb:ke, those columns]: R x V registers of
+// sums, V of the weight's row and one of x's broadcast value, within the register file.
+template <int W, int V, int R>
 __attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, const float* w, int64_t N, float* y,
                                                    int64_t kb, int64_t ke, int64_t nb) {
-  constexpr int V = kTile / 16;
-  f32x16 acc[R][V];
+  typedef typename Lanes<W>::type Vec;
+  Vec acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = load16(y + r * N + nb + 16 * v);
+    for (int v = 0; v < V; ++v) acc[r][v] = load<W>(y + r * N + nb + W * v);
   for (int64_t k = kb; k < ke; ++k) {
-    f32x16 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = load16(w + k * N + nb + 16 * v);
+    Vec wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load<W>(w + k * N + nb + W * v);
     for (int r = 0; r < R; ++r) {
       const float a = x[r * K + k];
       for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store16(y + r * N + nb + 16 * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) store<W>(y + r * N + nb + W * v, acc[r][v]);
 }
 
-// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] for several rows: register tiles of 4 rows x 32 columns over blocks of w
-// that stay in L2.
-HDEX_CLONES void blocked_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0,
-                            int64_t k1) {
+// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] for several rows: register tiles of kTileRows rows x W * V columns over
+// blocks of w that stay in L2.
+template <int W, int V>
+__attribute__((always_inline)) inline void blocked(const float* x, const float* w, float* y, int64_t M, int64_t K,
+                                                   int64_t N, int64_t k0, int64_t k1) {
+  constexpr int64_t tile = W * V;
   std::memset(y, 0, sizeof(float) * M * N);
-  const int64_t tiled = N / kTile * kTile;
+  const int64_t tiled = N / tile * tile;
   for (int64_t kb = k0; kb < k1; kb += kBlockRows) {
     const int64_t ke = std::min(kb + kBlockRows, k1);
-    for (int64_t nb = 0; nb < tiled; nb += kTile) {
+    for (int64_t nb = 0; nb < tiled; nb += tile) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile_kn<4>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
+      for (; m + kTileRows <= M; m += kTileRows) tile_kn<W, V, kTileRows>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
       switch (M - m) {
-        case 3: tile_kn<3>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
-        case 2: tile_kn<2>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
-        case 1: tile_kn<1>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 3: tile_kn<W, V, 3>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 2: tile_kn<W, V, 2>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 1: tile_kn<W, V, 1>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
         default: break;
       }
     }
-    for (int64_t m = 0; m < M; ++m) {  // the last N % 32 columns
+    for (int64_t m = 0; m < M; ++m) {  // the last N % tile columns
       for (int64_t k = kb; k < ke; ++k) {
         const float a = x[m * K + k];
         for (int64_t n = tiled; n < N; ++n) y[m * N + n] += a * w[k * N + n];
       }
     }
   }
+}
+
+// One version per instruction set, each with the tile that fits its registers (AVX-512: 32 of 16 floats, 4 x 4
+// tiles; AVX2: 16 of 8, 4 x 2; SSE: 16 of 4, 4 x 2); the loader picks the best the CPU has.
+#if defined(__x86_64__)
+__attribute__((target("arch=x86-64-v4"))) void blocked_kn(const float* x, const float* w, float* y, int64_t M,
+                                                           int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  blocked<16, 4>(x, w, y, M, K, N, k0, k1);
+}
+
+__attribute__((target("arch=x86-64-v3"))) void blocked_kn(const float* x, const float* w, float* y, int64_t M,
+                                                           int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  blocked<8, 2>(x, w, y, M, K, N, k0, k1);
+}
+
+__attribute__((target("default")))
+#endif
+void blocked_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  blocked<4, 2>(x, w, y, M, K, N, k0, k1);
 }
 
 // y[M, N] = x[M, k0:k1] @ w[k0:k1, N], with w row-major [K, N].
