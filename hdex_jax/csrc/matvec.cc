@@ -93,6 +93,7 @@ __attribute__((always_inline)) inline void store(float* p, typename Lanes<W>::ty
 // the weight comes from memory once however many rows x has.
 constexpr int64_t kBlockRows = 32;
 constexpr int kTileRows = 4;
+static_assert(kTileRows == 4, "blocked's remainder switch covers groups of 1 to 3 rows");
 
 // y[R rows, V registers of columns at nb] += x[R rows, kb:ke] @ w[kb:ke, those columns]: R x V registers of
 // sums, V of the weight's row and one of x's broadcast value, within the register file.
