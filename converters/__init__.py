@@ -77,8 +77,9 @@ def _tensor_source(directory: Path) -> TensorSource:
                           f"{BIN_INDEX_FILE}; it holds {', '.join(found) if found else 'nothing'}")
 
 
-def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Convert a checkpoint to `(ModelConfig, {canonical name: float32 numpy array})`.
+def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """Convert a checkpoint to `(ModelConfig, {canonical name: float32 numpy array})`; a GGUF file's Q8_0, Q4_0
+    and Q4_1 weights stay as stored, as `hdex_jax.quant.QuantArray` (named in the config's `weight_formats`).
 
     `path` is a Hugging Face checkpoint directory (config.json + model.safetensors, or shards with
     model.safetensors.index.json; without safetensors, pytorch_model.bin or shards with
@@ -100,7 +101,7 @@ def load_checkpoint(path: str | Path, progress: bool = False) -> tuple[ModelConf
         raise CheckpointError(f"checkpoint {path} does not exist")
     else:
         raise CheckpointError(f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file")
-    return cfg, convert(source, rules, cfg, progress)
+    return convert(source, rules, cfg, progress)
 
 
 def has_tokenizer(path: str | Path) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 from converters.errors import CheckpointError, UnsupportedModelError
 from converters.gguf_arches import ARCHITECTURES, GGUFMeta
 from converters.keymap import Rule
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "GGUFSource", "config_from_gguf", "load_gguf", "open_reader"]
@@ -139,6 +140,24 @@ class GGUFSource:
 
     def location(self, name: str) -> str:
         return str(self._path)
+
+    def stored_format(self, name: str) -> str | None:
+        """The `hdex_jax.quant` format a tensor is kept in as stored (Q8_0, Q4_0, Q4_1), or None."""
+        return quant.GGUF_KEPT.get(self._tensors[name].tensor_type.name)
+
+    def stored_type(self, name: str) -> str:
+        """The tensor's GGML type name (F32, Q4_1, Q6_K, ...)."""
+        return self._tensors[name].tensor_type.name
+
+    def read_quantized(self, name: str) -> quant.QuantArray:
+        """A tensor of a kept format, its blocks as stored: a QuantArray packed along its last axis (the input
+        features of a GGUF matrix [out, in])."""
+        tensor = self._tensors[name]
+        data = np.asarray(tensor.data)
+        fmt = quant.GGUF_KEPT[tensor.tensor_type.name]
+        block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+        shape = (*data.shape[:-1], data.shape[-1] // block_bytes * quant.GROUP)
+        return quant.from_gguf_blocks(data, tensor.tensor_type.name, fmt, shape, len(shape) - 1)
 
     def read(self, name: str) -> np.ndarray:
         tensor = self._tensors[name]

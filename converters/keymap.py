@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from converters.errors import CheckpointError
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
-from hdex_jax.params import flatten, param_specs
+from hdex_jax.params import ParamSpec, flatten, is_spec, param_specs
 
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 
@@ -255,46 +258,108 @@ def _plan(source: TensorSource, rules: Sequence[Rule], cfg: ModelConfig) -> dict
     return plan
 
 
-def _check_value(value: np.ndarray, expected: tuple[int, ...], target: str, raw: np.ndarray, where: str) -> None:
-    if value.shape != expected:
-        raise CheckpointError(f"tensor {where} has shape {raw.shape}; as {target!r} it should be {expected} but "
-                              f"is {value.shape}")
+def _check_value(value: Any, expected: tuple[int, ...], target: str, raw: np.ndarray | None, where: str) -> None:
+    if tuple(value.shape) != expected:
+        raise CheckpointError(f"tensor {where} has shape {value.shape if raw is None else raw.shape}; as "
+                              f"{target!r} it should be {expected} but is {value.shape}")
+    if quant.is_quant(value):  # the integers are finite; its scales and offsets may not be
+        value = np.concatenate([np.ravel(f).astype(np.float32) for f in (value.scale, value.offset)
+                                if f is not None])
     if not np.isfinite(value).all():
         raise CheckpointError(f"tensor {where} has {int(np.isnan(value).sum())} NaN and "
                               f"{int(np.isinf(value).sum())} infinite value(s); the checkpoint is corrupt or "
                               f"overflowed its dtype")
 
 
+def _stored_formats(source: TensorSource, plan: dict[_Key, _Match], cfg: ModelConfig) -> dict[str, str]:
+    """The weights a source keeps in a quantized format (GGUF blocks): those whose every tensor is stored in
+    the same kept format. Tensors of other quantized types are dequantized, said once per type."""
+    stored_format = getattr(source, "stored_format", None)
+    if stored_format is None:
+        return {}
+    specs = flatten(param_specs(cfg))
+    by_target: dict[str, set[str | None]] = {}
+    for (target, _, _), match in plan.items():
+        by_target.setdefault(target, set()).add(stored_format(match.name))
+    kept = {target: next(iter(formats)) for target, formats in by_target.items()
+            if len(formats) == 1 and None not in formats and specs[target].inputs
+            and specs[target].shape[specs[target].packed_axis] % quant.GROUP == 0}
+    dequantized: dict[str, list[str]] = {}
+    for (target, _, _), match in plan.items():
+        kind = source.stored_type(match.name)
+        if target not in kept and kind not in ("F32", "F16", "BF16", "F64"):
+            dequantized.setdefault(kind, []).append(match.name)
+    for kind, names in sorted(dequantized.items()):
+        print(f"[hdex] {len(names)} GGUF tensors of type {kind} (e.g. {names[0]}) are dequantized: only Q8_0, "
+              f"Q4_0 and Q4_1 weights whose blocks fit the model's layout are kept as stored",
+              file=sys.stderr, flush=True)
+    return kept
+
+
+def _read_quantized(source: TensorSource, match: _Match, cfg: ModelConfig, specs: dict[str, ParamSpec]
+                    ) -> tuple[quant.QuantArray, ...] | None:
+    """A kept tensor's blocks through the rule's layout transform, packed along each target's input axis; None
+    when the transform splits a group (the tensor is then read as floats)."""
+    stored = source.read_quantized(match.name)
+    fields = quant.expand(stored)
+    transformed = [match.rule.transform(field, cfg) if field is not None else None for field in fields]
+    fused = isinstance(match.rule.target, tuple)
+    per_target = zip(*(t if fused else (t,) for t in transformed if t is not None))
+    out = []
+    for target, parts in zip(match.rule.targets, per_target, strict=True):
+        ints, scale, *offset = parts
+        axis = specs[target].packed_axis - len(match.index)
+        packed = quant.regroup(ints, scale, offset[0] if offset else None, stored.format, axis)
+        if packed is None:
+            return None
+        out.append(packed)
+    return tuple(out)
+
+
 def convert(source: TensorSource, rules: Sequence[Rule | Derived], cfg: ModelConfig,
-            progress: bool = False) -> dict[str, np.ndarray]:
-    """Read and transform every tensor of `source` into the flat canonical params of `cfg` (float32 numpy).
+            progress: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read and transform every tensor of `source` into the flat canonical params of `cfg`: float32 numpy, and
+    `quant.QuantArray` for the weights the source stores in a kept quantized format (GGUF Q8_0, Q4_0, Q4_1,
+    named in the returned config's `weight_formats`).
 
     All names are matched and checked before any tensor data is read, so a bad checkpoint fails fast; a tensor
     with NaN or infinite values is a CheckpointError naming it. Each tensor is read once, also when a fused
     tensor provides several canonical weights.
     """
-    specs = flatten(param_specs(cfg))
     plan = _plan(source, rules, cfg)
-    out = {target: np.empty(spec.shape, np.float32) for target, spec in specs.items()}
+    cfg = dataclasses.replace(cfg, weight_formats=tuple(sorted(_stored_formats(source, plan, cfg).items())))
+    specs = flatten(param_specs(cfg))
+    out = {target: np.empty(spec.shape, np.float32) if spec.format is None else
+           jax.tree.map(lambda f: np.empty(f.shape, f.dtype), spec.field_specs(), is_leaf=is_spec)
+           for target, spec in specs.items()}
     matches = sorted({match.name: match for match in plan.values()}.values(), key=lambda m: m.name)
     for match in tqdm(matches, desc="converting", unit="tensor", disable=not progress):
         where = f"{match.name} (in {source.location(match.name)})"
         targets = match.rule.targets
-        raw = source.read(match.name)
+        kept = None
+        if specs[targets[0]].format is not None:
+            kept = _read_quantized(source, match, cfg, specs)
+            if kept is None:
+                raise CheckpointError(f"tensor {where}: its layout transform splits its quantized blocks")
+        raw = source.read(match.name) if kept is None else None
         try:
-            values = match.rule.transform(raw, cfg)
+            values = kept if kept is not None else match.rule.transform(raw, cfg)
         except ValueError as e:  # a reshape into heads that cannot work: the tensor has the wrong size
             raise CheckpointError(f"tensor {where} has shape {raw.shape}, which does not fit {list(targets)}: "
                                   f"{e}") from e
-        values = values if isinstance(match.rule.target, tuple) else (values,)
+        values = values if isinstance(match.rule.target, tuple) or kept is not None else (values,)
         for target, value in zip(targets, values, strict=True):
             shape = specs[target].shape
             _check_value(value, shape[len(match.index):], target, raw, where)
-            out[target][match.index] = value
+            if quant.is_quant(value):
+                for field, part in zip(jax.tree.leaves(out[target]), jax.tree.leaves(value)):
+                    field[match.index] = part
+            else:
+                out[target][match.index] = value
     for rule in rules:
         if isinstance(rule, Derived) and rule.target in specs:
             out[rule.target][...] = rule.compute(cfg)
-    return out
+    return cfg, out
 
 
 # The fused q/k/v targets (their `/w` and `/b` weights), for `linear` over a fused tensor.

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
+from hdex_jax.params import flatten, param_specs
 
 COMPLETE = "COMPLETE"
 WEIGHTS_FILE = "model.safetensors"
@@ -251,15 +253,41 @@ def staged(final: Path, manifest: dict[str, Any]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_ckpt(directory: Path, cfg: ModelConfig, flat: dict[str, np.ndarray]) -> None:
-    """Canonical weights (safetensors, '/'-joined names) and the config into `directory`."""
+def _tensors(flat: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Flat params -> safetensors' tensors: a QuantArray is one tensor per field ("<name>/values", ...)."""
+    import jax
+
+    tensors = {}
+    for name, value in flat.items():
+        if quant.is_quant(value):
+            for field in ("values", "scale", "offset"):
+                if getattr(value, field) is not None:
+                    tensors[f"{name}/{field}"] = np.ascontiguousarray(getattr(value, field))
+        else:
+            tensors[name] = np.ascontiguousarray(jax.device_get(value))
+    return tensors
+
+
+def _from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
+    """`_tensors` read back, QuantArrays rebuilt from their fields by the declarations of `cfg`."""
+    flat = dict(tensors)
+    for name, spec in flatten(param_specs(cfg)).items():
+        if spec.format is not None and f"{name}/values" in flat:
+            fields = [flat.pop(f"{name}/{field}", None) for field in ("values", "scale", "offset")]
+            flat[name] = quant.QuantArray(*fields, spec.format, spec.packed_axis)
+    return flat
+
+
+def write_ckpt(directory: Path, cfg: ModelConfig, flat: dict[str, Any]) -> None:
+    """Canonical weights (safetensors, '/'-joined names; a quantized weight as its fields) and the config into
+    `directory`."""
     from safetensors.numpy import save_file
 
-    save_file({name: np.ascontiguousarray(value) for name, value in flat.items()}, str(directory / WEIGHTS_FILE))
+    save_file(_tensors(flat), str(directory / WEIGHTS_FILE))
     cfg.save(directory)
 
 
-def read_ckpt(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def read_ckpt(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Load a complete `ckpt/` directory."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -273,7 +301,7 @@ def read_ckpt(directory: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{directory / WEIGHTS_FILE} is unreadable ({err}); delete {directory} and compile "
                          "again") from err
-    return cfg, flat
+    return cfg, _from_tensors(flat, cfg)
 
 
 def _leaf_names(tree: Any) -> Any:

@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 from hdex_jax import hub, validation
+from hdex_jax.config import DTYPES
 from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH
 from hdex_jax.transformers import modeling
 
@@ -73,7 +74,8 @@ def _compile(args: argparse.Namespace) -> int:
     AutoCompiler().compile(args.model, num_device=validation.check_num_device("--num-device", args.num_device),
                            max_length=validation.check_max_length("--max-length", args.max_length),
                            low_memory_usage=args.low_memory_usage, fast_compile=not args.full_compile,
-                           force=args.force)
+                           force=args.force, dtype=args.dtype,
+                           quantize=None if args.quantize == "none" else args.quantize)
     return 0
 
 
@@ -139,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="delete the downloaded checkpoint file (in HDEX_HOME/downloads) after conversion")
     comp.add_argument("--full-compile", action="store_true",
                       help="fast_compile=False: export every bucket up to --max-length and XLA-compile each")
+    comp.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="activations, KV cache and unquantized weights (default: float32; float16 is the LPU's)")
+    comp.add_argument("--quantize", choices=("auto", "none", "int8", "int4"), default="auto",
+                      help="auto: a GGUF file's Q8_0/Q4_0/Q4_1 weights as stored; none: every weight in --dtype; "
+                           "int8/int4: weight-only quantization of the projections (default: auto)")
     comp.set_defaults(func=_compile)
 
     models = sub.add_parser("models", help="list the supported model families and their mechanisms")

@@ -20,6 +20,8 @@ Positions = Literal["rope", "learned", "alibi", "none"]
 Activation = Literal["silu", "relu", "gelu", "gelu_tanh"]
 
 CONFIG_FILE = "hdex_config.json"
+# The activation/KV dtypes the datapath computes in: float32 (the reference), float16 (the LPU's), bfloat16.
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # The number format (hdex_jax.formats): activations, the KV cache and every weight not named in
+    # `weight_formats` in this dtype; those weights in a quantized format, ((weight name, format), ...).
     dtype: str = "float32"
+    weight_formats: tuple[tuple[str, str], ...] = ()
     # Zero rows appended to the embedding and LM head so the vocabulary splits evenly over devices; the
     # logits of these rows are dropped, never sampled.
     vocab_padding: int = 0
@@ -114,6 +119,8 @@ class ModelConfig:
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"ModelConfig.experts_per_token must be in [1, num_experts={self.num_experts}], "
                              f"got {self.experts_per_token}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.activation not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not supported")
 
@@ -175,6 +182,7 @@ class ModelConfig:
         fields["rope_scaling"] = tuple(tuple(item) for item in fields.get("rope_scaling", ()))
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
         fields["sliding_layers"] = tuple(fields.get("sliding_layers", ()))
+        fields["weight_formats"] = tuple(tuple(item) for item in fields.get("weight_formats", ()))
         return cls(**fields)
 
     def save(self, directory: str | Path) -> None:

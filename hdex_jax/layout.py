@@ -19,8 +19,9 @@ import math
 
 import numpy as np
 
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
-from hdex_jax.params import flatten, param_specs
+from hdex_jax.params import ParamSpec, flatten, param_specs
 from hdex_jax.validation import check_int
 
 
@@ -65,8 +66,16 @@ def padded_config(cfg: ModelConfig, num_device: int) -> ModelConfig:
     """
     layout = head_layout(cfg, num_device)
     return dataclasses.replace(cfg, num_heads=layout.stored_heads, num_kv_heads=layout.stored_kv_heads,
-                               intermediate_size=_round_up(cfg.intermediate_size, num_device),
+                               intermediate_size=_round_up(cfg.intermediate_size, num_device * _ffn_group(cfg)),
                                vocab_padding=-cfg.vocab_size % num_device)
+
+
+def _ffn_group(cfg: ModelConfig) -> int:
+    """Features of a quantized group along the FFN axis: each device's share of a weight whose input is the
+    FFN (down) must hold whole groups."""
+    groups = [quant.FORMATS[spec.format].group or 1 for spec in flatten(param_specs(cfg)).values()
+              if spec.format is not None and spec.axes[spec.packed_axis] == "ffn"]
+    return max(groups, default=1)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -104,16 +113,31 @@ def pad_params(flat: dict[str, np.ndarray], cfg: ModelConfig, num_device: int) -
     pads = {
         "heads": lambda x, axis: _pad_q_heads(x, axis, layout),
         "kv_heads": lambda x, axis: _pad_kv_heads(x, axis, layout),
-        "ffn": lambda x, axis: _pad_axis(x, axis, padded.intermediate_size),
-        "vocab": lambda x, axis: _pad_axis(x, axis, padded.stored_vocab_size),
     }
+    sizes = {"ffn": (cfg.intermediate_size, padded.intermediate_size),
+             "vocab": (cfg.stored_vocab_size, padded.stored_vocab_size)}
+
+    def pad(x: np.ndarray, spec: ParamSpec) -> np.ndarray:
+        for axis, logical in enumerate(spec.axes):
+            if logical in ("heads", "kv_heads"):
+                x = pads[logical](np.asarray(x), axis)
+            elif logical in sizes:
+                # A packed field holds a fixed share of the features per element (half of them, or a group's).
+                size, padded_size = sizes[logical]
+                x = _pad_axis(np.asarray(x), axis, x.shape[axis] * padded_size // size)
+        return x
+
     specs = flatten(param_specs(cfg))
     out = {}
     for name, value in flat.items():
-        for axis, logical in enumerate(specs[name].axes):
-            if logical in pads:
-                value = pads[logical](np.asarray(value), axis)
-        out[name] = value
+        spec = specs[name]
+        if spec.format is None:
+            out[name] = pad(value, spec)
+        else:
+            fields = spec.field_specs()
+            out[name] = quant.QuantArray(pad(value.values, fields.values), pad(value.scale, fields.scale),
+                                         None if value.offset is None else pad(value.offset, fields.offset),
+                                         value.format, value.axis)
     return out
 
 

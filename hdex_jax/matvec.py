@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hdex_jax import quant
+
 TARGET = "hdex_matvec"
 # Products with more rows (longer prompts) go to XLA's dot, which is as fast at 64 rows and faster beyond
 # (docs/performance.md). Attention's products (one dot product per key for the scores) stop at fewer rows.
@@ -160,6 +162,8 @@ def matmul(x: jax.Array, w: jax.Array, transposed: bool = False, preferred_eleme
 
     On the CPU, float32 products of at most `MAX_ROWS` rows run on the kernel, the others on XLA's dot.
     """
+    if quant.is_quant(w):
+        w = quant.dequantize(w, x.dtype)
     *lead, K = x.shape
     rows = math.prod(lead)
     if not _on_kernel(x, w, rows, MAX_ROWS):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache
 from hdex_jax.matvec import batched_matmul, matmul
@@ -56,6 +57,21 @@ def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def _clip(x: jax.Array) -> jax.Array:
+    """float16 values held in range: a sum or product past 65504 is clipped to it, as Qualcomm's
+    efficient-transformers does, instead of becoming inf (and NaN after the next subtraction). Other dtypes
+    have float32's range and are returned as they are."""
+    if x.dtype != jnp.float16:
+        return x
+    limit = jnp.finfo(jnp.float16).max
+    return jnp.clip(x, -limit, limit)
+
+
+def _dense(w: jax.Array | quant.QuantArray, dtype: jnp.dtype) -> jax.Array:
+    """A weight as an array the einsum paths (the experts) can read: a quantized one dequantized in the program."""
+    return quant.dequantize(w, dtype) if quant.is_quant(w) else w
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """Gemma 2's soft-capping cap * tanh(x / cap), which bounds scores smoothly; identity without a cap."""
     return x if cap is None else cap * jnp.tanh(x / cap)
@@ -63,14 +79,14 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 def _linear(x: jax.Array, p: dict) -> jax.Array:
     """Replicated or column-parallel projection [B, T, D] @ [D, F]: each device computes its own features."""
-    y = matmul(x, p["w"])
-    return y + p["b"] if "b" in p else y
+    y = _clip(matmul(x, p["w"]))
+    return _clip(y + p["b"]) if "b" in p else y
 
 
 def _fused(x: jax.Array, p: dict) -> jax.Array:
     """Column-parallel projection by a fused matrix [D, 1, F] (this device's slice of [D, N, F]) -> [B, T, F]."""
-    y = matmul(x, p["w"][:, 0])
-    return y + p["b"][0] if "b" in p else y
+    y = _clip(matmul(x, quant.map_fields(lambda a: a[:, 0], p["w"])))
+    return _clip(y + p["b"][0]) if "b" in p else y
 
 
 def _split_heads(qkv: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -92,7 +108,7 @@ def _esl_sync(x: jax.Array) -> jax.Array:
     if _single_device():
         return x
     with jax.named_scope("esl_sync"):
-        return lax.psum(x, LPU_AXIS)
+        return _clip(lax.psum(x, LPU_AXIS))
 
 
 def _row_parallel(x: jax.Array, p: dict) -> jax.Array:
@@ -101,9 +117,10 @@ def _row_parallel(x: jax.Array, p: dict) -> jax.Array:
     The weight's leading axes are the input features ([H, hd, D] for o, [F, D] for down), contracted with the
     same number of trailing axes of x, as one [in, D] matrix (reshaping a stored weight copies nothing)."""
     w = p["w"]
-    x = x.reshape(*x.shape[: x.ndim - (w.ndim - 1)], -1)  # [B, T, in]
-    y = _esl_sync(matmul(x, w.reshape(-1, w.shape[-1])))  # [B, T, D]
-    return y + p["b"] if "b" in p else y
+    x = x.reshape(*x.shape[: x.ndim - (len(w.shape) - 1)], -1)  # [B, T, in]
+    matrix = quant.map_fields(lambda a: a.reshape(-1, a.shape[-1]), w, axis=0 if quant.is_quant(w) else None)
+    y = _esl_sync(_clip(matmul(x, matrix)))  # [B, T, D]
+    return _clip(y + p["b"]) if "b" in p else y
 
 
 def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -171,17 +188,17 @@ def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     weights = jnp.sum(jax.nn.one_hot(top_experts, cfg.num_experts, dtype=jnp.float32) * top_probs[..., None],
                       axis=-2).astype(x.dtype)  # [B, T, E]
     act = _ACTIVATIONS[cfg.activation]
-    gate = jnp.einsum("btd,edf->btef", x, p["gate"]["w"])  # [B, T, E, F/N]
-    up = jnp.einsum("btd,edf->btef", x, p["up"]["w"])
-    hidden = act(gate) * up * weights[..., None]
-    return _esl_sync(jnp.einsum("btef,efd->btd", hidden, p["down"]["w"]))  # [B, T, D]
+    gate = jnp.einsum("btd,edf->btef", x, _dense(p["gate"]["w"], x.dtype))  # [B, T, E, F/N]
+    up = jnp.einsum("btd,edf->btef", x, _dense(p["up"]["w"], x.dtype))
+    hidden = _clip(act(gate) * up * weights[..., None])
+    return _esl_sync(_clip(jnp.einsum("btef,efd->btd", hidden, _dense(p["down"]["w"], x.dtype))))  # [B, T, D]
 
 
 def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     act = _ACTIVATIONS[cfg.activation]
     if cfg.gated_mlp:
         gate, up = jnp.split(_fused(x, p["gate_up"]), 2, axis=-1)  # [B, T, F/N] each
-        hidden = act(gate) * up
+        hidden = _clip(act(gate) * up)
     else:
         hidden = act(_linear(x, p["up"]))  # [B, T, F/N]
     return _row_parallel(hidden, p["down"])  # [B, T, D]
@@ -193,7 +210,10 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
     table = params["embed"]  # [V/N, E]
     local = tokens - lax.axis_index(LPU_AXIS) * table.shape[0]
     inside = (local >= 0) & (local < table.shape[0])
-    x = _esl_sync(jnp.where(inside[..., None], table[jnp.clip(local, 0, table.shape[0] - 1)], 0))  # [B, T, E]
+    rows = jnp.clip(local, 0, table.shape[0] - 1)  # [B, T]
+    # A quantized table gives only the rows looked up, dequantized.
+    found = quant.dequantize(quant.take_rows(table, rows), cfg.dtype) if quant.is_quant(table) else table[rows]
+    x = _esl_sync(jnp.where(inside[..., None], found, 0))  # [B, T, E]
     if cfg.embed_scale is not None:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     if cfg.projects_embeddings:
@@ -249,14 +269,14 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
     if cfg.parallel_residual:
         mlp_in = x if cfg.shared_norm else _norm(h, lp.get("ln2", {}), cfg)
         with jax.named_scope("ffn"):
-            return h + attn + _ffn(mlp_in, lp, cfg), k_cache, v_cache
-    h = h + attn if cfg.pre_norm else _norm(h + attn, lp.get("ln1", {}), cfg)
+            return _clip(_clip(h + attn) + _ffn(mlp_in, lp, cfg)), k_cache, v_cache
+    h = _clip(h + attn) if cfg.pre_norm else _norm(_clip(h + attn), lp.get("ln1", {}), cfg)
     with jax.named_scope("ffn"):
         x = _norm(h, lp.get("ln2", {}), cfg) if cfg.pre_norm else h
         out = _ffn(x, lp, cfg)
     if cfg.post_norms:
         out = _norm(out, lp.get("ln2_post", {}), cfg)
-    h = h + out if cfg.pre_norm else _norm(h + out, lp.get("ln2", {}), cfg)
+    h = _clip(h + out) if cfg.pre_norm else _norm(_clip(h + out), lp.get("ln2", {}), cfg)
     return h, k_cache, v_cache
 
 

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
+from hdex_jax.quant import QuantArray
 
 Init = Literal["normal", "ones", "zeros"]
 Params = dict[str, Any]
@@ -26,18 +28,43 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """One weight: its shape, dtype, logical axis names (one per dim) and how tests initialise it."""
+    """One weight: its shape, dtype, logical axis names (one per dim) and how tests initialise it.
+
+    A matrix names its input (contracted) axes in `inputs`; with a `format` (`quant.FORMATS`) it is stored as a
+    `QuantArray` packed along the last of them, and `dtype` is then the dtype it computes in.
+    """
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     dtype: str = "float32"
     init: Init = "normal"
+    inputs: tuple[int, ...] = ()
+    format: str | None = None
 
     def __post_init__(self) -> None:
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+        assert self.format is None or self.inputs, f"a {self.format} weight needs its input axes"
+
+    @property
+    def packed_axis(self) -> int:
+        """The axis a quantized form packs and groups its values along (the innermost input axis)."""
+        return self.inputs[-1]
+
+    def field_specs(self) -> QuantArray:
+        """The `values`, `scale` and `offset` of the quantized form, each a ParamSpec (axes of size 1 that a
+        group spans are not split over devices)."""
+        values, scale = quant.field_shapes(self.shape, self.packed_axis, self.inputs, self.format)
+        value_dtype = "int8" if quant.FORMATS[self.format].bits == 8 else "uint8"
+        scale_axes = tuple(a if n == size or n > 1 else None for a, n, size in zip(self.axes, scale, self.shape))
+        scale_spec = ParamSpec(scale, scale_axes, "float16")
+        offset = scale_spec if quant.FORMATS[self.format].affine else None
+        return QuantArray(ParamSpec(values, self.axes, value_dtype), scale_spec, offset, self.format,
+                          self.packed_axis)
 
     @property
     def nbytes(self) -> int:
+        if self.format is not None:
+            return sum(spec.nbytes for spec in jax.tree.leaves(self.field_specs(), is_leaf=is_spec))
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
@@ -53,8 +80,9 @@ def _norm_specs(cfg: ModelConfig, lead: tuple[int, ...], lead_axes: tuple[str, .
 
 
 def _linear(w_shape: tuple[int, ...], w_axes: tuple[str | None, ...], bias: bool, b_shape: tuple[int, ...],
-            b_axes: tuple[str | None, ...], dtype: str) -> dict[str, ParamSpec]:
-    specs = {"w": ParamSpec(w_shape, w_axes, dtype)}
+            b_axes: tuple[str | None, ...], dtype: str, inputs: tuple[int, ...] = (1,)) -> dict[str, ParamSpec]:
+    """A per-layer projection [L, *in, *out] (input axes `inputs`) and its bias."""
+    specs = {"w": ParamSpec(w_shape, w_axes, dtype, inputs=inputs)}
     if bias:
         specs["b"] = ParamSpec(b_shape, b_axes, dtype)
     return specs
@@ -65,12 +93,12 @@ def _mlp_specs(cfg: ModelConfig) -> dict[str, Any]:
     L, D, F, dt = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.dtype
     if cfg.num_experts:
         E = cfg.num_experts
-        expert_in = ParamSpec((L, E, D, F), ("layers", "experts", "embed", "ffn"), dt)
+        expert_in = ParamSpec((L, E, D, F), ("layers", "experts", "embed", "ffn"), dt, inputs=(2,))
         return {"moe": {
             "router": {"w": ParamSpec((L, D, E), ("layers", "embed", None), dt)},
             "gate": {"w": expert_in},
             "up": {"w": expert_in},
-            "down": {"w": ParamSpec((L, E, F, D), ("layers", "experts", "ffn", "embed"), dt)},
+            "down": {"w": ParamSpec((L, E, F, D), ("layers", "experts", "ffn", "embed"), dt, inputs=(2,))},
         }}
     mlp = {
         "up": _linear((L, D, F), ("layers", "embed", "ffn"), cfg.mlp_bias, (L, F), ("layers", "ffn"), dt),
@@ -100,14 +128,14 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         "k": proj(KV, "kv_heads", cfg.qkv_bias),
         "v": proj(KV, "kv_heads", cfg.qkv_bias),
         "o": _linear((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), cfg.o_bias,
-                     (L, D), ("layers", "embed"), dt),
+                     (L, D), ("layers", "embed"), dt, inputs=(1, 2)),
     }
     norms = ["ln1", "ln2", "ln1_post", "ln2_post"] if cfg.post_norms else ["ln1", "ln2"]
     if not cfg.has_ln2:
         norms.remove("ln2")
     layer = {name: _norm_specs(cfg, (L,), lyr) for name in norms}
     specs: dict[str, Any] = {
-        "embed": ParamSpec((V, E), ("vocab", "embed_in"), dt),
+        "embed": ParamSpec((V, E), ("vocab", "embed_in"), dt, inputs=(1,)),
         "layers": {**layer, "attn": attn, **_mlp_specs(cfg)},
     }
     if cfg.positions == "learned":
@@ -120,16 +148,31 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.embed_norm:
         specs["embed_norm"] = _norm_specs(cfg, (), ())
     if cfg.projects_embeddings:
-        specs["project_in"] = ParamSpec((E, D), ("embed_in", "embed"), dt)
-        specs["project_out"] = ParamSpec((D, E), ("embed", "embed_in"), dt)
+        specs["project_in"] = ParamSpec((E, D), ("embed_in", "embed"), dt, inputs=(0,))
+        specs["project_out"] = ParamSpec((D, E), ("embed", "embed_in"), dt, inputs=(0,))
     if cfg.final_norm:
         specs["final_norm"] = _norm_specs(cfg, (), ())
-    head = {} if cfg.tie_embeddings else {"w": ParamSpec((E, V), ("embed_in", "vocab"), dt)}
+    head = {} if cfg.tie_embeddings else {"w": ParamSpec((E, V), ("embed_in", "vocab"), dt, inputs=(0,))}
     if cfg.lm_head_bias:
         head["b"] = ParamSpec((V,), ("vocab",), dt)
     if head:
         specs["lm_head"] = head
-    return _drop_empty(specs)
+    return _with_formats(_drop_empty(specs), cfg)
+
+
+def _with_formats(specs: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """`specs` with the stored format of every weight `cfg.weight_formats` names (the rest stay in cfg.dtype)."""
+    flat = flatten(specs)
+    for name, fmt in cfg.weight_formats:
+        spec = flat.get(name)
+        if spec is None or not spec.inputs:
+            raise ValueError(f"ModelConfig.weight_formats names {name!r}, which is not a weight matrix of this "
+                             f"{cfg.model_type} configuration")
+        if fmt not in quant.FORMATS:
+            raise ValueError(f"ModelConfig.weight_formats gives {name!r} the format {fmt!r}; expected one of "
+                             f"{', '.join(quant.FORMATS)}")
+        flat[name] = dataclasses.replace(spec, format=fmt)
+    return unflatten(flat)
 
 
 def _drop_empty(tree: dict[str, Any]) -> dict[str, Any]:
@@ -170,11 +213,13 @@ def runtime_specs(cfg: ModelConfig, num_device: int) -> dict[str, Any]:
         lead = parts[0].shape[:1] if key == "w" else ()
         features = sum(int(np.prod(p.shape[len(lead):])) for p in parts)
         return ParamSpec((*lead, num_device, features // num_device), ("embed",) * len(lead) + ("devices", None),
-                         parts[0].dtype)
+                         parts[0].dtype, inputs=parts[0].inputs, format=parts[0].format)
+
+    def one_layer(s: ParamSpec) -> ParamSpec:
+        return dataclasses.replace(s, shape=s.shape[1:], axes=s.axes[1:], inputs=tuple(a - 1 for a in s.inputs))
 
     specs = param_specs(cfg)
-    layer = jax.tree.map(lambda s: dataclasses.replace(s, shape=s.shape[1:], axes=s.axes[1:]), specs["layers"],
-                         is_leaf=is_spec)
+    layer = jax.tree.map(one_layer, specs["layers"], is_leaf=is_spec)
     return {**specs, "layers": [_fuse_blocks(layer, fused_spec)] * cfg.num_layers}
 
 
@@ -185,12 +230,17 @@ def runtime_layout(params: Mapping[str, Any], num_device: int) -> dict[str, Any]
     decode program would copy it every step) and q/k/v and gate/up with one matmul each.
     """
     def fuse(key: str, parts: list[Any]) -> Any:
-        lead = parts[0].shape[:1] if key == "w" else ()
-        return jnp.concatenate([p.reshape(*lead, num_device, -1) for p in parts], axis=-1)
+        lead = 1 if key == "w" else 0
+        return quant.map_fields(lambda *fields: jnp.concatenate(
+            [f.reshape(*f.shape[:lead], num_device, -1) for f in fields], axis=-1), *parts)
+
+    def layer(x: Any, i: int) -> Any:
+        return quant.map_fields(lambda a: a[i], x, axis=x.axis - 1 if quant.is_quant(x) else None)
 
     layers = params["layers"]
     num_layers = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": [_fuse_blocks(jax.tree.map(lambda x, i=i: x[i], layers), fuse)
+    return {**params, "layers": [_fuse_blocks(jax.tree.map(lambda x, i=i: layer(x, i), layers,
+                                                           is_leaf=quant.is_quant), fuse)
                                  for i in range(num_layers)]}
 
 
@@ -233,9 +283,21 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
             out[name] = jnp.ones(spec.shape, spec.dtype)
         elif spec.init == "zeros":
             out[name] = jnp.zeros(spec.shape, spec.dtype)
+        elif spec.format is not None:
+            values = scale * np.asarray(jax.random.normal(k, spec.shape, jnp.float32))
+            out[name] = quant.quantize(values, spec.format, spec.packed_axis, spec.inputs)
         else:
             out[name] = scale * jax.random.normal(k, spec.shape, spec.dtype)
     return unflatten(out)
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
+    """The declared pytree as `jax.ShapeDtypeStruct`s, a QuantArray of them for each quantized weight."""
+    def abstract(spec: ParamSpec) -> Any:
+        stored = spec.field_specs() if spec.format is not None else spec
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), stored, is_leaf=is_spec)
+
+    return jax.tree.map(abstract, param_specs(cfg), is_leaf=is_spec)
 
 
 def check_params(params: Mapping[str, Any], cfg: ModelConfig, source: str = "params") -> None:
@@ -246,6 +308,11 @@ def check_params(params: Mapping[str, Any], cfg: ModelConfig, source: str = "par
     extra = sorted(set(got) - set(expected))
     bad = [f"{n}: expected {expected[n].shape}, got {tuple(got[n].shape)}"
            for n in sorted(set(expected) & set(got)) if tuple(got[n].shape) != expected[n].shape]
+    bad += [f"{n}: expected the {expected[n].format or expected[n].dtype} format, got "
+            f"{got[n].format if quant.is_quant(got[n]) else 'floats'}"
+            for n in sorted(set(expected) & set(got))
+            if quant.is_quant(got[n]) != (expected[n].format is not None)
+            or (quant.is_quant(got[n]) and got[n].format != expected[n].format)]
     problems = []
     if missing:
         problems.append(f"missing weights {missing}")

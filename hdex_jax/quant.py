@@ -25,11 +25,13 @@ q4_0 is d * (q - 8), q8_0 is d * q, each product and sum rounded to float32.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
 
 GROUP = 32
 
@@ -91,6 +93,28 @@ class QuantArray:
     def nbytes(self) -> int:
         fields = [self.values, self.scale] + ([self.offset] if self.offset is not None else [])
         return sum(int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for f in fields)
+
+
+# Exported programs (inst/) take QuantArrays; their format and packed axis travel as the node's metadata.
+export.register_pytree_node_serialization(
+    QuantArray, serialized_name="hdex_jax.QuantArray",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda data: tuple(json.loads(data)))
+
+
+def is_quant(x: Any) -> bool:
+    return isinstance(x, QuantArray)
+
+
+def map_fields(fn: Any, *weights: Any, axis: int | None = None) -> Any:
+    """`fn` applied to plain arrays, or to each field of QuantArrays of one format alike (the result packed along
+    `axis`, by default theirs): the array operations that keep every group whole."""
+    first = weights[0]
+    if not is_quant(first):
+        return fn(*weights)
+    offset = None if first.offset is None else fn(*(w.offset for w in weights))
+    return QuantArray(fn(*(w.values for w in weights)), fn(*(w.scale for w in weights)), offset, first.format,
+                      first.axis if axis is None else axis)
 
 
 def field_shapes(shape: tuple[int, ...], axis: int, inputs: tuple[int, ...], fmt: str
@@ -200,3 +224,46 @@ def from_gguf_blocks(raw: np.ndarray, ggml_type: str, fmt: str, shape: tuple[int
         return None if a is None else np.ascontiguousarray(np.moveaxis(a, -1, axis))
 
     return QuantArray(place(values), place(scale), place(offset), fmt, axis)
+
+
+def expand(w: QuantArray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A quantized weight as three arrays of its own shape: its integers (int8, zero not yet subtracted) and
+    each element's scale and offset. Layout transforms (transposes, reshapes into heads, row permutations) apply
+    to each alike; `regroup` packs the result again."""
+    w = jax.tree.map(np.asarray, w)
+    if w.spec.bits == 8:
+        ints = w.values
+    else:
+        shape = w.values.shape
+        blocks = w.values.reshape(*shape[:w.axis], shape[w.axis] // (GROUP // 2), 1, GROUP // 2,
+                                  *shape[w.axis + 1:])
+        ints = np.concatenate([blocks & 0xF, blocks >> 4], axis=w.axis + 1).reshape(w.shape).astype(np.int8)
+    group = w.shape[w.axis] // w.scale.shape[w.axis]
+
+    def per_element(x: np.ndarray | None) -> np.ndarray | None:
+        return None if x is None else np.broadcast_to(np.repeat(x, group, axis=w.axis), w.shape)
+
+    return ints, per_element(w.scale), per_element(w.offset)
+
+
+def regroup(ints: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, fmt: str, axis: int
+            ) -> QuantArray | None:
+    """`expand`'s arrays after a layout transform -> a QuantArray packed along `axis`, or None when the
+    transform split a group (its scales are then not constant over each group of that axis)."""
+    group = FORMATS[fmt].group
+    if group is None or ints.shape[axis] % group:
+        return None
+    starts = [slice(None)] * ints.ndim
+    starts[axis] = slice(0, None, group)
+
+    def grouped(x: np.ndarray | None) -> np.ndarray | None:
+        if x is None:
+            return None
+        first = np.ascontiguousarray(x[tuple(starts)])
+        return first if np.array_equal(np.repeat(first, group, axis=axis), x) else False
+
+    scale_g, offset_g = grouped(scale), grouped(offset)
+    if scale_g is False or offset_g is False:
+        return None
+    values = _pack4(ints, axis) if FORMATS[fmt].bits == 4 else np.ascontiguousarray(ints.astype(np.int8))
+    return QuantArray(values, scale_g, offset_g, fmt, axis)

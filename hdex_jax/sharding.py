@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
-from hdex_jax.params import is_spec, runtime_layout, runtime_specs
+from hdex_jax.params import ParamSpec, is_spec, runtime_layout, runtime_specs
 from hdex_jax.validation import VIRTUAL_CPU_DEVICES, check_num_device
 
 LPU_AXIS = "lpu"
@@ -45,8 +45,16 @@ LAYER_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 CACHE_AXES = {"valid": ("batch", "seq"), "next_slot": (), "next_pos": ("batch",)}
 
 
+def _partition_spec(spec: ParamSpec) -> Any:
+    """A weight's PartitionSpec; a quantized weight's is a QuantArray of its fields' (scales split with their
+    rows)."""
+    if spec.format is None:
+        return logical_to_spec(spec.axes)
+    return jax.tree.map(lambda s: logical_to_spec(s.axes), spec.field_specs(), is_leaf=is_spec)
+
+
 def _partition_specs(specs: Any) -> Any:
-    return jax.tree.map(lambda s: logical_to_spec(s.axes), specs, is_leaf=is_spec)
+    return jax.tree.map(_partition_spec, specs, is_leaf=is_spec)
 
 
 def param_partition_specs(cfg: ModelConfig, num_device: int) -> dict[str, Any]:

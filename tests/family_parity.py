@@ -12,14 +12,13 @@ import dataclasses
 from pathlib import Path
 
 import chex
-import jax
 import numpy as np
 import torch
 import transformers
 
 import converters
 from hdex_jax.generation import generate_recorded, place, prepare_batch
-from hdex_jax.params import is_spec, param_specs, unflatten
+from hdex_jax.params import abstract_params, unflatten
 from hdex_jax.sampling import SamplingConfig
 
 ATOL = 1e-4
@@ -75,8 +74,7 @@ class Reference:
     def check(self, num_device: int) -> None:
         """Convert, lay out for `num_device` devices, generate greedily; assert tokens and logits match."""
         cfg, flat = converters.load_checkpoint(self.directory)
-        declared = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_specs(cfg), is_leaf=is_spec)
-        chex.assert_trees_all_equal_shapes_and_dtypes(unflatten(flat), declared)
+        chex.assert_trees_all_equal_shapes_and_dtypes(unflatten(flat), abstract_params(cfg))
         batch = prepare_batch(self.prompts, max_length=MAX_LENGTH, max_new_tokens=STEPS, stop=[], pad_id=0, seed=0,
                               sampling=SamplingConfig(do_sample=False))
         recorded = generate_recorded(place(cfg, flat, num_device), batch)

@@ -7,6 +7,7 @@ q/k permutation fails even though shapes agree. Error tests check that the messa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from converters import (SUPPORTED_MODEL_TYPES, CheckpointError, UnsupportedModelError, config_from_hf,
                         load_checkpoint, load_config, load_tokenizer, save_tokenizer)
+from hdex_jax import quant
 from hdex_jax.config import ModelConfig
 from hdex_jax.params import check_params, flatten, param_specs, unflatten
 from tests.helpers_tiny import (FAMILIES, gguf_name, save_tiny_model, save_tiny_tokenizer, tiny_hf_config,
@@ -91,6 +93,9 @@ def _assert_linear(lin: torch.nn.Linear, w: np.ndarray, b: np.ndarray | None, n_
 def assert_matches_torch(model: torch.nn.Module, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
     """Every canonical weight is the torch model's weight, checked by what it computes; none is left over."""
     check_params(unflatten(params), cfg)
+    # Weights kept as stored (GGUF blocks) are compared through their float32 values, which must be exactly
+    # gguf's and transformers' dequantization.
+    params = {name: quant.dequantize_np(v) if quant.is_quant(v) else v for name, v in params.items()}
     assert all(v.dtype == np.float32 for v in params.values())
     opt = cfg.model_type == "opt"
     decoder = model.model.decoder if opt else model.model
@@ -237,7 +242,12 @@ def test_gguf_matches_dequantized_and_transformers(tensor_type: str, tmp_path: P
     path = tmp_path / f"tiny-{tensor_type}.gguf"
     written = write_tiny_gguf(path, tensor_type)
     cfg, params = load_checkpoint(path)
-    assert load_config(path) == cfg
+    # The metadata gives the architecture; which weights stay as stored is known once the tensors are mapped.
+    assert load_config(path) == dataclasses.replace(cfg, weight_formats=())
+    kept = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}.get(tensor_type)
+    # Every matrix but o, whose blocks of 32 inputs span two of the tiny model's 16-wide heads.
+    assert dict(cfg.weight_formats) == ({name: kept for name, spec in flatten(param_specs(cfg)).items()
+                                         if spec.inputs and name != "layers/attn/o/w"} if kept else {})
     assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == ("llama", 4, 2, 16, 128)
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id, cfg.tie_embeddings) == (1, (2,), 3, False)
     assert cfg.rope_theta == 10000.0 and cfg.rope_scaling == () and cfg.intermediate_size == 96

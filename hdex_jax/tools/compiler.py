@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hdex_jax import artifacts, hub, inst
+from hdex_jax import artifacts, formats, hub, inst
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.layout import head_layout, pad_params, padded_config
@@ -33,6 +33,8 @@ from hdex_jax.validation import check_bool, check_max_length, check_num_device, 
 
 # HyperDex's default; a model with fewer positions is compiled for its positions, with a notice.
 DEFAULT_MAX_LENGTH = 4096
+# Bumped when ckpt/ changes what it holds (2: a GGUF file's quantized weights as stored, not float32).
+CKPT_FORMAT = 2
 
 
 def _say(message: str) -> None:
@@ -66,7 +68,7 @@ class AutoCompiler:
 
     def compile(self, model_id: str, num_device: int = 1, max_length: int = DEFAULT_MAX_LENGTH,
                 low_memory_usage: bool = False, fast_compile: bool = True, token: str | bool | None = None,
-                force: bool = False) -> Path:
+                force: bool = False, dtype: str = "float32", quantize: str | None = "auto") -> Path:
         """Compile `model_id` for `num_device` LPU devices; return its directory under $HDEX_HOME/hub.
 
         Args:
@@ -86,6 +88,13 @@ class AutoCompiler:
             token: Hugging Face token for gated or private Hub repositories.
             force: redo every phase, replacing what an earlier compile wrote (the remedy for a corrupted
                 artifact).
+            dtype: what the datapath computes in, "float32" (the reference), "float16" (the LPU's format) or
+                "bfloat16": activations, the KV cache and the weights that are not quantized. Softmax, norms'
+                statistics, accumulation and the logits handed to sampling are float32 in every format.
+            quantize: "auto" keeps a GGUF file's Q8_0/Q4_0/Q4_1 weights as stored (others are dequantized,
+                with a notice); None stores every weight in `dtype`; "int8" (per output channel) and "int4"
+                (groups of 32) quantize the projections of any checkpoint, weight-only (`hdex_jax.formats`).
+                A model compiled in one format is recompiled when asked for another.
 
         Raises:
             TypeError, ValueError: for a bad argument (naming it), before any work; ValueError naming HDEX_HOME
@@ -98,15 +107,17 @@ class AutoCompiler:
         check_bool("fast_compile", fast_compile)
         check_bool("force", force)
         token = check_token("token", token)
+        dtype, quantize = formats.check_format(dtype, quantize)
         start = time.perf_counter()
         model_dir = hub.model_dir(model_id, writable=True)
         with artifacts.lock(model_dir):
-            self._compile(model_id, model_dir, num_device, max_length, low_memory_usage, fast_compile, token, force)
+            self._compile(model_id, model_dir, num_device, max_length, low_memory_usage, fast_compile, token, force,
+                          dtype, quantize)
         _say(f"Done in {time.perf_counter() - start:.1f}s: {model_dir}")
         return model_dir
 
     def _compile(self, model_id: str, model_dir: Path, num_device: int, max_length: int, low_memory_usage: bool,
-                 fast_compile: bool, token: str | None, force: bool) -> None:
+                 fast_compile: bool, token: str | None, force: bool, dtype: str, quantize: str | None) -> None:
         for stale in artifacts.remove_stale(model_dir):
             _say(f"Removed {stale}, left by a compile that was killed")
         ckpt = artifacts.ckpt_dir(model_dir)
@@ -115,6 +126,9 @@ class AutoCompiler:
         ckpt_manifest = None if force else artifacts.current_manifest(ckpt)
         param_manifest = None if force else artifacts.current_manifest(params_dir)
         source = hub.source_key(model_id)
+        if ckpt_manifest is not None and ckpt_manifest.get("ckpt_format") != CKPT_FORMAT:
+            _say(f"{ckpt} was converted by an older hdex_jax (weights all float32); converting it again")
+            ckpt_manifest = param_manifest = None
         if ckpt_manifest is not None and ckpt_manifest.get("source") != source:
             # Another checkpoint with the same name was compiled here: its layouts and programs are stale too.
             _say(f"{model_dir} holds {ckpt_manifest.get('source')}, not {source}; compiling afresh")
@@ -134,6 +148,11 @@ class AutoCompiler:
         wanted = inst.buckets(max_length, fast_compile)
         inst_manifest = artifacts.current_manifest(inst_dir)
         inst_current = inst_manifest is not None and not force and inst.reusable(inst_manifest, max_length, wanted)
+        if param_manifest is not None and not formats.same_format(param_manifest, dtype, quantize):
+            _say(f"{params_dir} holds another number format ({param_manifest.get('dtype', 'float32')}, quantize="
+                 f"{param_manifest.get('quantize')!r}); laying the weights out again in {dtype}, quantize="
+                 f"{quantize!r}")
+            param_manifest, inst_current = None, False
         if param_manifest is not None and inst_current:
             artifacts.write_manifest(params_dir, {**param_manifest, "max_length": max_length})
             _say(f"Phase 4/4: {model_id} is already compiled for {num_device} device(s); reusing {params_dir} "
@@ -142,7 +161,8 @@ class AutoCompiler:
         weights = (f"reusing the weights in {params_dir}" if param_manifest is not None
                    else f"laying out the weights for {num_device} device(s)")
         with _timed(f"Phase 4/4: {weights} and exporting their programs"):
-            placement = self._write_params(ckpt, params_dir, num_device, max_length, param_manifest)
+            placement = self._write_params(ckpt, params_dir, num_device, max_length, param_manifest, dtype,
+                                           quantize)
             self._write_programs(placement, inst_dir, max_length, wanted, precompile=not fast_compile)
 
     def _convert(self, model_id: str, ckpt: Path, token: str | None, low_memory_usage: bool) -> ModelConfig:
@@ -160,7 +180,7 @@ class AutoCompiler:
             _say(f"  {source}")
         with _timed(f"Phase 3/4: converting into {ckpt}"):
             cfg, flat = converters.load_checkpoint(source, progress=True)
-            with artifacts.staged(ckpt, {"source": hub.source_key(model_id)}) as tmp:
+            with artifacts.staged(ckpt, {"source": hub.source_key(model_id), "ckpt_format": CKPT_FORMAT}) as tmp:
                 artifacts.write_ckpt(tmp, cfg, flat)
                 if converters.has_tokenizer(source):
                     converters.save_tokenizer(source, tmp)
@@ -172,9 +192,12 @@ class AutoCompiler:
         return cfg
 
     def _write_params(self, ckpt: Path, params_dir: Path, num_device: int, max_length: int,
-                      manifest: dict | None) -> Placement:
+                      manifest: dict | None, dtype: str, quantize: str | None) -> Placement:
         """Write `param/lpu<N>/` (unless `manifest` says it is there) and return the weights placed on the mesh."""
-        cfg, flat = artifacts.read_ckpt(ckpt)
+        stored, flat = artifacts.read_ckpt(ckpt)
+        cfg = formats.compiled_config(stored, dtype, quantize)
+        _say(f"  number format: {formats.describe(cfg)}")
+        flat = formats.convert_params(flat, cfg)
         padded = padded_config(cfg, num_device)
         mesh = make_mesh(num_device)
         tree = jax.tree.map(np.asarray, runtime_layout(unflatten(pad_params(flat, cfg, num_device)), num_device))
@@ -182,8 +205,8 @@ class AutoCompiler:
             artifacts.write_manifest(params_dir, {**manifest, "max_length": max_length})
         else:
             with artifacts.staged(params_dir, {"num_device": num_device, "max_length": max_length,
-                                               "num_heads": padded.num_heads,
-                                               "num_kv_heads": padded.num_kv_heads}) as tmp:
+                                               "num_heads": padded.num_heads, "num_kv_heads": padded.num_kv_heads,
+                                               **formats.manifest_fields(cfg, quantize)}) as tmp:
                 artifacts.save_params(tmp, tree)
         params = jax.device_put(tree, param_shardings(padded, mesh))
         return Placement(params, padded, head_layout(cfg, num_device), mesh, cfg)

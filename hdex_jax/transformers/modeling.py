@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from hdex_jax import artifacts, hub, inst
+from hdex_jax import artifacts, formats, hub, inst
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
@@ -335,7 +335,7 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(model_id: str = hub.DEFAULT_MODEL, device_map: dict[str, int] | None = None,
                         token: str | bool | None = None, max_length: int | None = None,
-                        verify: str | None = None) -> LPUModelForCausalLM:
+                        verify: str | None = None, dtype: str | None = None) -> LPUModelForCausalLM:
         """Load a compiled model onto `device_map["lpu"]` emulated devices.
 
         A model or device count that was not compiled yet is compiled first, with a notice, for `max_length`
@@ -348,6 +348,10 @@ class AutoModelForCausalLM:
         recorded: `verify="cheap"` (the default, or the environment's HDEX_VERIFY) checks sizes, small files
         whole and the first and last MiB of large ones; `verify="full"` hashes every byte. A bad file raises
         `artifacts.ArtifactError` naming it and how to compile again.
+
+        The number format is the compile's (`AutoCompiler.compile(..., dtype=, quantize=)`). `dtype` None loads
+        whatever was compiled; a dtype ("float32", "float16", "bfloat16") compiles a model not compiled yet in
+        it, and refuses, saying how to recompile, a model compiled in another.
         """
         from hdex_jax.transformers.tokenizer import compiled_tokenizer
 
@@ -356,10 +360,12 @@ class AutoModelForCausalLM:
             max_length = check_max_length("max_length", max_length)
         token = check_token("token", token)
         level = artifacts.verify_level(verify)
+        if dtype is not None:
+            dtype = formats.check_format(dtype, "auto")[0]
         model_dir = hub.model_dir(model_id)
-        _compile_if_needed(model_id, model_dir, lpu, token, max_length)
+        _compile_if_needed(model_id, model_dir, lpu, token, max_length, dtype)
         if gpu:
-            _compile_if_needed(model_id, model_dir, gpu, token, max_length)
+            _compile_if_needed(model_id, model_dir, gpu, token, max_length, dtype)
         # Under the shared lock no compile replaces a directory while it is read.
         with artifacts.lock(model_dir, shared=True):
             ckpt = artifacts.ckpt_dir(model_dir)
@@ -383,11 +389,16 @@ def _verified(directory: Path, model_id: str, num_device: int, level: str) -> di
 
 
 def _compile_if_needed(model_id: str, model_dir: Path, num_device: int, token: str | None,
-                       max_length: int | None) -> None:
+                       max_length: int | None, dtype: str | None) -> None:
     """Compile `model_id` for `num_device` devices when its weights or programs are missing, or compiled for
-    another `max_length` (None: any)."""
+    another `max_length` (None: any); refuse one compiled in another `dtype` (None: any)."""
     params_dir = artifacts.param_dir(model_dir, num_device)
     manifest = artifacts.current_manifest(params_dir)
+    if manifest is not None and dtype is not None and manifest.get("dtype", "float32") != dtype:
+        raise ValueError(
+            f"{model_id} is compiled for {num_device} device(s) in {manifest.get('dtype', 'float32')}, not "
+            f"{dtype}; compile it in {dtype} first: AutoCompiler().compile({model_id!r}, num_device={num_device}, "
+            f"dtype={dtype!r}) (or hdex compile {model_id} --num-device {num_device} --dtype {dtype})")
     reason = None
     if manifest is None or artifacts.current_manifest(artifacts.ckpt_dir(model_dir)) is None:
         reason = f"{model_id} is not compiled for {num_device} device(s) yet (or by an older hdex_jax)"
@@ -407,7 +418,8 @@ def _compile_if_needed(model_id: str, model_dir: Path, num_device: int, token: s
             f"num_device={num_device}, max_length=...)")
     print(f"[hdex] {reason}; compiling it now", flush=True)
     AutoCompiler().compile(model_id, num_device=num_device, token=token,
-                           max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length)
+                           max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length,
+                           dtype=dtype or "float32")
 
 
 def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, level: str,
@@ -416,7 +428,7 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
     exported programs of that device count when `programs`."""
     params_dir = artifacts.param_dir(model_dir, num_device)
     manifest = _verified(params_dir, model_id, num_device, level)
-    base = ModelConfig.load(artifacts.ckpt_dir(model_dir))
+    base = formats.from_manifest(ModelConfig.load(artifacts.ckpt_dir(model_dir)), manifest)
     cfg = padded_config(base, num_device)
     found = (manifest.get("num_device"), manifest.get("num_heads"), manifest.get("num_kv_heads"))
 
