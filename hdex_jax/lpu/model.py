@@ -274,13 +274,13 @@ def _logits_sync(name: str, spec: ParamSpec, shard: tuple[int, ...], shard_bytes
     return [Sync(name, "all-gather", 1, batch * vocab * itemsize, shard_bytes, batch * math.prod(shard))]
 
 
-def _matrix_seconds(nbytes: int, macs: int, hw: Hardware) -> float:
+def matrix_seconds(nbytes: int, macs: int, hw: Hardware) -> float:
     """Time of streaming `nbytes` through the matrix engine: the stream or the MACs, whichever binds."""
     return max(nbytes / (hw.memory_bandwidth_gbs * 1e9 * hw.stream_efficiency),
                macs / (hw.macs_per_cycle * hw.clock_mhz * 1e6))
 
 
-def _sync_cost(sync: Sync, hw: Hardware, num_device: int) -> SyncCost:
+def sync_cost(sync: Sync, hw: Hardware, num_device: int) -> SyncCost:
     """ESL: overlapped with the producing matrix, exposed = hop latencies + what does not fit under it."""
     n = num_device
     if sync.kind == "all-reduce":  # reduce-scatter then all-gather around the ring
@@ -288,7 +288,7 @@ def _sync_cost(sync: Sync, hw: Hardware, num_device: int) -> SyncCost:
     else:
         wire_bytes, steps = (n - 1) / n * sync.payload_bytes, n - 1
     transfer = wire_bytes / (hw.esl_bandwidth_gbs * 1e9)
-    overlapped = min(transfer, _matrix_seconds(sync.producer_bytes, sync.producer_macs, hw))
+    overlapped = min(transfer, matrix_seconds(sync.producer_bytes, sync.producer_macs, hw))
     # The last partial sums leave when the matrix ends and cross up to n - 1 hops to the farthest device.
     exposed = (n - 1) * hw.esl_hop_latency_us * 1e-6 + transfer - overlapped
     baseline = steps * hw.baseline_alpha_us * 1e-6 + wire_bytes / (hw.baseline_link_gbs * 1e9)
@@ -344,10 +344,10 @@ def estimate(config: ModelConfig | Any, num_device: int, context_len: int, *, pr
     num_device, context_len, batch, store, config = check_step(config, num_device, context_len, batch, dtype,
                                                                quantize)
     t = traffic(config, num_device, context_len, batch, store)
-    syncs = tuple(_sync_cost(s, hw, num_device) for s in t.syncs)
+    syncs = tuple(sync_cost(s, hw, num_device) for s in t.syncs)
     stages = {
-        "weights": 1e3 * _matrix_seconds(t.weight_bytes, t.weight_macs, hw),
-        "kv_cache": 1e3 * _matrix_seconds(t.kv_bytes, t.kv_macs, hw),
+        "weights": 1e3 * matrix_seconds(t.weight_bytes, t.weight_macs, hw),
+        "kv_cache": 1e3 * matrix_seconds(t.kv_bytes, t.kv_macs, hw),
         "vector": 1e3 * t.vector_elements / (hw.vector_lanes * hw.clock_mhz * 1e6),
         "pipeline": 1e3 * t.ops * hw.op_latency_cycles / (hw.clock_mhz * 1e6),
         "esl_sync": sum(s.exposed_ms for s in syncs),
