@@ -68,7 +68,9 @@ class Storage:
         fmt = FORMATS[self.quantize]
         inputs = math.prod(n for n, axis in zip(shape, spec.axes)
                            if axis not in STACK_AXES and axis not in output_axes(spec))
-        return math.ceil(elements * fmt.bytes_per_weight(inputs))
+        # Integers, counted exactly (the same sum as `quant.Format.bytes_per_weight`, which is per weight).
+        groups = math.ceil(elements / (fmt.group or inputs))
+        return math.ceil(elements * fmt.bits / 8) + groups * 2 * (1 + fmt.affine)
 
 
 def output_axes(spec: ParamSpec) -> tuple[str | None, ...]:
