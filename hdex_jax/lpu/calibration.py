@@ -1,4 +1,6 @@
-"""The published LPU results, the workload they are compared at, and the fit of the "asic" preset to them.
+"""The published LPU results, the workload they are compared at, and the fit of the "asic" preset to them;
+the GPU measurements the GPU model is fitted to (`fit_gpu`); and the fidelity table of every published figure,
+fitted or held out (`fidelity_table`).
 
 Published (arXiv 2408.07326 / IEEE Micro 2024, abstract and summary of results):
 
@@ -26,7 +28,7 @@ import numpy as np
 from hdex_jax.config import ModelConfig
 from hdex_jax.lpu.gpu import gpu_estimate
 from hdex_jax.lpu.model import estimate
-from hdex_jax.lpu.presets import A100_SXM, GPU_SOFTWARE, Gpu, Hardware, get_preset
+from hdex_jax.lpu.presets import A100_SXM, Gpu, Hardware, get_preset
 
 PAPER = "arXiv 2408.07326 (IEEE Micro 44(6), 2024)"
 
@@ -266,8 +268,8 @@ ENERGY_PRESETS = ("fpga-u55c", "asic")
 class Fidelity(Row):
     """A row of the fidelity table: a published figure, its source, and whether the model was fitted to it."""
 
-    source: str = ""  # "primary: ..." or "secondary: ..."
-    fitted: bool = False
+    source: str  # "primary: ..." or "secondary: ..."
+    fitted: bool
 
 
 def fidelity_table(configs: Mapping[str, ModelConfig] | None = None,

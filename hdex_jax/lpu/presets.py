@@ -1,4 +1,6 @@
-"""Hardware presets of the LPU performance model: plain frozen data, one number per field.
+"""Hardware presets of the LPU performance model: plain frozen data, one number per field. `Hardware` is an
+LPU device (presets "asic", "fpga-u55c"); `Gpu` a GPU it is compared with ("h100", "l4", and "a100", on which
+the GPU model's software costs are fitted).
 
 Every value is tagged in a comment with where it comes from:
 

@@ -74,8 +74,10 @@ def compare(config: ModelConfig | Any, devices: Sequence[int], context_len: int,
             dtype: str = DEFAULT_DTYPE, quantize: str | None = None) -> list[Comparison]:
     """The LPU (`preset`) beside each of `gpus` at every device count: what `hdex estimate --compare` prints."""
     _check_devices(devices)
-    if isinstance(gpus, (str, bytes)) or not gpus:
-        raise TypeError(f"gpus must be a non-empty list of GPU presets, got {quote(gpus)}")
+    if isinstance(gpus, (str, bytes)) or not isinstance(gpus, Sequence):
+        raise TypeError(f"gpus must be a list of GPU presets such as ['h100', 'l4'], got {quote(gpus)}")
+    if not gpus:
+        raise ValueError("gpus is empty: give at least one GPU preset")
     config = model_config(config)
     kinds = [get_gpu(g) for g in gpus]
     return [Comparison(n, estimate(config, n, context_len, preset=preset, batch=batch, dtype=dtype,
