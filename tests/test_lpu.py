@@ -649,3 +649,32 @@ def test_fidelity_table_fitted_points_pinned_held_out_errors_no_worse() -> None:
             assert abs(row.error) <= (0.01 if "gpt-fast" not in row.source else 0.04), row
         else:
             assert abs(row.error) <= abs(float(doc[5].rstrip("%")) / 100) + 5e-4, row
+
+
+def test_comparison_plot_has_both_figures_for_every_device() -> None:
+    from hdex_jax.lpu import compare, plot_comparison
+
+    rows = compare(OPT_66B, [2, 4, 8], 1039)
+    fig = plot_comparison(rows)
+    assert len(fig.axes) == 2
+    for ax, attr in zip(fig.axes, ("ms_per_token", "joules_per_token")):
+        lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert lines["asic"] == [getattr(r.lpu, attr) for r in rows]
+        assert lines["h100"] == [getattr(r.gpus["h100"], attr) for r in rows]
+        assert lines["l4"] == [getattr(r.gpus["l4"], attr) for r in rows]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda lpu: lpu.compare(OPT_1_3B, [1], 0, gpus="h100"), TypeError, "gpus must be a list"),
+    (lambda lpu: lpu.compare(OPT_1_3B, [1], 0, gpus=[]), ValueError, "gpus is empty"),
+    (lambda lpu: lpu.lpu_prefill(OPT_1_3B, 1, 0), ValueError, "prompt_len must be an integer >= 1"),
+    (lambda lpu: lpu.gpu_prefill(OPT_1_3B, 1, 4096), ValueError, "max_position_embeddings=2048"),
+    (lambda lpu: lpu.end_to_end(OPT_1_3B, 10, 0), ValueError, "output_len must be an integer >= 1"),
+    (lambda lpu: lpu.end_to_end(OPT_1_3B, 10, 5, {"gpu": 1}), ValueError, "the key 'lpu'"),
+    (lambda lpu: lpu.end_to_end(OPT_1_3B, 10, 5, {"gpu": 1, "lpu": 1}, gpu="tpu"), ValueError, "unknown GPU"),
+])
+def test_bad_comparison_and_generation_input(call, error: type, message: str) -> None:
+    from hdex_jax import lpu
+
+    with pytest.raises(error, match=message):
+        call(lpu)
