@@ -18,8 +18,9 @@ costs one device:
 - esl_sync:  the exposed part of each ESL sync. ESL sends partial sums while the producing matrix is still
              streaming, so only the hop latency and any transfer longer than that matrix are exposed.
 
-The GPU-style baseline is the same model with every sync a ring all-reduce (alpha-beta) that waits for the
-producing matrix to finish and stalls compute until it is done.
+The baseline (`baseline_ms_per_token`) is the same model with every sync a ring all-reduce (alpha-beta) that
+waits for the producing matrix to finish and stalls compute until it is done: what overlapping the sync buys.
+A GPU is modelled separately, in `hdex_jax.lpu.gpu`, from the same `traffic`.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import dataclasses
 import math
 from typing import Any
 
-import numpy as np
-
 from hdex_jax.config import ModelConfig
 from hdex_jax.layout import padded_config
 from hdex_jax.lpu.config_source import model_config
+from hdex_jax.lpu.energy import lpu_device_power_w, server_power_w
+from hdex_jax.lpu.formats import DEFAULT_DTYPE, Storage, storage
 from hdex_jax.lpu.presets import Hardware, get_preset
 from hdex_jax.params import ParamSpec, flatten, param_specs
 from hdex_jax.sharding import LOGICAL_RULES
-from hdex_jax.validation import check_int, quote
+from hdex_jax.validation import check_int
 
 # Logical axes split over the LPU devices; every other axis is replicated.
 SPLIT_AXES = frozenset(axis for axis, mesh_axis in LOGICAL_RULES.items() if mesh_axis)
@@ -52,8 +53,6 @@ NORM_PASSES, SOFTMAX_PASSES, SAMPLING_PASSES = 2, 3, 4
 # the activation (RoPE adds one more where the model has it); sampling adds one per token.
 UNDECLARED_LAYER_OPS = 4
 
-DEFAULT_DTYPE = "float16"  # the LPU stores and streams fp16 weights and KV entries
-
 
 @dataclasses.dataclass(frozen=True)
 class SyncCost:
@@ -68,27 +67,18 @@ class SyncCost:
     baseline_ms: float  # the GPU-style ring collective, all exposed, per token
 
 
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    """Cost of generating one token (per decode step) of `batch` rows on `num_device` LPU devices."""
+class StepFigures:
+    """Figures derived from the fields of a decode-step estimate, LPU (`Estimate`) or GPU (`GpuEstimate`)."""
 
-    model_type: str
-    preset: str
-    num_device: int
-    context_len: int
     batch: int
-    dtype: str
-    ms_per_token: float  # latency of one decode step: the sum of `stages`
-    stages: dict[str, float]  # critical-path milliseconds: weights, kv_cache, vector, pipeline, esl_sync
-    syncs: tuple[SyncCost, ...]  # each ESL sync, overlapped part separated from the exposed part
-    baseline_ms_per_token: float  # the same step with GPU-style (non-overlapped ring) all-reduces
-    weight_bytes: int  # all declared weights of the padded model, in `dtype`
-    device_weight_bytes: int  # weights stored on one device
-    device_kv_cache_bytes: int  # KV cache stored on one device at this context
-    weight_stream_bytes: int  # weight bytes one device reads per step (lookup tables: only their rows)
-    kv_stream_bytes: int  # KV bytes one device reads and writes per step
+    ms_per_token: float
+    weight_stream_bytes: int
+    kv_stream_bytes: int
+    device_weight_bytes: int
+    device_kv_cache_bytes: int
     memory_bandwidth_gbs: float
     memory_capacity_gb: float
+    power_w: float
 
     @property
     def streamed_bytes(self) -> int:
@@ -106,6 +96,43 @@ class Estimate:
         return self.streamed_bytes / (self.ms_per_token * 1e-3) / (self.memory_bandwidth_gbs * 1e9)
 
     @property
+    def fits_in_memory(self) -> bool:
+        return self.device_weight_bytes + self.device_kv_cache_bytes <= self.memory_capacity_gb * 1e9
+
+    @property
+    def joules_per_token(self) -> float:
+        """Energy at the wall of the whole server (`power_w`) per generated token."""
+        return self.power_w * self.ms_per_token * 1e-3 / self.batch
+
+    @property
+    def tokens_per_joule(self) -> float:
+        return 1 / self.joules_per_token
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate(StepFigures):
+    """Cost of generating one token (per decode step) of `batch` rows on `num_device` LPU devices."""
+
+    model_type: str
+    preset: str
+    num_device: int
+    context_len: int
+    batch: int
+    dtype: str  # the storage format's name: a float dtype, or the quantized format of the matrices
+    ms_per_token: float  # latency of one decode step: the sum of `stages`
+    stages: dict[str, float]  # critical-path milliseconds: weights, kv_cache, vector, pipeline, esl_sync
+    syncs: tuple[SyncCost, ...]  # each ESL sync, overlapped part separated from the exposed part
+    baseline_ms_per_token: float  # the same step with ring all-reduces that do not overlap compute
+    weight_bytes: int  # all declared weights of the padded model, in `dtype`
+    device_weight_bytes: int  # weights stored on one device
+    device_kv_cache_bytes: int  # KV cache stored on one device at this context
+    weight_stream_bytes: int  # weight bytes one device reads per step (lookup tables: only their rows)
+    kv_stream_bytes: int  # KV bytes one device reads and writes per step
+    memory_bandwidth_gbs: float
+    memory_capacity_gb: float
+    power_w: float  # wall power of the server of `num_device` LPUs during the step (`hdex_jax.lpu.energy`)
+
+    @property
     def sync_exposed_ms(self) -> float:
         return sum(s.exposed_ms for s in self.syncs)
 
@@ -113,13 +140,9 @@ class Estimate:
     def sync_overlapped_ms(self) -> float:
         return sum(s.overlapped_ms for s in self.syncs)
 
-    @property
-    def fits_in_memory(self) -> bool:
-        return self.device_weight_bytes + self.device_kv_cache_bytes <= self.memory_capacity_gb * 1e9
-
 
 @dataclasses.dataclass(frozen=True)
-class _Sync:
+class Sync:
     name: str
     kind: str
     count: int
@@ -131,8 +154,8 @@ class _Sync:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Traffic:
-    """What one decode step asks of one device, counted from the declarations."""
+class Traffic:
+    """What one decode step asks of one device, counted from the declarations (shared by the GPU model)."""
 
     total_weight_bytes: int
     device_weight_bytes: int
@@ -143,7 +166,7 @@ class _Traffic:
     kv_cache_bytes: int
     vector_elements: int
     ops: int
-    syncs: tuple[_Sync, ...]
+    syncs: tuple[Sync, ...]
 
 
 def _split_axis(spec: ParamSpec) -> int | None:
@@ -166,91 +189,98 @@ def _layer_count(name: str, spec: ParamSpec) -> int:
     return spec.shape[0] if name.startswith("layers/") else 1
 
 
-def _traffic(cfg: ModelConfig, num_device: int, context_len: int, batch: int, dtype: str) -> _Traffic:
+def attended_positions(cfg: ModelConfig, context_len: int) -> int:
+    """KV positions one decode step reads, summed over the layers: each layer its own window
+    (`cfg.window(i)`, as the datapath applies it), the cached entries plus the new one."""
+    return sum(min(context_len + 1, cfg.window(i) or context_len + 1) for i in range(cfg.num_layers))
+
+
+def traffic(cfg: ModelConfig, num_device: int, context_len: int, batch: int, store: Storage) -> Traffic:
     """Walk the declarations of `cfg` padded for `num_device` and count one device's work for one step."""
-    padded = dataclasses.replace(padded_config(cfg, num_device), dtype=dtype)
+    padded = dataclasses.replace(padded_config(cfg, num_device), dtype=store.dtype)
     specs = flatten(param_specs(padded))
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = store.itemsize
 
     total = device = streamed = macs = vector = ops = 0
-    syncs: list[_Sync] = []
+    syncs: list[Sync] = []
     for name, spec in specs.items():
         shard = _device_shape(spec, num_device)
-        shard_bytes = int(np.prod(shard)) * itemsize
-        total += spec.nbytes
+        leaf = name.rsplit("/", 1)[-1]
+        matrix = leaf not in ("scale", "b", "bias") and name != "alibi_slopes"
+        shard_bytes = store.nbytes(spec, shape=shard, matrix=matrix)
+        total += store.nbytes(spec, matrix=matrix)
         device += shard_bytes
         per_token = _layer_count(name, spec)
         split = _split_axis(spec) is not None
-        leaf = name.rsplit("/", 1)[-1]
         if name in LOOKUP_TABLES:
             # One row per batch row is read (from a vocab-split table only by the row's owner: counted on every
             # device, an upper bound of a few kilobytes).
-            streamed += batch * shard[-1] * itemsize
+            streamed += batch * shard_bytes // shard[0]
             ops += 1
             if name == "embed" and split:
-                syncs.append(_Sync(name, "all-reduce", 1, batch * spec.shape[-1] * itemsize, 0, 0))
+                syncs.append(Sync(name, "all-reduce", 1, batch * spec.shape[-1] * itemsize, 0, 0))
             if name == "embed" and cfg.tie_embeddings:
                 streamed += shard_bytes
-                macs += batch * int(np.prod(shard))
+                macs += batch * math.prod(shard)
                 ops += 1
-                syncs.extend(_logits_sync(name, spec, shard_bytes, num_device, batch, itemsize))
+                syncs.extend(_logits_sync(name, spec, shard, shard_bytes, num_device, batch, itemsize))
         elif leaf == "scale":
             # A norm: every device normalises the full replicated vector.
             streamed += shard_bytes
-            vector += NORM_PASSES * batch * int(np.prod(shard))
+            vector += NORM_PASSES * batch * math.prod(shard)
             ops += per_token
         elif leaf in ("b", "bias"):
             streamed += shard_bytes
-            vector += batch * int(np.prod(shard))
+            vector += batch * math.prod(shard)
         else:
             # A matrix (leaf "w", or a bare projection such as lm_head / project_in / project_out).
             streamed += shard_bytes
-            macs += batch * int(np.prod(shard))
+            macs += batch * math.prod(shard)
             ops += per_token
             if spec.axes[-1] in RESIDUAL_AXES and split:
-                syncs.append(_Sync(name, "all-reduce", per_token, batch * spec.shape[-1] * itemsize,
-                                   shard_bytes // per_token, batch * int(np.prod(shard)) // per_token))
+                syncs.append(Sync(name, "all-reduce", per_token, batch * spec.shape[-1] * itemsize,
+                                   shard_bytes // per_token, batch * math.prod(shard) // per_token))
                 # The partial sum, once reduced, is added to the residual stream.
                 vector += per_token * batch * spec.shape[-1]
                 ops += per_token
             elif spec.axes[-1] == "vocab":
-                syncs.extend(_logits_sync(name, spec, shard_bytes, num_device, batch, itemsize))
+                syncs.extend(_logits_sync(name, spec, shard, shard_bytes, num_device, batch, itemsize))
 
     L = padded.num_layers
     heads, kv_heads = padded.num_heads // num_device, padded.num_kv_heads // num_device
-    attended = min(context_len + 1, padded.sliding_window or context_len + 1)  # cached entries + the new one
-    # K and V of one position on this device; every attended one is read (by each query head of its group)
-    # and the new one is also written.
-    kv_elements = 2 * L * kv_heads * padded.head_dim * batch
-    kv_bytes = kv_elements * (attended + 1) * itemsize
+    attended = attended_positions(padded, context_len)  # over all layers
+    # K and V of one position of one layer on this device; every attended one is read (by each query head of
+    # its group) and the new one is also written.
+    kv_elements = 2 * kv_heads * padded.head_dim * batch
+    kv_bytes = kv_elements * (attended + L) * itemsize
     kv_macs = kv_elements * attended * (heads // kv_heads)
 
     ffn = math.ceil(padded.intermediate_size / num_device)
-    vector += batch * L * heads * attended * SOFTMAX_PASSES
+    vector += batch * heads * attended * SOFTMAX_PASSES
     vector += batch * L * ffn * (2 if padded.gated_mlp else 1)  # activation (times the gate)
     if padded.positions == "rope":
         vector += batch * L * (heads + kv_heads) * padded.rope_dim
     vocab = math.ceil(padded.vocab_size / num_device)
     vector += batch * vocab * SAMPLING_PASSES
     ops += L * (UNDECLARED_LAYER_OPS + (padded.positions == "rope")) + 1
-    return _Traffic(total, device, streamed, macs, kv_bytes, kv_macs, kv_elements * attended * itemsize, vector,
+    return Traffic(total, device, streamed, macs, kv_bytes, kv_macs, kv_elements * attended * itemsize, vector,
                     ops, tuple(s for s in syncs if num_device > 1))
 
 
-def _logits_sync(name: str, spec: ParamSpec, shard_bytes: int, num_device: int, batch: int,
-                 itemsize: int) -> list[_Sync]:
+def _logits_sync(name: str, spec: ParamSpec, shard: tuple[int, ...], shard_bytes: int, num_device: int,
+                 batch: int, itemsize: int) -> list[Sync]:
     """The vocab-parallel LM head leaves each device a slice of the logits: gather them for sampling."""
     vocab = math.ceil(spec.shape[spec.axes.index("vocab")] / num_device) * num_device
-    return [_Sync(name, "all-gather", 1, batch * vocab * itemsize, shard_bytes, batch * shard_bytes // itemsize)]
+    return [Sync(name, "all-gather", 1, batch * vocab * itemsize, shard_bytes, batch * math.prod(shard))]
 
 
-def _matrix_seconds(nbytes: int, macs: int, hw: Hardware) -> float:
+def matrix_seconds(nbytes: int, macs: int, hw: Hardware) -> float:
     """Time of streaming `nbytes` through the matrix engine: the stream or the MACs, whichever binds."""
     return max(nbytes / (hw.memory_bandwidth_gbs * 1e9 * hw.stream_efficiency),
                macs / (hw.macs_per_cycle * hw.clock_mhz * 1e6))
 
 
-def _sync_cost(sync: _Sync, hw: Hardware, num_device: int) -> SyncCost:
+def sync_cost(sync: Sync, hw: Hardware, num_device: int) -> SyncCost:
     """ESL: overlapped with the producing matrix, exposed = hop latencies + what does not fit under it."""
     n = num_device
     if sync.kind == "all-reduce":  # reduce-scatter then all-gather around the ring
@@ -258,7 +288,7 @@ def _sync_cost(sync: _Sync, hw: Hardware, num_device: int) -> SyncCost:
     else:
         wire_bytes, steps = (n - 1) / n * sync.payload_bytes, n - 1
     transfer = wire_bytes / (hw.esl_bandwidth_gbs * 1e9)
-    overlapped = min(transfer, _matrix_seconds(sync.producer_bytes, sync.producer_macs, hw))
+    overlapped = min(transfer, matrix_seconds(sync.producer_bytes, sync.producer_macs, hw))
     # The last partial sums leave when the matrix ends and cross up to n - 1 hops to the farthest device.
     exposed = (n - 1) * hw.esl_hop_latency_us * 1e-6 + transfer - overlapped
     baseline = steps * hw.baseline_alpha_us * 1e-6 + wire_bytes / (hw.baseline_link_gbs * 1e9)
@@ -266,8 +296,22 @@ def _sync_cost(sync: _Sync, hw: Hardware, num_device: int) -> SyncCost:
                     1e3 * sync.count * exposed, 1e3 * sync.count * baseline)
 
 
+def check_step(config: ModelConfig | Any, num_device: int, context_len: int, batch: int, dtype: str,
+               quantize: str | None) -> tuple[int, int, int, Storage, ModelConfig]:
+    """The validated arguments of a decode-step estimate (LPU or GPU); bad ones raise, naming the argument."""
+    num_device = check_int("num_device", num_device, minimum=1)
+    context_len = check_int("context_len", context_len, minimum=0)
+    batch = check_int("batch", batch, minimum=1)
+    store = storage(dtype, quantize)
+    config = model_config(config)
+    if context_len >= config.max_position_embeddings:
+        raise ValueError(f"context_len {context_len} leaves no position for the new token: {config.model_type} "
+                         f"has max_position_embeddings={config.max_position_embeddings}")
+    return num_device, context_len, batch, store, config
+
+
 def estimate(config: ModelConfig | Any, num_device: int, context_len: int, *, preset: str | Hardware = "asic",
-             batch: int = 1, dtype: str = DEFAULT_DTYPE) -> Estimate:
+             batch: int = 1, dtype: str = DEFAULT_DTYPE, quantize: str | None = None) -> Estimate:
     """Estimated per-token decode latency of `config` on `num_device` LPU devices.
 
     Args:
@@ -280,11 +324,15 @@ def estimate(config: ModelConfig | Any, num_device: int, context_len: int, *, pr
         ms/token is the estimate at its mean context (prompt + half the output), the cost being linear in it.
       preset: "asic", "fpga-u55c" (see `PRESETS`), or a `Hardware` of your own.
       batch: rows decoded together (weights are streamed once for all of them).
-      dtype: storage type of weights and KV entries (a numpy dtype or its name); the LPU uses float16.
+      dtype: storage type of activations, KV entries and weights (a float dtype or its name: "float16", the
+        LPU's, "bfloat16", "float8", ...); a quantized format's name (`formats.QUANTIZED`) means `quantize`.
+      quantize: None, or the format of the matrices: "int8", "int4", "q8_0", "q4_0", "q4_1" (bytes per weight
+        in `hdex_jax.lpu.formats`).
 
     Returns:
       An `Estimate`: `ms_per_token` is the sum of `stages`; `syncs` splits each ESL sync into its overlapped
-      and exposed time; `baseline_ms_per_token` is the GPU-style comparison.
+      and exposed time; `baseline_ms_per_token` is the same step with syncs not overlapped; `power_w` and
+      `joules_per_token` are the server's.
 
     Raises:
       TypeError: for an argument of the wrong type (naming it).
@@ -293,37 +341,22 @@ def estimate(config: ModelConfig | Any, num_device: int, context_len: int, *, pr
       FileNotFoundError: for a config path or model id that leads to no config.
     """
     hw = get_preset(preset)
-    num_device = check_int("num_device", num_device, minimum=1)
-    context_len = check_int("context_len", context_len, minimum=0)
-    batch = check_int("batch", batch, minimum=1)
-    if not isinstance(dtype, (str, np.dtype)):
-        raise TypeError(f"dtype must be a numpy dtype or its name, e.g. 'float16', got {quote(dtype)} "
-                        f"({type(dtype).__name__})")
-    try:
-        numeric = np.dtype(dtype).kind in "fiuV"  # floats, ints, and ml_dtypes' bfloat16 / float8 (kind V)
-    except TypeError:
-        numeric = False
-    if not numeric or np.dtype(dtype).itemsize == 0:
-        raise ValueError(f"dtype {dtype!r} is not a numeric numpy dtype name (e.g. 'float16', 'bfloat16', 'int8')")
-    dtype = str(np.dtype(dtype))
-    config = model_config(config)
-    if context_len >= config.max_position_embeddings:
-        raise ValueError(f"context_len {context_len} leaves no position for the new token: {config.model_type} "
-                         f"has max_position_embeddings={config.max_position_embeddings}")
-
-    t = _traffic(config, num_device, context_len, batch, dtype)
-    syncs = tuple(_sync_cost(s, hw, num_device) for s in t.syncs)
+    num_device, context_len, batch, store, config = check_step(config, num_device, context_len, batch, dtype,
+                                                               quantize)
+    t = traffic(config, num_device, context_len, batch, store)
+    syncs = tuple(sync_cost(s, hw, num_device) for s in t.syncs)
     stages = {
-        "weights": 1e3 * _matrix_seconds(t.weight_bytes, t.weight_macs, hw),
-        "kv_cache": 1e3 * _matrix_seconds(t.kv_bytes, t.kv_macs, hw),
+        "weights": 1e3 * matrix_seconds(t.weight_bytes, t.weight_macs, hw),
+        "kv_cache": 1e3 * matrix_seconds(t.kv_bytes, t.kv_macs, hw),
         "vector": 1e3 * t.vector_elements / (hw.vector_lanes * hw.clock_mhz * 1e6),
         "pipeline": 1e3 * t.ops * hw.op_latency_cycles / (hw.clock_mhz * 1e6),
         "esl_sync": sum(s.exposed_ms for s in syncs),
     }
     ms = sum(stages.values())
+    device_w = lpu_device_power_w(hw, (t.weight_bytes + t.kv_bytes) / (ms * 1e-3))
     return Estimate(
         model_type=config.model_type, preset=hw.name, num_device=num_device, context_len=context_len,
-        batch=batch, dtype=dtype, ms_per_token=ms, stages=stages, syncs=syncs,
+        batch=batch, dtype=store.name, ms_per_token=ms, power_w=server_power_w(device_w, num_device), stages=stages, syncs=syncs,
         baseline_ms_per_token=ms - stages["esl_sync"] + sum(s.baseline_ms for s in syncs),
         weight_bytes=t.total_weight_bytes, device_weight_bytes=t.device_weight_bytes,
         device_kv_cache_bytes=t.kv_cache_bytes, weight_stream_bytes=t.weight_bytes, kv_stream_bytes=t.kv_bytes,

@@ -1,4 +1,6 @@
-"""Hardware presets of the LPU performance model: plain frozen data, one number per field.
+"""Hardware presets of the LPU performance model: plain frozen data, one number per field. `Hardware` is an
+LPU device (presets "asic", "fpga-u55c"); `Gpu` a GPU it is compared with ("h100", "l4", and "a100", on which
+the GPU model's software costs are fitted).
 
 Every value is tagged in a comment with where it comes from:
 
@@ -53,6 +55,14 @@ class Hardware:
     # 2 (N - 1) (alpha + bytes / (N beta)) per all-reduce (the alpha-beta model).
     baseline_alpha_us: float
     baseline_link_gbs: float
+    # Bandwidth of one direction of the link to the host (and to a GPU beside it: the hybrid's KV transfer).
+    host_link_gbs: float
+    # Power of the datapath itself (the processor core) while it decodes.
+    core_power_w: float
+    # Energy of moving one bit between memory and the datapath (DRAM array, PHY and controller).
+    memory_pj_per_bit: float
+    # Power the card draws whatever it does: memory refresh and static power, regulators, PCIe, fans.
+    board_static_w: float
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -93,6 +103,15 @@ ASIC = Hardware(
     # [assumption] NCCL-like ring step latency and NVLink-class link of the GPU servers compared against.
     baseline_alpha_us=2.0,
     baseline_link_gbs=200.0,
+    # [assumption] A PCIe 5.0 x16 card: 64 GB/s per direction.
+    host_link_gbs=64.0,
+    # [paper] "power consumption of 284.31 mW" for the synthesized 4 nm LPU core.
+    core_power_w=0.28431,
+    # [assumption] HBM3 access energy including PHY and controller: published HBM2/HBM2E/HBM3 figures are
+    # 3-4 pJ/bit, the upper end taken here.
+    memory_pj_per_bit=4.0,
+    # [assumption] Static power of the HBM stacks, regulators and PCIe of an 80 GB accelerator card.
+    board_static_w=40.0,
 )
 
 FPGA_U55C = Hardware(
@@ -118,9 +137,112 @@ FPGA_U55C = Hardware(
     # [assumption] A host-driven ring all-reduce over the same 100G links.
     baseline_alpha_us=2.0,
     baseline_link_gbs=12.5,
+    # [datasheet] The U55C's PCIe Gen3 x16 host interface: about 16 GB/s per direction.
+    host_link_gbs=16.0,
+    # [assumption] FPGA fabric, clocking and transceivers running the LPU at 220 MHz.
+    core_power_w=50.0,
+    # [assumption] HBM2 access energy including PHY and controller.
+    memory_pj_per_bit=4.0,
+    # [assumption] Static power of the card (HBM2, regulators, QSFP cages); the U55C's maximum is 150 W.
+    board_static_w=25.0,
 )
 
 PRESETS: dict[str, Hardware] = {hw.name: hw for hw in (ASIC, FPGA_U55C)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """One GPU, its links and power, and the costs that make it slow at batch 1 (see `hdex_jax.lpu.gpu`).
+
+    Units are those in the field names; `stream_efficiency`, `kernel_overhead_us` and `allreduce_latency_us`
+    are the software's, fitted once (`GPU_SOFTWARE`) and shared by every GPU preset.
+    """
+
+    name: str
+    memory_bandwidth_gbs: float
+    memory_capacity_gb: float
+    # Dense (no sparsity) float16/bfloat16 tensor-core peak.
+    peak_tflops: float
+    # One direction of the GPU-to-GPU link the all-reduces use (NVLink, or PCIe when there is none).
+    link_gbs: float
+    # One direction of the host PCIe link (the hybrid's KV transfer to the LPU).
+    host_link_gbs: float
+    # Maximum board power (TDP), drawn in full when the memory streams at its peak.
+    board_power_w: float
+    # Board power of an idle GPU with its memory and clocks up.
+    idle_power_w: float
+    # Fraction of the peak bandwidth a large matrix-vector kernel sustains.
+    stream_efficiency: float
+    # Fixed time per kernel on the critical path: launch (from a CUDA graph), synchronisation, ramp-up and tail.
+    kernel_overhead_us: float
+    # Fixed time of one NCCL all-reduce (or gather) of a small vector; compute waits for it.
+    allreduce_latency_us: float
+    # Fraction of `peak_tflops` a prompt pass (large matrix products) achieves.
+    prefill_mfu: float
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "name" and (isinstance(value, bool) or not value > 0):
+                raise ValueError(f"Gpu.{field.name} must be positive, got {value!r}")
+        for name in ("stream_efficiency", "prefill_mfu"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"Gpu.{name} is a fraction of the peak, got {getattr(self, name)}")
+
+
+# [calibrated] The batch-1 software of the GPUs: fitted to gpt-fast's published A100 decode measurements
+# (`hdex_jax.lpu.calibration.GPU_POINTS`, fit in `calibration.fit_gpu`), rounded; none of the LPU paper's figures
+# is used. prefill_mfu is an [assumption]: half the dense peak, typical of large prompt passes.
+GPU_SOFTWARE = {"stream_efficiency": 0.80, "kernel_overhead_us": 2.7, "allreduce_latency_us": 6.4,
+                "prefill_mfu": 0.5}
+
+A100_SXM = Gpu(
+    name="a100",
+    # [datasheet] NVIDIA A100 80GB SXM: 2039 GB/s HBM2e, 80 GB, 312 TFLOPS dense fp16/bf16 tensor, NVLink 3
+    # 600 GB/s (300 per direction), PCIe Gen4 64 GB/s (32 per direction), 400 W.
+    memory_bandwidth_gbs=2039.0, memory_capacity_gb=80.0, peak_tflops=312.0, link_gbs=300.0,
+    host_link_gbs=32.0, board_power_w=400.0,
+    # [assumption] Idle with memory clocks up.
+    idle_power_w=55.0,
+    **GPU_SOFTWARE,
+)
+
+H100_SXM = Gpu(
+    name="h100",
+    # [datasheet] NVIDIA H100 SXM5 80GB: 3.35 TB/s HBM3, 80 GB, 989 TFLOPS dense fp16/bf16 tensor (1979 with
+    # sparsity), NVLink 4 900 GB/s (450 per direction), PCIe Gen5 128 GB/s (64 per direction), up to 700 W.
+    memory_bandwidth_gbs=3350.0, memory_capacity_gb=80.0, peak_tflops=989.0, link_gbs=450.0,
+    host_link_gbs=64.0, board_power_w=700.0,
+    # [assumption] Idle with memory clocks up.
+    idle_power_w=70.0,
+    **GPU_SOFTWARE,
+)
+
+L4 = Gpu(
+    name="l4",
+    # [datasheet] NVIDIA L4: 300 GB/s GDDR6, 24 GB, 121 TFLOPS dense fp16 tensor (242 with sparsity), no
+    # NVLink: GPU-to-GPU and host over PCIe Gen4 x16, 64 GB/s (32 per direction), 72 W.
+    memory_bandwidth_gbs=300.0, memory_capacity_gb=24.0, peak_tflops=121.0, link_gbs=32.0,
+    host_link_gbs=32.0, board_power_w=72.0,
+    # [assumption] Idle with memory clocks up.
+    idle_power_w=16.0,
+    **GPU_SOFTWARE,
+)
+
+GPU_PRESETS: dict[str, Gpu] = {gpu.name: gpu for gpu in (H100_SXM, L4, A100_SXM)}
+
+
+def get_gpu(gpu: str | Gpu) -> Gpu:
+    """`gpu` itself when it is a `Gpu`, else the GPU preset of that name."""
+    if isinstance(gpu, Gpu):
+        return gpu
+    if not isinstance(gpu, str):
+        raise TypeError(f"gpu must be the name of a GPU preset ({', '.join(GPU_PRESETS)}) or a hdex_jax.lpu.Gpu, "
+                        f"got {quote(gpu)} ({type(gpu).__name__})")
+    if gpu not in GPU_PRESETS:
+        raise ValueError(f"unknown GPU preset {gpu!r}; known GPU presets: {', '.join(GPU_PRESETS)} "
+                         f"(or pass a hdex_jax.lpu.Gpu)")
+    return GPU_PRESETS[gpu]
 
 
 def get_preset(preset: str | Hardware) -> Hardware:
