@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import NoReturn
 
-from hdex_jax import hub, validation
-from hdex_jax.config import DTYPES
+from hdex_jax import artifacts, formats, hub, validation
+from hdex_jax.config import DTYPES, ModelConfig
 from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH
 from hdex_jax.transformers import modeling
 
@@ -98,12 +98,32 @@ def _models(args: argparse.Namespace) -> int:
         print(f"      {'; '.join(family.mechanisms)}")
         if family.limits:
             print(f"      limits: {family.limits}")
-    print("GGUF architectures (llama.cpp files; quantized tensors are dequantized to float32):")
+    print("GGUF architectures (llama.cpp files; Q8_0, Q4_0 and Q4_1 tensors kept as stored, other quantized "
+          "types dequantized):")
     for arch in SUPPORTED_ARCHITECTURES:
         limits = ARCHITECTURES[arch].limits
         print(f"  {arch}" + (f"  (limits: {limits})" if limits else ""))
     print(f"Default model: {hub.DEFAULT_MODEL} (GGUF from the PyPI wheel {hub.DEFAULT_WHEEL})")
+    compiled = _compiled_models()
+    if compiled:
+        print(f"Compiled in {hub.hdex_home()}:")
+        print("\n".join(f"  {line}" for line in compiled))
     return 0
+
+
+def _compiled_models() -> list[str]:
+    """One line per compiled model and device count: its format and the bytes of its weights."""
+    lines = []
+    for params_dir in sorted(hub.hdex_home().glob("hub/*/*/param/lpu*")):
+        manifest = artifacts.current_manifest(params_dir)
+        if manifest is None:
+            continue
+        stored = ModelConfig.load(artifacts.ckpt_dir(params_dir.parent.parent))
+        cfg = formats.from_manifest(stored, manifest)
+        size = sum(record["size"] for record in manifest["files"].values()) / 1e6
+        lines.append(f"{params_dir.parent.parent.name} on {manifest['num_device']} device(s): "
+                     f"{formats.describe(cfg)}; {size:.0f} MB of weights")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

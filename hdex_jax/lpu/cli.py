@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hdex_jax.lpu.calibration import CALIBRATION_CONTEXT
-from hdex_jax.lpu.config_source import model_config
+from hdex_jax.lpu.config_source import compiled_format, model_config
 from hdex_jax.lpu.formats import DEFAULT_DTYPE, QUANTIZED, storage
 from hdex_jax.lpu.presets import GPU_PRESETS, PRESETS, get_gpu, get_preset
 from hdex_jax.lpu.report import (compare, end_to_end_table, format_comparison, format_end_to_end, format_table,
@@ -51,9 +51,11 @@ def add_estimate_parser(subparsers: Any) -> None:
                         help=f"tokens already in the KV cache (default: {CALIBRATION_CONTEXT}, the calibration "
                              "context, or the model's last position if smaller)")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (default: 1)")
-    parser.add_argument("--dtype", default=DEFAULT_DTYPE,
-                        help=f"activation, KV and weight dtype, or a quantized format (default: {DEFAULT_DTYPE})")
-    parser.add_argument("--quantize", default=None, choices=QUANTIZED, help="format of the matrices")
+    parser.add_argument("--dtype", default=None,
+                        help=f"activation, KV and weight dtype, or a quantized format (default: a compiled model's "
+                             f"own format, else {DEFAULT_DTYPE})")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZED,
+                        help="format of the matrices (default: a compiled model's own format, else none)")
     parser.add_argument("--compare", type=_gpu_list, default=None, metavar="GPUS",
                         help=f"GPU presets to set beside the LPU, e.g. h100,l4 (known: {', '.join(GPU_PRESETS)})")
     parser.add_argument("--prompt", type=int, default=None, help="prompt length of a generation to cost end to end")
@@ -70,7 +72,13 @@ def run_estimate(args: argparse.Namespace) -> int:
     raises (TypeError, ValueError, OSError), which `hdex_jax.cli.main` reports."""
     hw = get_preset(args.preset)
     gpus = [get_gpu(name) for name in args.compare or ()]
-    store = storage(args.dtype, args.quantize, dtype_name="--dtype", quantize_name="--quantize")
+    dtype, quantize = args.dtype, args.quantize
+    compiled = compiled_format(args.model, "MODEL") if dtype is None and quantize is None else None
+    if compiled is not None:
+        dtype, quantize = compiled
+        print(f"{args.model}: the format it was compiled in ({dtype}"
+              f"{f', matrices {quantize}' if quantize else ''}); --dtype/--quantize choose another")
+    store = storage(dtype or DEFAULT_DTYPE, quantize, dtype_name="--dtype", quantize_name="--quantize")
     if (args.prompt is None) != (args.output is None):
         raise ValueError("--prompt and --output go together: give both to cost a generation end to end")
     cfg = model_config(args.model, "MODEL")

@@ -92,3 +92,20 @@ def model_config(config: Any, name: str = "config") -> ModelConfig:
             return _from_path(path)
         return _from_model_id(text, name)
     raise TypeError(f"{name} must be {ACCEPTED}; got {quote(config)} ({type(config).__name__})")
+
+
+def compiled_format(model: str, name: str = "model") -> tuple[str, str | None] | None:
+    """(dtype, quantized format of most of its matrices) of the model `model` (an id or a compiled model
+    directory) as it was last compiled, from its newest `param/lpu<N>/` manifest; None if it is not compiled."""
+    path = Path(model)
+    try:  # a compiled model's own directory, or the one a model id or checkpoint path is compiled into
+        model_dir = path if (path / "param").is_dir() else hub.model_dir(model, name=name)
+    except (TypeError, ValueError, FileNotFoundError):
+        return None
+    manifests = [(d.stat().st_mtime, m) for d in sorted((model_dir / "param").glob("lpu*"))
+                 if (m := artifacts.current_manifest(d)) is not None and "weight_formats" in m]
+    if not manifests:
+        return None
+    manifest = max(manifests, key=lambda item: item[0])[1]
+    formats = [fmt for _, fmt in manifest["weight_formats"]]
+    return manifest["dtype"], max(set(formats), key=formats.count) if formats else None
