@@ -168,7 +168,7 @@ def environment() -> dict[str, str]:
 
 
 # The modules whose code the exported programs are traced from.
-_PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "matvec", "model", "params", "pytree",
+_PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "matvec", "model", "params", "pytree", "rope",
                     "sampling", "sharding")
 
 
