@@ -133,7 +133,7 @@ FAMILY = Family(
                 "GELU MLP", "optional biases", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear and llama3 (e.g. dynamic) are refused, as are "
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them); refused: "
            "new_decoder_architecture with parallel_attn=false and apply_residual_connection_post_layernorm=true; "
            "with ALiBi transformers rounds slope x position to bfloat16 and hdex_jax does not (identical up to 8 "
            "heads and 256 positions)",

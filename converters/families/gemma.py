@@ -128,6 +128,6 @@ FAMILY = Family(
                 "tied head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits=("rope scaling, use_bidirectional_attention, and hidden_act / hidden_activation that disagree "
-            "are refused"),
+    limits=("use_bidirectional_attention, and hidden_act / hidden_activation that disagree are refused; "
+            "rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)"),
 )

@@ -91,10 +91,10 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="HuggingFaceTB/SmolLM2-135M-Instruct",
-    mechanisms=("RMSNorm", "rotate-half RoPE (default, linear, llama3 scaling)", "SiLU-gated MLP",
+    mechanisms=("RMSNorm", "rotate-half RoPE, any rope scaling (hdex_jax/rope.py)", "SiLU-gated MLP",
                 "grouped-query attention", "optional biases",
                 "sliding window (Mistral; Qwen2, also on some layers only)"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear and llama3 are refused",
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
 )

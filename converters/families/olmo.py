@@ -68,5 +68,5 @@ FAMILY = Family(
                 "optional attention biases"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="clip_qkv (OLMo-1.7) and rope scaling are refused",
+    limits="clip_qkv (OLMo-1.7) is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
 )

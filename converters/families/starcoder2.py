@@ -69,5 +69,5 @@ FAMILY = Family(
                 "biases (use_bias)", "sliding window", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling is refused",
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
 )
