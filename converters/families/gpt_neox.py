@@ -111,5 +111,6 @@ FAMILY = Family(
                 "fused per-head query_key_value", "parallel residual with two norms, or sequential"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them); an odd rotary dimension is refused",
+    limits=("rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them); an odd rotary dimension is refused"),
 )

@@ -68,5 +68,6 @@ FAMILY = Family(
                 "optional attention biases"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="clip_qkv (OLMo-1.7) is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
+    limits=("clip_qkv (OLMo-1.7) is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them)"),
 )

@@ -74,5 +74,6 @@ FAMILY = Family(
                 "biases on q/k/v, dense, fc1, fc2", "LM head with bias"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="qk_layernorm=true is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
+    limits=("qk_layernorm=true is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them)"),
 )

@@ -75,5 +75,6 @@ FAMILY = Family(
                 "sequential or parallel residual (one shared LayerNorm)", "grouped-query attention"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="qk_layernorm=true is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
+    limits=("qk_layernorm=true is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them)"),
 )
