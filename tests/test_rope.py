@@ -4,7 +4,8 @@
   tokens plus 8 new ones) of one tiny checkpoint per kind, on 1 device, and on 3 for the kinds that depend on the
   sequence length at run time and for llama3. The original length is 12, so the prompt pass is within it and
   decoding passes it at the fourth step: dynamic scaling starts to grow there, in the middle of a jitted decode.
-  Longrope's original length is 8, which the prompt pass already exceeds (see `LONGROPE_ORIGINAL`).
+  Longrope's switch from its short to its long factors is run the same way on Llama; on Phi-3 the original length
+  is 8, which the prompt pass already exceeds (see `LONGROPE_ORIGINAL`).
 - For every family whose transformers class takes rope parameters, and every kind it accepts: the cos/sin tables
   of the converted config equal those of the family's own rotary embedding module, within and past the original
   length (this is what the forward pass multiplies q and k by).
@@ -86,6 +87,12 @@ PARITY = {
     "llama3": lambda: transformers.LlamaConfig(**{**_SIZES, "eos_token_id": [2, 3]}, tie_word_embeddings=True,
                                                max_position_embeddings=_positions("llama3"),
                                                **_rope_parameters("llama3")),
+    # Longrope switching to the long factors in the middle of decoding (transformers' Llama keeps its cache).
+    "longrope-llama": lambda: transformers.LlamaConfig(**_SIZES, max_position_embeddings=_positions("longrope"),
+                                                       rope_parameters={**SCALINGS["longrope"], "rope_theta": _THETA,
+                                                                        "original_max_position_embeddings": ORIGINAL,
+                                                                        "short_factor": _SHORT * 2,
+                                                                        "long_factor": _LONG * 2}),
     # Phi-3 128k / Phi-3.5-shaped: longrope with the original length at the top level, partial rotary.
     "longrope": lambda: transformers.Phi3Config(**_SIZES, max_position_embeddings=_positions("longrope"),
                                                 original_max_position_embeddings=LONGROPE_ORIGINAL,
