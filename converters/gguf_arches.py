@@ -77,6 +77,11 @@ class GGUFMeta:
         field = self._reader.get_field(key)
         return None if field is None else len(field.data)
 
+    def values(self, tensor: str) -> np.ndarray:
+        """The float32 values of tensor `tensor` (a small one, such as rope scaling factors), dequantized."""
+        found = next(t for t in self._reader.tensors if t.name == tensor)
+        return np.asarray(gguf.quants.dequantize(found.data, found.tensor_type), np.float32).reshape(-1)
+
     def has(self, tensor: str) -> bool:
         """Whether the file holds tensor `tensor` (a full name, e.g. `blk.0.attn_q.bias`)."""
         return tensor in self.tensor_names
@@ -280,18 +285,20 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         fixed=_ROPE_SILU,
         key_map=_rules(_embeddings(), _sequential_norms(), _attention(permuted=True), _mlp(gated=True)),
         permuted_qk=True,
-        limits="rope scaling other than linear (rope_freqs tensors of llama3 scaling, yarn) is refused"),
+        limits="rope scaling: linear, yarn and rope_freqs (llama3); a rope_freqs tensor with another scaling is "
+               "refused"),
     "qwen2": GGUFArch(
         fixed=_ROPE_SILU,
         key_map=_rules(_embeddings(), _sequential_norms(), _attention(), _mlp(gated=True)),
-        limits="rope scaling other than linear (e.g. yarn) is refused"),
+        limits="rope scaling: linear and yarn"),
     "phi3": GGUFArch(
         fixed=_ROPE_SILU,
         key_map=_rules(_embeddings(), _sequential_norms(), _fused_attention(),
                        _linear("ffn_up", ("layers/mlp/gate", "layers/mlp/up"), _gate_up, keep),
                        _linear("ffn_down", "layers/mlp/down", transpose, keep)),
         from_file=_phi3_fields,
-        limits="longrope scaling (rope_factors_long/short tensors, Phi-3 128k) is refused"),
+        limits="longrope scaling from the rope_factors_long/short tensors, switched at the original length as "
+               "transformers does (llama.cpp picks them by its context size)"),
     "gemma": GGUFArch(
         fixed={**_ROPE_SILU, "activation": "gelu_tanh"},
         key_map=_rules(_embeddings(lm_head=False), _sequential_norms(), _attention(), _mlp(gated=True)),

@@ -1,13 +1,25 @@
 """GGUF files (llama.cpp): config from metadata, tensors dequantized to float32, for the architectures declared
 in converters/gguf_arches.py (llama, qwen2, phi3, gemma, gemma2, starcoder2, gpt2, falcon).
 
-What every architecture shares is read here: sizes, the norm epsilon, rope (theta, linear scaling, rotary
-dimension), special token ids, and which optional tensors the file holds (biases, a separate LM head). The
-per-architecture facts (fixed fields, tensor names, layout transforms) are declarations in gguf_arches.
+What every architecture shares is read here: sizes, the norm epsilon, rope (theta, scaling, rotary dimension),
+special token ids, and which optional tensors the file holds (biases, a separate LM head). The per-architecture
+facts (fixed fields, tensor names, layout transforms) are declarations in gguf_arches.
+
+Rope scaling, as llama.cpp's convert_hf_to_gguf.py writes it, becomes the same ModelConfig.rope_scaling the
+Hugging Face checkpoint has (hdex_jax/rope.py):
+
+- `rope.scaling.type` linear: `rope.scaling.factor`.
+- yarn: `factor`, `original_context_length`, and the optional `yarn_beta_fast`, `yarn_beta_slow` and
+  `yarn_attn_factor` (transformers' `attention_factor`, which the convert script writes there).
+- longrope (Phi-3 128k, Phi-3.5): the `rope_factors_short` / `rope_factors_long` tensors, `original_context_length`
+  and `attn_factor` (the convert script's attention factor).
+- a `rope_freqs` tensor (llama3 scaling; the convert script writes no scaling type for it): inverse frequencies
+  divided by it, the "freq_factors" kind.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +28,22 @@ import numpy as np
 
 from converters.errors import CheckpointError, UnsupportedModelError
 from converters.gguf_arches import ARCHITECTURES, GGUFMeta
-from converters.keymap import Rule
+from converters.keymap import Rule, ignore
 from hdex_jax import quant
 from hdex_jax.config import ModelConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "GGUFSource", "config_from_gguf", "load_gguf", "open_reader"]
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
-# Rope scaling kinds (<arch>.rope.scaling.type) the canonical model implements for GGUF.
-_ROPE_SCALING_KINDS = ("none", "linear")
+# <arch>.rope.scaling.type values read; "none" is no scaling.
+_ROPE_SCALING_KINDS = ("none", "linear", "yarn", "longrope")
 # llama.cpp's default when a file leaves rope.freq_base out (gemma, falcon and gpt2-style writers do).
 _DEFAULT_ROPE_THETA = 10000.0
-# Tensors of rope scaling the canonical model does not implement: per-frequency factors (llama3 scaling) and
-# Phi-3's longrope factors.
-_REFUSED_TENSORS = {
-    "rope_freqs.weight": "per-frequency rope scaling, as llama.cpp writes for llama3 scaling",
-    "rope_factors_long.weight": "longrope scaling (Phi-3 128k)",
-    "rope_factors_short.weight": "longrope scaling (Phi-3 128k)",
-}
+# The tensors that carry rope scaling; read into the config, not weights.
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# Rope scaling metadata with no counterpart in transformers' scalings, refused when set to other than their
+# neutral value.
+_NEUTRAL_ROPE_KEYS = {"rope.scaling.yarn_ext_factor": (1.0, -1.0), "rope.scaling.yarn_log_multiplier": (0.0,)}
 # The epsilon key of each norm kind.
 _EPS_KEYS = {"rmsnorm": "attention.layer_norm_rms_epsilon", "layernorm": "attention.layer_norm_epsilon"}
 
@@ -63,20 +73,53 @@ def _metadata(reader: gguf.GGUFReader, path: Path) -> GGUFMeta:
     return GGUFMeta(reader, arch, path)
 
 
+def _rope_scaling(meta: GGUFMeta) -> tuple[tuple[str, Any], ...]:
+    """ModelConfig.rope_scaling of the file's rope scaling metadata and tensors (see the module docstring)."""
+    kind = meta.get("rope.scaling.type", "none")
+    if kind not in _ROPE_SCALING_KINDS:
+        raise CheckpointError(f"{meta.path}: rope scaling type {kind!r} ({meta.arch}.rope.scaling.type) is "
+                              f"not supported (supported: {', '.join(_ROPE_SCALING_KINDS)})")
+    for key, neutral in _NEUTRAL_ROPE_KEYS.items():
+        if meta.get(key, neutral[0]) not in neutral:
+            raise CheckpointError(f"{meta.path}: {meta.arch}.{key}={meta.get(key)!r} is not supported (only "
+                                  f"{neutral[0]})")
+    long = meta.has("rope_factors_long.weight") or meta.has("rope_factors_short.weight")
+    if meta.has("rope_freqs.weight"):
+        if kind != "none" or long:
+            raise CheckpointError(f"{meta.path}: a rope_freqs tensor together with rope scaling {kind!r} "
+                                  f"{'and longrope factors ' if long else ''}is not supported")
+        return (("factors", tuple(meta.values("rope_freqs.weight").tolist())), ("rope_type", "freq_factors"))
+    if kind == "none" and not long:
+        return ()
+    if kind == "linear":
+        return (("factor", float(meta.get("rope.scaling.factor", required=True))), ("rope_type", "linear"))
+    scaling: dict[str, Any] = {
+        "original_max_position_embeddings": int(meta.get("rope.scaling.original_context_length", required=True))}
+    if kind == "yarn":
+        scaling.update(rope_type="yarn", factor=float(meta.get("rope.scaling.factor", required=True)))
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            if meta.get(f"rope.scaling.{key}") is not None:
+                scaling[name] = float(meta.get(f"rope.scaling.{key}"))
+    else:
+        for name in ("rope_factors_short.weight", "rope_factors_long.weight"):
+            if not meta.has(name):
+                raise CheckpointError(f"{meta.path} has no {name.removesuffix('.weight')} tensor, which longrope "
+                                      f"scaling needs")
+        scaling.update(rope_type="longrope", short_factor=tuple(meta.values("rope_factors_short.weight").tolist()),
+                       long_factor=tuple(meta.values("rope_factors_long.weight").tolist()))
+        if meta.get("rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(meta.get("rope.scaling.attn_factor"))
+    return tuple(sorted(scaling.items()))
+
+
 def _rope(meta: GGUFMeta, head_dim: int, permuted: bool) -> dict[str, Any]:
-    """theta, linear scaling and the rotary fraction of a rope architecture."""
+    """theta, scaling and the rotary fraction of a rope architecture."""
     rope_dim = int(meta.get("rope.dimension_count") or head_dim)
     if rope_dim != head_dim and permuted:
         raise CheckpointError(f"{meta.path}: {meta.arch}.rope.dimension_count={rope_dim} differs from the head size "
                               f"{head_dim}; partial rotary embeddings are not supported for {meta.arch} GGUF files")
-    scaling_kind = meta.get("rope.scaling.type", "none")
-    if scaling_kind not in _ROPE_SCALING_KINDS:
-        raise CheckpointError(f"{meta.path}: rope scaling type {scaling_kind!r} ({meta.arch}.rope.scaling.type) is "
-                              f"not supported (supported: {', '.join(_ROPE_SCALING_KINDS)})")
-    scaling: tuple[tuple[str, Any], ...] = ()
-    if scaling_kind == "linear":
-        scaling = (("factor", float(meta.get("rope.scaling.factor", required=True))), ("rope_type", "linear"))
-    return {"rope_theta": float(meta.get("rope.freq_base", _DEFAULT_ROPE_THETA)), "rope_scaling": scaling,
+    return {"rope_theta": float(meta.get("rope.freq_base", _DEFAULT_ROPE_THETA)), "rope_scaling": _rope_scaling(meta),
             "partial_rotary_factor": rope_dim / head_dim}
 
 
@@ -84,10 +127,6 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | Path) -> ModelConfig:
     """ModelConfig from a GGUF file's metadata and tensor names."""
     meta = _metadata(reader, Path(path))
     arch = ARCHITECTURES[meta.arch]
-    for name, what in _REFUSED_TENSORS.items():
-        if meta.has(name):
-            raise CheckpointError(f"{meta.path} has a {name.removesuffix('.weight')} tensor ({what}), which is not "
-                                  f"supported for GGUF")
     hidden = int(meta.get("embedding_length", required=True))
     heads = int(meta.get("attention.head_count", required=True))
     head_dim = int(meta.get("attention.key_length") or hidden // heads)
@@ -176,4 +215,5 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, GGUFSource, list[Rule]]:
     """Config, tensor source and key map of a GGUF file."""
     reader = open_reader(path)
     cfg = config_from_gguf(reader, path)
-    return cfg, GGUFSource(reader, path), ARCHITECTURES[cfg.model_type].key_map(cfg)
+    rope_rules = [ignore(re.escape(name)) for name in ROPE_TENSORS]  # read into cfg.rope_scaling
+    return cfg, GGUFSource(reader, path), ARCHITECTURES[cfg.model_type].key_map(cfg) + rope_rules

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from hdex_jax import rope
 
 Norm = Literal["rmsnorm", "layernorm"]
 Positions = Literal["rope", "learned", "alibi", "none"]
@@ -65,7 +66,8 @@ class ModelConfig:
     positions: Positions = "rope"
     position_offset: int = 0
     rope_theta: float = 10000.0
-    # Hashable form of the HF rope parameters beyond theta, e.g. (("rope_type", "llama3"), ("factor", 8.0), ...).
+    # Hashable form of the HF rope parameters beyond theta, e.g. (("rope_type", "llama3"), ("factor", 8.0), ...),
+    # lists as tuples; the kinds and what they compute are in hdex_jax.rope.
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
@@ -123,6 +125,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.activation not in ("silu", "relu", "gelu", "gelu_tanh"):
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not supported")
+        if self.positions == "rope":
+            try:
+                rope.check_scaling(dict(self.rope_scaling), self.rope_dim)
+            except ValueError as e:
+                raise ValueError(f"ModelConfig.rope_scaling: {e}") from e
 
     @property
     def projects_embeddings(self) -> bool:
@@ -151,27 +158,9 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def rope_inv_freq(self) -> np.ndarray:
-        """Inverse frequencies of RoPE, `[rope_dim // 2]` float64, with the configured scaling applied."""
-        dim = self.rope_dim
-        inv_freq = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        scaling = dict(self.rope_scaling)
-        kind = scaling.get("rope_type", "default")
-        if kind == "default":
-            return inv_freq
-        if kind == "linear":
-            return inv_freq / float(scaling["factor"])
-        if kind == "llama3":
-            factor = float(scaling["factor"])
-            low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-            old_len = float(scaling["original_max_position_embeddings"])
-            low_wavelen, high_wavelen = old_len / low, old_len / high
-            wavelen = 2 * math.pi / inv_freq
-            scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-            smooth = (old_len / wavelen - low) / (high - low)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-            return np.where(is_medium, smoothed, scaled)
-        raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+        """Inverse frequencies of RoPE, `[rope_dim // 2]` float64, with the configured scaling applied (for dynamic
+        and longrope scaling, those of a sequence within the original length; `hdex_jax.rope`)."""
+        return rope.inv_freq(self)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -179,7 +168,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         fields = json.loads(text)
-        fields["rope_scaling"] = tuple(tuple(item) for item in fields.get("rope_scaling", ()))
+        fields["rope_scaling"] = tuple((key, _hashable(value)) for key, value in fields.get("rope_scaling", ()))
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
         fields["sliding_layers"] = tuple(fields.get("sliding_layers", ()))
         fields["weight_formats"] = tuple(tuple(item) for item in fields.get("weight_formats", ()))
@@ -197,7 +186,8 @@ class ModelConfig:
 
 
 def rope_scaling_items(rope_parameters: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    """The hashable form of HF `rope_parameters`/`rope_scaling`, without the theta it also carries."""
+    """The hashable form of HF `rope_parameters`/`rope_scaling`, without the theta it also carries; lists (longrope's
+    factors) become tuples."""
     if not rope_parameters:
         return ()
     items = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "partial_rotary_factor")}
@@ -206,7 +196,12 @@ def rope_scaling_items(rope_parameters: dict[str, Any] | None) -> tuple[tuple[st
     items.pop("type", None)
     if items.get("rope_type", "default") == "default":
         return ()
-    return tuple(sorted(items.items()))
+    return tuple(sorted((key, _hashable(value)) for key, value in items.items()))
+
+
+def _hashable(value: Any) -> Any:
+    """`value` with lists made tuples, so that a ModelConfig holding it stays hashable."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def eos_ids(value: int | list[int] | None) -> tuple[int, ...]:

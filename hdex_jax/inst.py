@@ -169,7 +169,7 @@ def environment() -> dict[str, str]:
 
 # The modules whose code the exported programs are traced from.
 _PROGRAM_MODULES = ("config", "generation", "kv_cache", "layout", "matvec", "model", "params", "pytree", "quant",
-                    "sampling", "sharding")
+                    "rope", "sampling", "sharding")
 
 
 @functools.cache

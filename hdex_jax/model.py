@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from hdex_jax import quant
+from hdex_jax import quant, rope
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache
 from hdex_jax.matvec import batched_matmul, matmul
@@ -124,11 +124,9 @@ def _row_parallel(x: jax.Array, p: dict) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, T, 1, rope_dim] of the positions [B, T]: built once per forward, shared by every layer."""
-    inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)  # [rd/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rd]
-    return jnp.cos(emb), jnp.sin(emb)
+    """cos and sin [B, T, 1, rope_dim] of the positions [B, T], with the configured scaling (`hdex_jax.rope`):
+    built once per forward, shared by every layer."""
+    return rope.tables(positions, cfg)
 
 
 def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array] | None, cfg: ModelConfig) -> jax.Array:

@@ -195,8 +195,8 @@ def test_linear_rope_scaling_and_unsupported_kind() -> None:
     hf = {k: v for k, v in _hf_dict("llama").items() if k != "rope_parameters"}
     cfg = config_from_hf({**hf, "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
     np.testing.assert_allclose(cfg.rope_inv_freq(), 1.0 / 10000 ** (np.arange(0, 16, 2) / 16) / 2.0)
-    with pytest.raises(CheckpointError, match="yarn"):
-        config_from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(CheckpointError, match="rope scaling type 'proportional' is not supported"):
+        config_from_hf({**hf, "rope_scaling": {"rope_type": "proportional", "factor": 4.0}})
 
 
 @pytest.mark.parametrize("settings, window", [
@@ -443,14 +443,15 @@ def test_gguf_tensor_type_that_cannot_be_dequantized(refused: str, tmp_path: Pat
         load_checkpoint(path)
 
 
-def test_gguf_rope_freqs_and_yarn_are_refused(tmp_path: Path) -> None:
+def test_gguf_rope_freqs_with_linear_scaling_and_yarn_without_its_length_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "freqs.gguf"
-    write_tiny_gguf(path, "F32", extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(CheckpointError, match="rope_freqs"):
+    write_tiny_gguf(path, "F32", rope_scaling=("linear", 2.0),
+                    extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(CheckpointError, match="rope_freqs tensor together with rope scaling 'linear'"):
         load_checkpoint(path)
     path = tmp_path / "yarn.gguf"
     write_tiny_gguf(path, "F32", rope_scaling=("yarn", 4.0))
-    with pytest.raises(CheckpointError, match="'yarn'"):
+    with pytest.raises(CheckpointError, match="rope.scaling.original_context_length"):
         load_config(path)
 
 

@@ -130,7 +130,7 @@ REFUSED = [
     (_MPT, {"norm_type": "rmsnorm"}, "norm_type"),
     (_FALCON, {"new_decoder_architecture": True, "parallel_attn": False}, "parallel_attn"),
     (_FALCON, {"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn"),
-    (_FALCON, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
+    (_FALCON, {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}}, "proportional"),
     (_FALCON, {"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
 ]
 

@@ -66,7 +66,6 @@ def test_parity(reference: Reference, num_device: int):
 @pytest.mark.parametrize("family, key, value", [
     ("gemma", "use_bidirectional_attention", True),
     ("gemma", "hidden_activation", "silu"),  # disagrees with hidden_act: older transformers read this key
-    ("gemma2", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
     ("gemma2", "layer_types", ["sliding_attention", "chunked_attention"]),
 ])
 def test_refused_option(family: str, key: str, value):

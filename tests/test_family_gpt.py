@@ -112,7 +112,7 @@ def test_hub_tensor_names(family: str, tmp_path) -> None:
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("gpt2", {"add_cross_attention": True}, "add_cross_attention"),
     ("gptj", {"rotary_dim": 7}, "rotary_dim"),
-    ("gpt_neox", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ("gpt_neox", {"rope_scaling": {"rope_type": "proportional"}}, "proportional"),
     ("gpt_neox", {"rotary_pct": 0.0625, "rope_parameters": None}, "rotary_pct"),
 ])
 def test_refused_options(family: str, change: dict, key: str) -> None:

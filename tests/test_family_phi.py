@@ -75,13 +75,13 @@ def test_phi3_fused_split_matches_transformers_projections(tmp_path):
 
 
 @pytest.mark.parametrize("model_type, key, value, message", [
-    ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
-     "rope scaling 'longrope'"),
-    ("phi3", "rope_scaling", {"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}, "rope scaling 'su'"),
+    ("phi3", "rope_scaling", {"type": "linear", "factor": 2.0}, "rope scaling type 'linear'"),
+    ("phi3", "rope_scaling", {"type": "su", "short_factor": [1.0] * 4}, "longrope.*needs long_factor"),
     ("phi", "qk_layernorm", True, "qk_layernorm=true"),
     ("stablelm", "qk_layernorm", True, "qk_layernorm=true"),
     ("olmo", "clip_qkv", 8.0, "clip_qkv=8.0"),
-    ("starcoder2", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope scaling 'linear'"),
+    ("starcoder2", "rope_parameters", {"rope_type": "proportional", "rope_theta": 1e4},
+     "rope scaling type 'proportional'"),
 ])
 def test_refused_options(model_type: str, key: str, value, message: str):
     """An option the canonical model does not implement is a CheckpointError naming the file and the option."""

@@ -311,16 +311,6 @@ def test_declared_tensor_names_are_gguf_names() -> None:
                 assert any(rule.regex.fullmatch(n) for n in known), f"{name}: {rule.pattern} is no gguf {name} tensor"
 
 
-def test_phi3_longrope_is_refused(tmp_path: Path) -> None:
-    case = CASES["phi3"]
-    hf_dir = save_random_model(case.config(), tmp_path / "hf")
-    factors = np.ones(4, np.float32)
-    path = write_gguf(hf_dir, tmp_path / "long.gguf", case,
-                      extra={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
-    with pytest.raises(CheckpointError, match="rope_factors_long.*longrope"):
-        load_config(path)
-
-
 def test_falcon_of_another_qkv_layout_is_refused(tmp_path: Path) -> None:
     case = dataclasses.replace(CASES["falcon"], metadata=lambda w, c: _falcon(w, c, layout="interleaved"))
     path = write_gguf(save_random_model(case.config(), tmp_path / "hf"), tmp_path / "other.gguf", case)

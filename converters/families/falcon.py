@@ -28,36 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.families._rotary import hf_rope
 from converters.families.bloom import bloom_alibi_slopes, grouped_qkv, grouped_qkv_bias
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
 from converters.keymap import QKV, Derived, Rule, keep, linear, lm_head, norm, o_out
-from hdex_jax.config import ModelConfig, rope_scaling_items
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("falcon",)
-
-# Rope scaling kinds ModelConfig.rope_inv_freq implements; others (such as "dynamic", which Falcon configs use)
-# are refused.
-_ROPE_KINDS = ("linear", "llama3")
-
 
 def falcon_alibi_slopes(cfg: ModelConfig) -> np.ndarray:
     """The per-head ALiBi slopes of a falcon-rw model in the canonical model's units (added to the scaled
     scores): BLOOM's slopes rounded to bfloat16 as transformers does, divided by sqrt(head_dim)."""
     rounded = np.asarray(bloom_alibi_slopes(cfg.num_heads), dtype=jnp.bfloat16).astype(np.float32)
     return (rounded / np.float32(math.sqrt(cfg.head_dim))).astype(np.float32)
-
-
-def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, Any], ...]]:
-    """(theta, scaling items) from `rope_parameters` (transformers >= 5) or the older `rope_theta`/`rope_scaling`."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
-    scaling = rope_scaling_items(params)
-    kind = dict(scaling).get("rope_type")
-    if kind is not None and kind not in _ROPE_KINDS:
-        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
-                              f"(supported: default, {', '.join(_ROPE_KINDS)})")
-    return float(theta), scaling
 
 
 def _block(hf: Mapping[str, Any], source: str) -> tuple[bool, bool]:
@@ -95,7 +79,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     if heads % kv_heads:
         raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of num_kv_heads {kv_heads}")
     alibi = bool(hf.get("alibi", False))
-    theta, scaling = _rope(hf, source) if not alibi else (10000.0, ())
+    theta, scaling, _ = hf_rope(hf, source) if not alibi else (10000.0, (), 1.0)
     parallel, shared = _block(hf, source)
     bias = bool(hf.get("bias", False))
     return ModelConfig(
@@ -149,7 +133,7 @@ FAMILY = Family(
                 "GELU MLP", "optional biases", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear and llama3 (e.g. dynamic) are refused, as are "
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them); refused: "
            "new_decoder_architecture with parallel_attn=false and apply_residual_connection_post_layernorm=true; "
            "with ALiBi transformers rounds slope x position to bfloat16 and hdex_jax does not (identical up to 8 "
            "heads and 256 positions)",

@@ -24,36 +24,22 @@ from typing import Any
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
 from converters.keymap import Rule, gated_mlp, keep, linear, lm_head, o_out, qkv_rules
-from hdex_jax.config import ModelConfig, rope_scaling_items
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("gemma",)
 
 # GemmaConfig's and Gemma2Config's defaults, which transformers uses when config.json leaves a key out.
 DEFAULT_HEAD_DIM = 256
-DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_RMS_NORM_EPS = 1e-6
 
 
 def one_plus(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """A Gemma RMSNorm weight `w` -> the canonical scale `1 + w` (exact in float32, see the module docstring)."""
     return x + np.float32(1.0)
-
-
-def rope_theta(hf: Mapping[str, Any], source: str) -> float:
-    """RoPE theta from either config style (transformers >= 5 `rope_parameters`, older top-level `rope_theta`).
-
-    Every released Gemma and Gemma 2 uses plain RoPE; a scaled one is refused rather than converted wrong.
-    """
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = hf.get(key) or {}
-    scaling = rope_scaling_items(params)
-    if scaling:
-        raise CheckpointError(f"{source}: {key}={params} is not supported for model_type "
-                              f"{hf.get('model_type')!r} (only the default RoPE)")
-    return float(params.get("rope_theta") or hf.get("rope_theta") or DEFAULT_ROPE_THETA)
 
 
 def head_dim(hf: Mapping[str, Any], source: str) -> int:
@@ -92,6 +78,7 @@ def gemma_config(hf: Mapping[str, Any], source: str, act: str) -> ModelConfig:
     hidden = int(require(hf, "hidden_size", source))
     heads = int(require(hf, "num_attention_heads", source))
     attention_bias = bool(hf.get("attention_bias", False))
+    theta, scaling, _ = hf_rope(hf, source)
     return ModelConfig(
         model_type=require(hf, "model_type", source),
         **hf_sizes(hf, source, hidden_size=hidden, num_heads=heads, head_dim=head_dim(hf, source)),
@@ -99,7 +86,8 @@ def gemma_config(hf: Mapping[str, Any], source: str, act: str) -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
         embed_scale=float(np.float32(math.sqrt(hidden))),
         positions="rope",
-        rope_theta=rope_theta(hf, source),
+        rope_theta=theta,
+        rope_scaling=scaling,
         activation=act,
         gated_mlp=True,
         qkv_bias=attention_bias,
@@ -140,6 +128,6 @@ FAMILY = Family(
                 "tied head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits=("rope scaling, use_bidirectional_attention, and hidden_act / hidden_activation that disagree "
-            "are refused"),
+    limits=("use_bidirectional_attention, and hidden_act / hidden_activation that disagree are refused; "
+            "rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)"),
 )

@@ -96,5 +96,6 @@ FAMILY = Family(
                 "attention and final logit soft-capping", "sliding window on alternating layers"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling, use_bidirectional_attention and layer types other than sliding/full are refused",
+    limits=("use_bidirectional_attention and layer types other than sliding/full are refused; "
+            "rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)"),
 )

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.families._rotary import rope_scaling
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
 from converters.keymap import QKV, Rule, ignore, keep, linear, lm_head, norm, o_out
-from hdex_jax.config import ModelConfig, rope_scaling_items
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -25,8 +26,6 @@ MODEL_TYPES = ("gpt_neox",)
 LAYER_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 ROTARY_PCT = 0.25
-# Rope scaling kinds ModelConfig.rope_inv_freq implements and GPT-NeoX checkpoints use.
-_ROPE_KINDS = ("linear",)
 
 
 def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, Any], ...], float]:
@@ -36,12 +35,7 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, A
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     theta = params.get("rope_theta", hf.get("rotary_emb_base", ROPE_THETA))
     partial = params.get("partial_rotary_factor", hf.get("rotary_pct", ROTARY_PCT))
-    scaling = rope_scaling_items(params)
-    kind = dict(scaling).get("rope_type")
-    if kind is not None and kind not in _ROPE_KINDS:
-        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
-                              f"(supported: default, {', '.join(_ROPE_KINDS)})")
-    return float(theta), scaling, float(partial)
+    return float(theta), rope_scaling(params, hf, source), float(partial)
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -117,5 +111,6 @@ FAMILY = Family(
                 "fused per-head query_key_value", "parallel residual with two norms, or sequential"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear are refused; an odd rotary dimension is refused",
+    limits=("rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them); an odd rotary dimension is refused"),
 )

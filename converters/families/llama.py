@@ -1,4 +1,4 @@
-"""Llama-style checkpoints: Llama 1/2/3 (incl. llama3 rope scaling), SmolLM2, Mistral and Qwen2.
+"""Llama-style checkpoints: Llama 1/2/3 (any rope scaling, llama3 included), SmolLM2, Mistral and Qwen2.
 
 They share one tensor layout (`model.layers.N.self_attn.q_proj.weight`, ...): RMSNorm, rotate-half RoPE, a
 SiLU-gated MLP. They differ in config only: Qwen2 always has q/k/v biases, Llama may have `attention_bias`
@@ -10,35 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from converters.errors import CheckpointError
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
 from converters.keymap import Rule, gated_mlp, ignore, keep, linear, lm_head, o_out, qkv_rules
-from hdex_jax.config import ModelConfig, rope_scaling_items
+from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-# Rope scaling kinds ModelConfig.rope_inv_freq implements; others would only fail later, at the first forward.
-_ROPE_KINDS = ("linear", "llama3")
 # Qwen2Config's default, used when an old config.json leaves the key out.
 _QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
-
-
-def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, Any], ...], float]:
-    """(theta, scaling items, partial rotary factor) from either config style.
-
-    transformers >= 5 writes `rope_parameters` (theta inside); older Hub files have a top-level `rope_theta`
-    and an optional `rope_scaling`.
-    """
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
-    partial = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
-    scaling = rope_scaling_items(params)
-    kind = dict(scaling).get("rope_type")
-    if kind is not None and kind not in _ROPE_KINDS:
-        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
-                              f"(supported: default, {', '.join(_ROPE_KINDS)})")
-    return float(theta), scaling, float(partial)
 
 
 def _sliding_window(hf: Mapping[str, Any], num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
@@ -64,7 +45,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     hidden = int(require(hf, "hidden_size", source))
     heads = int(require(hf, "num_attention_heads", source))
     layers = int(require(hf, "num_hidden_layers", source))
-    theta, scaling, partial = _rope(hf, source)
+    theta, scaling, partial = hf_rope(hf, source)
     window, sliding_layers = _sliding_window(hf, layers)
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
@@ -110,10 +91,10 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="HuggingFaceTB/SmolLM2-135M-Instruct",
-    mechanisms=("RMSNorm", "rotate-half RoPE (default, linear, llama3 scaling)", "SiLU-gated MLP",
+    mechanisms=("RMSNorm", "rotate-half RoPE, any rope scaling (hdex_jax/rope.py)", "SiLU-gated MLP",
                 "grouped-query attention", "optional biases",
                 "sliding window (Mistral; Qwen2, also on some layers only)"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear and llama3 are refused",
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
 )

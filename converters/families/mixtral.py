@@ -84,5 +84,5 @@ FAMILY = Family(
                 "RMSNorm", "rotate-half RoPE", "grouped-query attention", "sliding window"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling kinds other than linear and llama3 are refused",
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
 )

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.families._rotary import unscaled_rope
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
 from converters.keymap import Rule, gated_mlp, keep, linear, lm_head, o_out, qkv_rules
@@ -29,7 +29,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         raise CheckpointError(f"{source}: clip_qkv={hf['clip_qkv']!r} is not supported (only null)")
     bias = bool(hf.get("attention_bias", False))
     # OLMo's rotary embedding ignores any partial factor and rotates whole heads.
-    theta, _ = unscaled_rope(hf, source, default_partial=1.0)
+    theta, scaling, _ = hf_rope(hf, source)
     return ModelConfig(
         model_type="olmo",
         **hf_sizes(hf, source),
@@ -39,6 +39,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         norm_bias=False,
         positions="rope",
         rope_theta=theta,
+        rope_scaling=scaling,
         activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
         gated_mlp=True,
         qkv_bias=bias,
@@ -67,5 +68,6 @@ FAMILY = Family(
                 "optional attention biases"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="clip_qkv (OLMo-1.7) and rope scaling are refused",
+    limits=("clip_qkv (OLMo-1.7) is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them)"),
 )

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.families._rotary import unscaled_rope
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
 from converters.keymap import Rule, keep, linear, lm_head, norm, o_out, qkv_rules
@@ -28,7 +28,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     if hf.get("qk_layernorm"):
         # Per-head LayerNorms on q and k before the rotary embedding: not a mechanism of the canonical model.
         raise CheckpointError(f"{source}: qk_layernorm=true is not supported")
-    theta, partial = unscaled_rope(hf, source, default_partial=_PARTIAL_ROTARY_FACTOR)
+    theta, scaling, partial = hf_rope(hf, source, default_partial=_PARTIAL_ROTARY_FACTOR)
     return ModelConfig(
         model_type="phi",
         **hf_sizes(hf, source),
@@ -38,6 +38,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         shared_norm=True,
         positions="rope",
         rope_theta=theta,
+        rope_scaling=scaling,
         partial_rotary_factor=partial,
         activation=activation(hf.get("hidden_act", "gelu_new"), "hidden_act", source),
         gated_mlp=False,
@@ -73,5 +74,6 @@ FAMILY = Family(
                 "biases on q/k/v, dense, fc1, fc2", "LM head with bias"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="qk_layernorm=true and rope scaling are refused",
+    limits=("qk_layernorm=true is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them)"),
 )

@@ -1,10 +1,13 @@
-"""Phi-3 checkpoints (microsoft/Phi-3-mini-4k-instruct, Phi-3-medium-4k): a Llama-like decoder whose attention
-and MLP inputs are fused.
+"""Phi-3 checkpoints (microsoft/Phi-3-mini-4k-instruct, Phi-3-medium-4k; with longrope scaling the 128k models and
+Phi-3.5-mini): a Llama-like decoder whose attention and MLP inputs are fused.
 
 `self_attn.qkv_proj.weight` is `[(H + 2 KV) * hd, D]`, rows q then k then v, each head-major (transformers
 slices it at H*hd and H*hd + KV*hd). `mlp.gate_up_proj.weight` is `[2F, D]`, rows gate then up
 (`chunk(2)`, the first half through the activation). No projection has a bias. RMSNorm, SiLU, optional
 partial rotary and a sliding window on every layer.
+
+Rope scaling is longrope only, as Phi3Config allows; like Phi3Config, the older names "su" and "yarn" are read
+as longrope, and the original length is the top-level `original_max_position_embeddings` (default 4096).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.families._rotary import unscaled_rope
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
 from converters.keymap import Rule, keep, kv_in, lm_head, o_out, q_in, transpose
@@ -22,13 +25,27 @@ from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("phi3",)
 
-# Phi3Config's default; config.json files of the released models all state it.
+# Phi3Config's defaults; config.json files of the released models all state them.
 _RMS_NORM_EPS = 1e-5
+_ORIGINAL_MAX_POSITIONS = 4096
+# Rope scaling names Phi3Config reads as longrope.
+_LONGROPE_ALIASES = ("su", "yarn")
+
+
+def _longrope_named(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`hf` with an old rope scaling name ("su", "yarn") replaced by "longrope", as Phi3Config does."""
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(key)
+    if not isinstance(params, Mapping) or params.get("rope_type", params.get("type")) not in _LONGROPE_ALIASES:
+        return hf
+    renamed = {k: v for k, v in params.items() if k != "type"}
+    return {**hf, key: {**renamed, "rope_type": "longrope"}}
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """ModelConfig of a phi3 `config.json` dict; `source` names the file in errors."""
-    theta, partial = unscaled_rope(hf, source, default_partial=1.0)
+    theta, scaling, partial = hf_rope(_longrope_named(hf), source, kinds=("longrope",),
+                                      default_original=_ORIGINAL_MAX_POSITIONS)
     return ModelConfig(
         model_type="phi3",
         **hf_sizes(hf, source),
@@ -36,6 +53,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         norm_eps=float(hf.get("rms_norm_eps") or _RMS_NORM_EPS),
         positions="rope",
         rope_theta=theta,
+        rope_scaling=scaling,
         partial_rotary_factor=partial,
         sliding_window=hf.get("sliding_window"),
         activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
@@ -82,8 +100,8 @@ FAMILY = Family(
     model_types=MODEL_TYPES,
     example="microsoft/Phi-3-mini-4k-instruct",
     mechanisms=("fused qkv_proj [q; k; v]", "fused gate_up_proj [gate; up]", "RMSNorm", "SiLU-gated MLP",
-                "rotate-half RoPE (partial)", "grouped-query attention", "sliding window"),
+                "rotate-half RoPE (partial)", "longrope scaling", "grouped-query attention", "sliding window"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling (longrope/su of the 128k models, Phi-3.5, Phi-4-mini) is refused",
+    limits="rope scaling other than longrope (su, yarn read as longrope, as Phi3Config does) is refused",
 )

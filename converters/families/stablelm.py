@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.families._rotary import unscaled_rope
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
 from converters.keymap import Rule, gated_mlp, keep, lm_head, norm, o_out, qkv_rules
@@ -32,7 +32,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     hidden = int(require(hf, "hidden_size", source))
     heads = int(require(hf, "num_attention_heads", source))
     parallel = bool(hf.get("use_parallel_residual", False))
-    theta, partial = unscaled_rope(hf, source, default_partial=_PARTIAL_ROTARY_FACTOR)
+    theta, scaling, partial = hf_rope(hf, source, default_partial=_PARTIAL_ROTARY_FACTOR)
     return ModelConfig(
         model_type="stablelm",
         # StableLmAttention always splits hidden_size evenly over the heads; it reads no head_dim.
@@ -43,6 +43,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         shared_norm=parallel,
         positions="rope",
         rope_theta=theta,
+        rope_scaling=scaling,
         partial_rotary_factor=partial,
         activation=activation(hf.get("hidden_act", "silu"), "hidden_act", source),
         gated_mlp=True,
@@ -74,5 +75,6 @@ FAMILY = Family(
                 "sequential or parallel residual (one shared LayerNorm)", "grouped-query attention"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="qk_layernorm=true and rope scaling are refused",
+    limits=("qk_layernorm=true is refused; rope scaling: linear, dynamic, yarn, llama3 and longrope "
+            "(other types refused, naming them)"),
 )

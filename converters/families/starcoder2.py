@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from converters.families._rotary import unscaled_rope
+from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
 from converters.keymap import Rule, keep, linear, lm_head, norm, o_out, qkv_rules
@@ -25,7 +25,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     """ModelConfig of a starcoder2 `config.json` dict; `source` names the file in errors."""
     bias = bool(hf.get("use_bias", True))
     # Starcoder2's rotary embedding is the shared default one, which reads a partial factor if one is given.
-    theta, partial = unscaled_rope(hf, source, default_partial=1.0)
+    theta, scaling, partial = hf_rope(hf, source)
     return ModelConfig(
         model_type="starcoder2",
         **hf_sizes(hf, source),
@@ -33,6 +33,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
         norm_eps=float(hf.get("norm_epsilon") or _NORM_EPS),
         positions="rope",
         rope_theta=theta,
+        rope_scaling=scaling,
         partial_rotary_factor=partial,
         sliding_window=hf.get("sliding_window"),
         activation=activation(hf.get("hidden_act", "gelu_pytorch_tanh"), "hidden_act", source),
@@ -68,5 +69,5 @@ FAMILY = Family(
                 "biases (use_bias)", "sliding window", "tied LM head"),
     config_from_hf=config_from_hf,
     key_map=key_map,
-    limits="rope scaling is refused",
+    limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
 )

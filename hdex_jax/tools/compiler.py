@@ -54,9 +54,10 @@ def cap_max_length(model_id: str, max_length: int, cfg: ModelConfig) -> int:
     """`max_length`, or the model's max_position_embeddings if it has fewer, with a notice saying so.
 
     The model has no positions past those, so a larger max_length could never be served; HyperDex's own
-    example asks opt-1.3b (2048 positions) for 4096.
+    example asks opt-1.3b (2048 positions) for 4096. Dynamic (NTK) rope scaling is what serves positions past
+    them, so with it `max_length` is kept.
     """
-    if max_length <= cfg.max_position_embeddings:
+    if max_length <= cfg.max_position_embeddings or dict(cfg.rope_scaling).get("rope_type") == "dynamic":
         return max_length
     _say(f"max_length {max_length} exceeds the {cfg.max_position_embeddings} positions of {model_id} "
          f"(max_position_embeddings); using max_length {cfg.max_position_embeddings}")
