@@ -299,7 +299,7 @@ def _stored_formats(source: TensorSource, plan: dict[_Key, _Match], cfg: ModelCo
 def _read_quantized(source: TensorSource, match: _Match, cfg: ModelConfig, specs: dict[str, ParamSpec]
                     ) -> tuple[quant.QuantArray, ...] | None:
     """A kept tensor's blocks through the rule's layout transform, packed along each target's input axis; None
-    when the transform splits a group (the tensor is then read as floats)."""
+    when the transform splits a group (it reorders the input features within a block)."""
     stored = source.read_quantized(match.name)
     fields = quant.expand(stored)
     transformed = [match.rule.transform(field, cfg) if field is not None else None for field in fields]
