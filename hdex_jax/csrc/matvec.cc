@@ -134,6 +134,43 @@ inline Lanes<4>::type widen_half(const uint16_t* p, Lanes<4>::type) {
   return v;
 }
 
+// W int32s: the integers of a register of weights.
+template <int W>
+struct Ints;
+template <>
+struct Ints<16> { typedef int32_t type __attribute__((vector_size(64))); };
+template <>
+struct Ints<8> { typedef int32_t type __attribute__((vector_size(32))); };
+template <>
+struct Ints<4> { typedef int32_t type __attribute__((vector_size(16))); };
+
+// W bytes (signed or not) -> W int32s: vpmovsxbd or vpmovzxbd where the instruction set has them (GCC 12 turns a
+// generic vector conversion from bytes into one insertion per byte).
+#if defined(__x86_64__)
+__attribute__((target("arch=x86-64-v4"))) inline Ints<16>::type widen_bytes(const int8_t* p, Ints<16>::type) {
+  return (Ints<16>::type)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("arch=x86-64-v4"))) inline Ints<16>::type widen_bytes(const uint8_t* p, Ints<16>::type) {
+  return (Ints<16>::type)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("arch=x86-64-v3"))) inline Ints<8>::type widen_bytes(const int8_t* p, Ints<8>::type) {
+  return (Ints<8>::type)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("arch=x86-64-v3"))) inline Ints<8>::type widen_bytes(const uint8_t* p, Ints<8>::type) {
+  return (Ints<8>::type)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+template <typename Byte>
+inline Ints<4>::type widen_bytes(const Byte* p, Ints<4>::type) {
+  Ints<4>::type v;
+  for (int i = 0; i < 4; ++i) v[i] = p[i];
+  return v;
+}
+
 // The formats a weight is read in (hdex_jax/quant.py's module docstring is the layout): the type of a stored
 // element, bits per weight, whether groups of inputs share a float16 scale (and an offset), the integer's zero.
 struct F32 { typedef float T; static constexpr int kBits = 32, kZero = 0; static constexpr bool kScaled = false, kAffine = false; };
@@ -203,21 +240,19 @@ __attribute__((always_inline)) inline typename Lanes<W>::type values(const typen
     return load<W>(p);
   } else if constexpr (std::is_same_v<F, F16>) {
     return widen_half(p, Vec{});
+  } else if constexpr (std::is_same_v<F, BF16>) {
+    typedef typename Ints<W>::type Int;
+    typedef uint16_t Halves __attribute__((vector_size(2 * W)));
+    Halves h;
+    std::memcpy(&h, p, sizeof(h));
+    const Int bits = __builtin_convertvector(h, Int) << 16;  // a bfloat16 is the high half of a float32
+    Vec v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
   } else {
-    typedef typename F::T Stored __attribute__((vector_size(sizeof(typename F::T) * W)));
-    typedef int32_t Ints __attribute__((vector_size(4 * W)));
-    Stored s;
-    std::memcpy(&s, p, sizeof(s));
-    Ints i = __builtin_convertvector(s, Ints);
-    if constexpr (std::is_same_v<F, BF16>) {
-      i <<= 16;  // a bfloat16 is the high half of a float32
-      Vec v;
-      std::memcpy(&v, &i, sizeof(v));
-      return v;
-    } else {
-      if constexpr (F::kBits == 4) i = (hi ? i >> 4 : i & 15) - F::kZero;
-      return __builtin_convertvector(i, Vec);
-    }
+    typename Ints<W>::type i = widen_bytes(p, typename Ints<W>::type{});
+    if constexpr (F::kBits == 4) i = (hi ? i >> 4 : i & 15) - F::kZero;
+    return __builtin_convertvector(i, Vec);
   }
 }
 
@@ -325,9 +360,9 @@ __attribute__((always_inline)) inline void tile_nk(const float* x, const Weight&
     }
   }
   for (int r = 0; r < R; ++r) {
+    for (int c = 1; c < C; ++c) acc[r][0] += acc[r][c];
     float sum = 0.f;
-    for (int c = 0; c < C; ++c)
-      for (int i = 0; i < W; ++i) sum += acc[r][c][i];
+    for (int i = 0; i < W; ++i) sum += acc[r][0][i];
     for (int64_t t = k; t < K; ++t)  // the last K % kGroup inputs (float and int8 weights only)
       sum += x[r * K + t] * weight<F>(w, n * stored<F>(K) + packed<F>(t), high<F>(t), n * groups + t / w.group);
     y[r * N + n] = sum;
