@@ -190,7 +190,7 @@ struct Weight {
   const void* values;      // [K, N] or [N, K] elements; 4-bit formats: [K / 2, N] or [N, K / 2] bytes
   const uint16_t* scale;   // float16 [K / group, N] or [N, K / group]; the scaled formats only
   const uint16_t* offset;  // float16, as `scale`; q4_1 only
-  int64_t group;           // inputs per scale: kGroup, or K for one scale per output
+  bool per_output;         // one scale per output (int8), else one per kGroup inputs
 };
 
 // Inputs per scale of the grouped formats, and rows of w per block of `blocked` (a block is one group).
@@ -206,6 +206,12 @@ inline int64_t packed(int64_t k) {
 template <typename F>
 inline bool high(int64_t k) {
   return F::kBits == 4 && k % kGroup >= kGroup / 2;
+}
+
+// The group of input k: its row of scales in [K / group, N], its column in [N, K / group] (a shift, not a
+// division: products call this in their inner loops).
+inline int64_t group_of(const Weight& w, int64_t k) {
+  return w.per_output ? 0 : k / kGroup;
 }
 
 template <typename F>
@@ -265,6 +271,49 @@ inline float weight(const Weight& w, int64_t at, bool hi, int64_t group) {
   return dequantize<F>(q, scale, offset);
 }
 
+// y[N] = x[k0:k1] @ w[k0:k1, N] for one row x, with w [K, N] and k0 a multiple of kGroup: a stream over the
+// weight. Four inputs per pass over y, so y (in L1) is loaded and stored once per four rows of the weight (4-bit
+// formats: inputs j, j + 1, j + 16 and j + 17 of a group, two rows of bytes).
+template <typename F, int W>
+__attribute__((always_inline)) inline void stream(const float* x, const Weight& w, float* y, int64_t N, int64_t k0,
+                                                  int64_t k1) {
+  typedef typename Lanes<W>::type Vec;
+  const auto* stored_w = static_cast<const typename F::T*>(w.values);
+  const int64_t tiled = N / W * W;
+  // One pass: inputs k[i] stored in rows row[i] (high nibbles where hi[i]), all of one group.
+  auto pass = [&](const int64_t (&k)[4], const int64_t (&row)[4], const bool (&hi)[4]) {
+    const float a[4] = {x[k[0]], x[k[1]], x[k[2]], x[k[3]]};
+    const int64_t group = group_of(w, k[0]) * N;
+    for (int64_t n = 0; n < tiled; n += W) {
+      Vec scale = {}, offset = {};
+      if constexpr (F::kScaled) scale = widen_half(w.scale + group + n, Vec{});
+      if constexpr (F::kAffine) offset = widen_half(w.offset + group + n, Vec{});
+      Vec acc = load<W>(y + n);
+      for (int i = 0; i < 4; ++i)
+        acc += a[i] * dequantize<F>(values<F, W>(stored_w + row[i] * N + n, hi[i]), scale, offset);
+      store<W>(y + n, acc);
+    }
+    for (int64_t n = tiled; n < N; ++n)
+      for (int i = 0; i < 4; ++i) y[n] += a[i] * weight<F>(w, row[i] * N + n, hi[i], group + n);
+  };
+  std::memset(y, 0, sizeof(float) * N);
+  if constexpr (F::kBits == 4) {
+    for (int64_t kb = k0; kb < k1; kb += kGroup) {
+      const int64_t rb = packed<F>(kb);
+      for (int64_t j = 0; j < kGroup / 2; j += 2)
+        pass({kb + j, kb + j + 1, kb + j + 16, kb + j + 17}, {rb + j, rb + j + 1, rb + j, rb + j + 1},
+             {false, false, true, true});
+    }
+  } else {
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) pass({k, k + 1, k + 2, k + 3}, {k, k + 1, k + 2, k + 3}, {false, false, false, false});
+    for (; k < k1; ++k) {
+      const float a = x[k];
+      for (int64_t n = 0; n < N; ++n) y[n] += a * weight<F>(w, k * N + n, false, group_of(w, k) * N + n);
+    }
+  }
+}
+
 // Rows of w per block: a block of [kBlockRows, N] stays in L2 while every group of rows of x passes over it, so
 // the weight comes from memory once however many rows x has. One block is one group of the grouped formats.
 constexpr int64_t kBlockRows = kGroup;
@@ -284,8 +333,8 @@ __attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, co
     for (int v = 0; v < V; ++v) acc[r][v] = load<W>(y + r * N + nb + W * v);
   Vec scale[V] = {}, offset[V] = {};  // of the group the block is (blocks never straddle groups)
   for (int v = 0; v < V; ++v) {
-    if constexpr (F::kScaled) scale[v] = widen_half(w.scale + kb / w.group * N + nb + W * v, Vec{});
-    if constexpr (F::kAffine) offset[v] = widen_half(w.offset + kb / w.group * N + nb + W * v, Vec{});
+    if constexpr (F::kScaled) scale[v] = widen_half(w.scale + group_of(w, kb) * N + nb + W * v, Vec{});
+    if constexpr (F::kAffine) offset[v] = widen_half(w.offset + group_of(w, kb) * N + nb + W * v, Vec{});
   }
   auto step = [&](int64_t k, int64_t row, bool hi) {  // input k, stored in row `row`
     Vec wv[V];
@@ -333,7 +382,7 @@ __attribute__((always_inline)) inline void blocked(const float* x, const Weight&
       for (int64_t k = kb; k < ke; ++k) {
         const float a = x[m * K + k];
         for (int64_t n = tiled; n < N; ++n)
-          y[m * N + n] += a * weight<F>(w, packed<F>(k) * N + n, high<F>(k), k / w.group * N + n);
+          y[m * N + n] += a * weight<F>(w, packed<F>(k) * N + n, high<F>(k), group_of(w, k) * N + n);
       }
     }
   }
@@ -347,13 +396,13 @@ __attribute__((always_inline)) inline void tile_nk(const float* x, const Weight&
   typedef typename Lanes<W>::type Vec;
   constexpr int C = kGroup / W;
   const auto* row = static_cast<const typename F::T*>(w.values) + n * stored<F>(K);
-  const int64_t groups = K / w.group;
+  const int64_t groups = w.per_output ? 1 : K / kGroup;
   Vec acc[R][C] = {};
   int64_t k = 0;
   for (; k + kGroup <= K; k += kGroup) {
     Vec scale = {}, offset = {};
-    if constexpr (F::kScaled) scale += half(w.scale[n * groups + k / w.group]);
-    if constexpr (F::kAffine) offset += half(w.offset[n * groups + k / w.group]);
+    if constexpr (F::kScaled) scale += half(w.scale[n * groups + group_of(w, k)]);
+    if constexpr (F::kAffine) offset += half(w.offset[n * groups + group_of(w, k)]);
     for (int c = 0; c < C; ++c) {
       const Vec wv = dequantize<F>(values<F, W>(row + packed<F>(k + c * W), c * W >= kGroup / 2), scale, offset);
       for (int r = 0; r < R; ++r) acc[r][c] += load<W>(x + r * K + k + c * W) * wv;
@@ -364,7 +413,7 @@ __attribute__((always_inline)) inline void tile_nk(const float* x, const Weight&
     float sum = 0.f;
     for (int i = 0; i < W; ++i) sum += acc[r][0][i];
     for (int64_t t = k; t < K; ++t)  // the last K % kGroup inputs (float and int8 weights only)
-      sum += x[r * K + t] * weight<F>(w, n * stored<F>(K) + packed<F>(t), high<F>(t), n * groups + t / w.group);
+      sum += x[r * K + t] * weight<F>(w, n * stored<F>(K) + packed<F>(t), high<F>(t), n * groups + group_of(w, t));
     y[r * N + n] = sum;
   }
 }
@@ -390,6 +439,8 @@ __attribute__((always_inline)) inline void rows_of(const Weight& w, bool transpo
                                                    int64_t M, int64_t K, int64_t N, int64_t lo, int64_t hi) {
   if (transposed) {
     rows_nk<F, W>(x, w, y, M, K, N, lo, hi);
+  } else if (M == 1) {
+    stream<F, W>(x, w, y, N, lo, hi);
   } else {
     blocked<F, W, V>(x, w, y, M, K, N, lo, hi);
   }
@@ -569,18 +620,18 @@ ffi::Error Matvec(Batch x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::AnyBuffe
   if (wd[0] != B || inputs != K || y->dimensions()[0] != B || y->dimensions()[1] != M || y->dimensions()[2] != N) {
     return ffi::Error::InvalidArgument("hdex_matvec: shapes of x, w and y do not agree");
   }
-  Weight weight{*format, w.untyped_data(), nullptr, nullptr, K};
+  Weight weight{*format, w.untyped_data(), nullptr, nullptr, false};
   if (scaled) {
     const auto sd = scale.dimensions();
     const int64_t groups = sd.size() == 3 ? (transposed ? sd[2] : sd[1]) : 0;
     if (B != 1 || scale.element_type() != ffi::DataType::F16 || sd.size() != 3 || sd[0] != 1 ||
-        (transposed ? sd[1] : sd[2]) != N || groups < 1 || K % groups != 0 ||
-        (K / groups != K && K / groups != kGroup) || (four_bits && K % kGroup != 0)) {
+        (transposed ? sd[1] : sd[2]) != N || (groups != 1 && groups * kGroup != K) ||
+        (four_bits && K % kGroup != 0)) {
       return ffi::Error::InvalidArgument(
           "hdex_matvec: a quantized w is one product, with float16 scales per output and per 32 inputs or all");
     }
     weight.scale = static_cast<const uint16_t*>(scale.untyped_data());
-    weight.group = K / groups;
+    weight.per_output = groups == 1;
     if (*format == Format::kQ4_1) {
       if (offset.element_type() != ffi::DataType::F16 || offset.element_count() != scale.element_count()) {
         return ffi::Error::InvalidArgument("hdex_matvec: the offsets of q4_1 and int4 are shaped as their scales");
