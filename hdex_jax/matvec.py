@@ -1,12 +1,15 @@
-"""The matrix products of the forward pass: on the CPU, float32 products of up to `MAX_ROWS` rows (decode steps
-and short prompts) run on the kernel of `csrc/matvec.cc`, the others on XLA's dot.
+"""The matrix products of the forward pass: on the CPU, products of up to `MAX_ROWS` rows (decode steps and short
+prompts) run on the kernel of `csrc/matvec.cc`, the others on XLA's dot.
 
 Decode reads every weight once per token, so its speed is the rate at which the products read their weights.
 XLA CPU's products of SmolLM2's layer shapes read them at 15-21 GB/s where a plain stream reaches about 30; the
 kernel streams each weight once, one contiguous piece per core, and reaches about 29; with several rows it keeps
 blocks of the weight in L2 while register tiles of every row pass over them (docs/performance.md, "The
 matrix-vector kernel"). It is an XLA FFI custom call, so it runs inside the jitted and exported programs like any
-other operation.
+other operation. It reads the weight in the format it is stored in (float32, float16, bfloat16, or a
+`hdex_jax.quant.QuantArray`: q8_0, q4_0, q4_1, int8, int4), converting each register of it to float32, so fewer
+bytes per weight are fewer bytes read per token; activations enter it as float32 and it sums in float32. Where
+XLA multiplies, a QuantArray is dequantized inside the program for that product, never kept as a float copy.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`) against the
 XLA FFI headers shipped in jaxlib, and kept in `$HDEX_HOME/kernels/` under a name that covers its source, jaxlib

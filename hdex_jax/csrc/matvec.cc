@@ -173,15 +173,18 @@ inline Ints<4>::type widen_bytes(const Byte* p, Ints<4>::type) {
 
 // The formats a weight is read in (hdex_jax/quant.py's module docstring is the layout): the type of a stored
 // element, bits per weight, whether groups of inputs share a float16 scale (and an offset), the integer's zero.
-struct F32 { typedef float T; static constexpr int kBits = 32, kZero = 0; static constexpr bool kScaled = false, kAffine = false; };
-struct F16 { typedef uint16_t T; static constexpr int kBits = 16, kZero = 0; static constexpr bool kScaled = false, kAffine = false; };
-struct BF16 { typedef uint16_t T; static constexpr int kBits = 16, kZero = 0; static constexpr bool kScaled = false, kAffine = false; };
-// q8_0 (a scale per 32 inputs) and int8 (one per output): d * q.
-struct Int8 { typedef int8_t T; static constexpr int kBits = 8, kZero = 0; static constexpr bool kScaled = true, kAffine = false; };
-// q4_0: d * (q - 8).
-struct Q4_0 { typedef uint8_t T; static constexpr int kBits = 4, kZero = 8; static constexpr bool kScaled = true, kAffine = false; };
-// q4_1 and int4: d * q + m.
-struct Q4_1 { typedef uint8_t T; static constexpr int kBits = 4, kZero = 0; static constexpr bool kScaled = true, kAffine = true; };
+template <typename Stored, int Bits, bool Scaled, bool Affine, int Zero>
+struct Storage {
+  typedef Stored T;
+  static constexpr int kBits = Bits, kZero = Zero;
+  static constexpr bool kScaled = Scaled, kAffine = Affine;
+};
+struct F32 : Storage<float, 32, false, false, 0> {};
+struct F16 : Storage<uint16_t, 16, false, false, 0> {};
+struct BF16 : Storage<uint16_t, 16, false, false, 0> {};
+struct Int8 : Storage<int8_t, 8, true, false, 0> {};  // q8_0 (a scale per 32 inputs), int8 (one per output): d * q
+struct Q4_0 : Storage<uint8_t, 4, true, false, 8> {};  // d * (q - 8)
+struct Q4_1 : Storage<uint8_t, 4, true, true, 0> {};   // q4_1 and int4: d * q + m
 
 enum class Format { kF32, kF16, kBF16, kInt8, kQ4_0, kQ4_1 };
 
@@ -271,9 +274,9 @@ inline float weight(const Weight& w, int64_t at, bool hi, int64_t group) {
   return dequantize<F>(q, scale, offset);
 }
 
-// y[N] = x[k0:k1] @ w[k0:k1, N] for one row x, with w [K, N] and k0 a multiple of kGroup: a stream over the
-// weight. Four inputs per pass over y, so y (in L1) is loaded and stored once per four rows of the weight (4-bit
-// formats: inputs j, j + 1, j + 16 and j + 17 of a group, two rows of bytes).
+// y[N] = x[k0:k1] @ w[k0:k1, N] for one row x, with w [K, N] and k0 a multiple of 4 (of kGroup in the grouped
+// formats): a stream over the weight. Four inputs per pass over y, so y (in L1) is loaded and stored once per
+// four rows of the weight (4-bit formats: inputs j, j + 1, j + 16 and j + 17 of a group, two rows of bytes).
 template <typename F, int W>
 __attribute__((always_inline)) inline void stream(const float* x, const Weight& w, float* y, int64_t N, int64_t k0,
                                                   int64_t k1) {
@@ -306,10 +309,26 @@ __attribute__((always_inline)) inline void stream(const float* x, const Weight& 
     }
   } else {
     int64_t k = k0;
-    for (; k + 4 <= k1; k += 4) pass({k, k + 1, k + 2, k + 3}, {k, k + 1, k + 2, k + 3}, {false, false, false, false});
+    for (; k + 4 <= k1; k += 4)
+      pass({k, k + 1, k + 2, k + 3}, {k, k + 1, k + 2, k + 3}, {false, false, false, false});
     for (; k < k1; ++k) {
       const float a = x[k];
       for (int64_t n = 0; n < N; ++n) y[n] += a * weight<F>(w, k * N + n, false, group_of(w, k) * N + n);
+    }
+  }
+}
+
+// y[M, n0:n1] = x[M, K] @ w[n0:n1, K]^T, with w float32 row-major [N, K]: one dot product per output.
+HDEX_CLONES void dots_nk(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                         int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* __restrict row = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* __restrict xm = x + m * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += row[k] * xm[k];
+      y[m * N + n] = acc;
     }
   }
 }
@@ -322,7 +341,7 @@ static_assert(kTileRows == 4, "the remainder switches cover groups of 1 to 3 row
 
 // y[R rows, V registers of columns at nb] += x[R rows, kb:ke] @ w[kb:ke, those columns], w [K, N]: R x V
 // registers of sums, V of the weight's row (and V of scales and of offsets) and one of x's broadcast value,
-// within the register file. Rows kb + j and kb + j + 16 are taken together: in 4-bit formats they are one load.
+// within the register file. In 4-bit formats rows kb + j and kb + j + 16 are taken together (one load of bytes).
 template <typename F, int W, int V, int R>
 __attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, const Weight& w, int64_t N, float* y,
                                                    int64_t kb, int64_t ke, int64_t nb) {
@@ -345,20 +364,20 @@ __attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, co
       for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
     }
   };
-  if (ke - kb == kBlockRows) {
-    const int64_t row = packed<F>(kb), second = F::kBits == 4 ? 0 : kBlockRows / 2;
+  if constexpr (F::kBits == 4) {  // whole groups: K is a multiple of kGroup
+    const int64_t row = packed<F>(kb);
     for (int64_t j = 0; j < kBlockRows / 2; ++j) {
       step(kb + j, row + j, false);
-      step(kb + j + kBlockRows / 2, row + j + second, true);
+      step(kb + j + kBlockRows / 2, row + j, true);
     }
   } else {
-    for (int64_t k = kb; k < ke; ++k) step(k, packed<F>(k), high<F>(k));
+    for (int64_t k = kb; k < ke; ++k) step(k, k, false);
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) store<W>(y + r * N + nb + W * v, acc[r][v]);
 }
 
-// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] with w [K, N], k0 a multiple of kGroup: register tiles of kTileRows rows x
+// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] with w [K, N], k0 as for `stream`: register tiles of kTileRows rows x
 // W * V columns over blocks of w that stay in L2.
 template <typename F, int W, int V>
 __attribute__((always_inline)) inline void blocked(const float* x, const Weight& w, float* y, int64_t M, int64_t K,
@@ -370,7 +389,8 @@ __attribute__((always_inline)) inline void blocked(const float* x, const Weight&
     const int64_t ke = std::min(kb + kBlockRows, k1);
     for (int64_t nb = 0; nb < tiled; nb += tile) {
       int64_t m = 0;
-      for (; m + kTileRows <= M; m += kTileRows) tile_kn<F, W, V, kTileRows>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
+      for (; m + kTileRows <= M; m += kTileRows)
+        tile_kn<F, W, V, kTileRows>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
       switch (M - m) {
         case 3: tile_kn<F, W, V, 3>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
         case 2: tile_kn<F, W, V, 2>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
@@ -437,7 +457,9 @@ __attribute__((always_inline)) inline void rows_nk(const float* x, const Weight&
 template <typename F, int W, int V>
 __attribute__((always_inline)) inline void rows_of(const Weight& w, bool transposed, const float* x, float* y,
                                                    int64_t M, int64_t K, int64_t N, int64_t lo, int64_t hi) {
-  if (transposed) {
+  if constexpr (std::is_same_v<F, F32>) {
+    blocked<F, W, V>(x, w, y, M, K, N, lo, hi);  // float32's one row and [N, K] products: stream_kn, dots_nk
+  } else if (transposed) {
     rows_nk<F, W>(x, w, y, M, K, N, lo, hi);
   } else if (M == 1) {
     stream<F, W>(x, w, y, N, lo, hi);
@@ -647,7 +669,10 @@ ffi::Error Matvec(Batch x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::AnyBuffe
     const float* xb = xp + b * M * K;
     Weight wb = weight;
     wb.values = static_cast<const char*>(weight.values) + b * bytes;
-    if (*format == Format::kF32 && !transposed && M == 1) {
+    // float32 keeps the sums it had before the other formats, and so its tokens.
+    if (*format == Format::kF32 && transposed) {
+      dots_nk(xb, static_cast<const float*>(wb.values), out, M, K, N, lo, hi);
+    } else if (*format == Format::kF32 && M == 1) {
       stream_kn(xb, static_cast<const float*>(wb.values), out, N, lo, hi);
     } else {
       rows(wb, transposed, xb, out, M, K, N, lo, hi);
@@ -667,9 +692,10 @@ ffi::Error Matvec(Batch x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::AnyBuffe
     return ffi::Error::Success();
   }
   // One product split over K: piece 0 sums into y, the others into `partial`, added at the end. Boundaries are
-  // multiples of kGroup rows (whole groups, whole blocks) but for the last.
+  // multiples of 4 rows (the stream's pass), of kGroup in the grouped formats (whole groups), but for the last.
   std::vector<float> partial(static_cast<size_t>((pieces - 1) * M * N));
-  auto bound = [&](int64_t p) { return p == pieces ? K : K * p / pieces / kGroup * kGroup; };
+  const int64_t align = four_bits || (scaled && !weight.per_output) ? kGroup : 4;
+  auto bound = [&](int64_t p) { return p == pieces ? K : K * p / pieces / align * align; };
   run_pieces(pieces, [&](int64_t p) {
     product(0, p == 0 ? yp : partial.data() + (p - 1) * M * N, bound(p), bound(p + 1));
   });
