@@ -226,6 +226,9 @@ def batched_matmul(x: jax.Array, w: jax.Array, transposed: bool = False, preferr
     """One product per leading index: x [*batch, M, K] @ w [*batch, K, N] -> [*batch, M, N] (w [*batch, N, K]
     when `transposed`): attention's products, w float32, float16 or bfloat16 (a KV cache in that dtype), on the
     kernel under the conditions of `matmul` but with at most `MAX_ATTENTION_ROWS` rows M."""
+    if isinstance(w, QuantArray):
+        raise TypeError("batched_matmul: w must be a float32, float16 or bfloat16 array (a KV cache), not a "
+                        f"{w.format} QuantArray; quantized weights go through matmul")
     *batch, M, K = x.shape
     if not _on_kernel(x, w, M, MAX_ATTENTION_ROWS):
         return _dot(x, w, transposed, preferred_element_type)

@@ -201,6 +201,8 @@ def test_a_quantized_weight_packed_along_its_outputs_is_refused() -> None:
     w, _ = _stored(np.ones((64, 96), np.float32), "q8_0", False)
     with pytest.raises(ValueError, match="packed along its inputs"):
         matvec.matmul(jnp.ones((1, 64)), w, transposed=True)
+    with pytest.raises(TypeError, match="batched_matmul: w must be a float32, float16 or bfloat16 array"):
+        matvec.batched_matmul(jnp.ones((1, 1, 64)), w)
 
 
 def test_every_weight_of_a_decode_step_goes_through_the_kernel(tmp_path: Path) -> None:
