@@ -93,7 +93,7 @@ def build() -> Path:
         return target
     # Compiled beside the target and renamed into place: a concurrent process sees the whole file or none.
     scratch = target.with_name(f".{target.name}.{platform.node()}-{os.getpid()}")
-    print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, a few seconds)", flush=True)
+    print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, under a minute)", flush=True)
     command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(scratch)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
