@@ -1,12 +1,15 @@
-"""The matrix products of the forward pass: on the CPU, float32 products of up to `MAX_ROWS` rows (decode steps
-and short prompts) run on the kernel of `csrc/matvec.cc`, the others on XLA's dot.
+"""The matrix products of the forward pass: on the CPU, products of up to `MAX_ROWS` rows (decode steps and short
+prompts) run on the kernel of `csrc/matvec.cc`, the others on XLA's dot.
 
 Decode reads every weight once per token, so its speed is the rate at which the products read their weights.
 XLA CPU's products of SmolLM2's layer shapes read them at 15-21 GB/s where a plain stream reaches about 30; the
 kernel streams each weight once, one contiguous piece per core, and reaches about 29; with several rows it keeps
 blocks of the weight in L2 while register tiles of every row pass over them (docs/performance.md, "The
 matrix-vector kernel"). It is an XLA FFI custom call, so it runs inside the jitted and exported programs like any
-other operation.
+other operation. It reads the weight in the format it is stored in (float32, float16, bfloat16, or a
+`hdex_jax.quant.QuantArray`: q8_0, q4_0, q4_1, int8, int4), converting each register of it to float32, so fewer
+bytes per weight are fewer bytes read per token; activations enter it as float32 and it sums in float32. Where
+XLA multiplies, a QuantArray is dequantized inside the program for that product, never kept as a float copy.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`) against the
 XLA FFI headers shipped in jaxlib, and kept in `$HDEX_HOME/kernels/` under a name that covers its source, jaxlib
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hdex_jax import quant
+from hdex_jax.quant import QuantArray
 
 TARGET = "hdex_matvec"
 # Products with more rows (longer prompts) go to XLA's dot, which is as fast at 64 rows and faster beyond
@@ -89,7 +93,7 @@ def build() -> Path:
         return target
     # Compiled beside the target and renamed into place: a concurrent process sees the whole file or none.
     scratch = target.with_name(f".{target.name}.{platform.node()}-{os.getpid()}")
-    print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, a few seconds)", flush=True)
+    print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, under a minute)", flush=True)
     command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(scratch)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -129,55 +133,104 @@ def _kernel() -> str | None:
     return library.name
 
 
-def _kernel_product(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    # x: [B, M, K]; w: [B, K, N], or [B, N, K] when transposed -> [B, M, N]
-    n = w.shape[1] if transposed else w.shape[2]
+# Weights the kernel reads as stored, besides QuantArray's formats.
+KERNEL_FLOATS = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
+def _kernel_product(x: jax.Array, values: jax.Array, scale: jax.Array, offset: jax.Array, transposed: bool,
+                    format: str) -> jax.Array:
+    # x: [B, M, K] float32; values: [B, K, N], or [B, N, K] when transposed (4-bit formats: K / 2 bytes), with
+    # scale and offset [1, K / group, N] or [1, N, K / group] float16 (empty when the format has none)
+    # -> [B, M, N] float32
+    n = values.shape[1] if transposed else values.shape[2]
     out = jax.ShapeDtypeStruct((*x.shape[:2], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, w, transposed=transposed)
+    return jax.ffi.ffi_call(TARGET, out)(x, values, scale, offset, transposed=transposed, format=format)
 
 
-def _dot(x: jax.Array, w: jax.Array, transposed: bool, preferred_element_type=None) -> jax.Array:
-    """x [*batch, M, K] @ w [*batch, K, N] (or [*batch, N, K] when transposed) -> [*batch, M, N]; w without
-    batch axes is one matrix for every row of x [..., K]."""
+def _dot(x: jax.Array, w: jax.Array | QuantArray, transposed: bool, preferred_element_type=None) -> jax.Array:
+    """x [*batch, M, K] @ w [*batch, K, N] (or [*batch, N, K] when transposed) -> [*batch, M, N] on XLA's dot,
+    summed in float32; w without batch axes is one matrix for every row of x [..., K]. A quantized w is
+    dequantized here, inside the program, for this product only."""
+    if isinstance(w, QuantArray):
+        w = quant.dequantize(w, x.dtype)
+    dtype = jnp.promote_types(x.dtype, w.dtype)
     batch = tuple(range(w.ndim - 2))
     contract = w.ndim - 1 if transposed else w.ndim - 2
-    return lax.dot_general(x, w, (((x.ndim - 1,), (contract,)), (batch, batch)),
-                           preferred_element_type=preferred_element_type)
+    y = lax.dot_general(x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (contract,)), (batch, batch)),
+                        preferred_element_type=jnp.float32)
+    return y.astype(preferred_element_type or x.dtype)
 
 
-def _on_kernel(x: jax.Array, w: jax.Array, rows: int, max_rows: int) -> bool:
-    return rows <= max_rows and x.dtype == w.dtype == jnp.float32 and kernel() is not None
+def _on_kernel(x: jax.Array, w: jax.Array | QuantArray, rows: int, max_rows: int) -> bool:
+    stored = isinstance(w, QuantArray) or w.dtype in KERNEL_FLOATS
+    return rows <= max_rows and x.dtype in KERNEL_FLOATS and stored and kernel() is not None
 
 
-def _product(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    # x: [B, M, K]; w: [B, K, N] or [B, N, K] -> [B, M, N], on the kernel on the CPU and XLA's dot elsewhere
-    return lax.platform_dependent(x, w, cpu=functools.partial(_kernel_product, transposed=transposed),
-                                  default=functools.partial(_dot, transposed=transposed))
+def _product(x: jax.Array, w: jax.Array | QuantArray, transposed: bool, preferred_element_type) -> jax.Array:
+    # x: [B, M, K]; w: [B, K, N] or [B, N, K] -> [B, M, N], on the kernel on the CPU and XLA's dot elsewhere.
+    # The kernel takes x and gives y in float32 (x is a few rows: its cast costs nothing next to the weight).
+    out_dtype = preferred_element_type or x.dtype
+    if isinstance(w, QuantArray):
+        fields = (w.values[None], w.scale[None],
+                  jnp.zeros((0,), jnp.float16) if w.offset is None else w.offset[None])
+        fmt = w.format
+    else:
+        fields = (w, jnp.zeros((0,), jnp.float16), jnp.zeros((0,), jnp.float16))
+        fmt = "float"
+
+    def on_cpu(x, values, scale, offset):
+        y = _kernel_product(x.astype(jnp.float32), values, scale, offset, transposed, fmt)
+        return y.astype(out_dtype)
+
+    def elsewhere(x, values, scale, offset):
+        if isinstance(w, QuantArray):
+            stored = QuantArray(values[0], scale[0], None if w.offset is None else offset[0], w.format, w.axis)
+            return _dot(x[0], stored, transposed, out_dtype)[None]
+        return _dot(x, values, transposed, out_dtype)
+
+    return lax.platform_dependent(x, *fields, cpu=on_cpu, default=elsewhere)
 
 
-def matmul(x: jax.Array, w: jax.Array, transposed: bool = False, preferred_element_type=None) -> jax.Array:
+def _check_quantized(x: jax.Array, w: QuantArray, transposed: bool) -> None:
+    expected = 1 if transposed else 0
+    if w.values.ndim != 2 or w.axis != expected:
+        raise ValueError(f"matmul: a quantized w must be 2-D and packed along its inputs (axis {expected} for "
+                         f"transposed={transposed}), got values of shape {w.values.shape} packed along {w.axis}")
+    if w.shape[expected] != x.shape[-1]:
+        raise ValueError(f"matmul: x [..., {x.shape[-1]}] does not match the inputs of w {w.shape} "
+                         f"(transposed={transposed})")
+
+
+def matmul(x: jax.Array, w: jax.Array | QuantArray, transposed: bool = False, preferred_element_type=None
+           ) -> jax.Array:
     """x [..., K] @ w [K, N] -> [..., N]; with `transposed`, w is [N, K] and is contracted on K as it is stored
-    (a transpose inside the program would copy it every step). `preferred_element_type` as in `lax.dot_general`
-    (the kernel's products are float32 already).
+    (a transpose inside the program would copy it every step). Sums are float32; the result is
+    `preferred_element_type` as in `lax.dot_general`, else x's dtype.
 
-    On the CPU, float32 products of at most `MAX_ROWS` rows run on the kernel, the others on XLA's dot.
+    w is float32, float16 or bfloat16, or a `hdex_jax.quant.QuantArray` (packed along K: axis 0, or 1 when
+    transposed). On the CPU, products of at most `MAX_ROWS` rows run on the kernel, which reads w as stored;
+    the others on XLA's dot, which dequantizes a QuantArray inside the program for the product.
     """
-    if quant.is_quant(w):
-        w = quant.dequantize(w, x.dtype)
+    if isinstance(w, QuantArray):
+        _check_quantized(x, w, transposed)
     *lead, K = x.shape
     rows = math.prod(lead)
     if not _on_kernel(x, w, rows, MAX_ROWS):
         return _dot(x, w, transposed, preferred_element_type)
-    y = _product(x.reshape(1, rows, K), w[None], transposed)  # [1, rows, N]
+    w = w if isinstance(w, QuantArray) else w[None]
+    y = _product(x.reshape(1, rows, K), w, transposed, preferred_element_type)  # [1, rows, N]
     return y.reshape(*lead, y.shape[-1])
 
 
 def batched_matmul(x: jax.Array, w: jax.Array, transposed: bool = False, preferred_element_type=None) -> jax.Array:
     """One product per leading index: x [*batch, M, K] @ w [*batch, K, N] -> [*batch, M, N] (w [*batch, N, K]
-    when `transposed`): attention's products, on the kernel under the conditions of `matmul` but with at most
-    `MAX_ATTENTION_ROWS` rows M."""
+    when `transposed`): attention's products, w float32, float16 or bfloat16 (a KV cache in that dtype), on the
+    kernel under the conditions of `matmul` but with at most `MAX_ATTENTION_ROWS` rows M."""
+    if isinstance(w, QuantArray):
+        raise TypeError("batched_matmul: w must be a float32, float16 or bfloat16 array (a KV cache), not a "
+                        f"{w.format} QuantArray; quantized weights go through matmul")
     *batch, M, K = x.shape
     if not _on_kernel(x, w, M, MAX_ATTENTION_ROWS):
         return _dot(x, w, transposed, preferred_element_type)
-    y = _product(x.reshape(-1, M, K), w.reshape(-1, *w.shape[-2:]), transposed)  # [prod(batch), M, N]
-    return y.reshape(*batch, M, y.shape[-1])
+    y = _product(x.reshape(-1, M, K), w.reshape(-1, *w.shape[-2:]), transposed, preferred_element_type)
+    return y.reshape(*batch, M, y.shape[-1])  # [*batch, M, N]

@@ -14,6 +14,12 @@
 // Several products are split between the pieces whole; a single one over K for [K, N] (each piece writes
 // partial sums, added at the end) and over N for [N, K] (each writes its own outputs). The pieces run on the
 // calling thread and on helper threads of this library, which stay awake between the products of a step.
+//
+// W is read in the format it is stored in, since decode's time is the bytes it reads: float32, float16, bfloat16,
+// or one of hdex_jax/quant.py's quantized formats (int8 values with a float16 scale per group of 32 inputs or per
+// output: q8_0, int8; 4-bit values with a scale and a zero of 8, q4_0, or a scale and an offset, q4_1 and int4),
+// laid out as quant.py's module docstring says. Each register of weights is converted to float32 as it is loaded
+// and multiplied there; x and y are float32.
 
 #if defined(__linux__)
 #include <sched.h>
@@ -27,8 +33,15 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <string_view>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -89,92 +102,224 @@ __attribute__((always_inline)) inline void store(float* p, typename Lanes<W>::ty
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Rows of w per block: a block of [kBlockRows, N] stays in L2 while every group of rows of x passes over it, so
-// the weight comes from memory once however many rows x has.
-constexpr int64_t kBlockRows = 32;
-constexpr int kTileRows = 4;
-static_assert(kTileRows == 4, "blocked's remainder switch covers groups of 1 to 3 rows");
-
-// y[R rows, V registers of columns at nb] += x[R rows, kb:ke] @ w[kb:ke, those columns]: R x V registers of
-// sums, V of the weight's row and one of x's broadcast value, within the register file.
-template <int W, int V, int R>
-__attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, const float* w, int64_t N, float* y,
-                                                   int64_t kb, int64_t ke, int64_t nb) {
-  typedef typename Lanes<W>::type Vec;
-  Vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = load<W>(y + r * N + nb + W * v);
-  for (int64_t k = kb; k < ke; ++k) {
-    Vec wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = load<W>(w + k * N + nb + W * v);
-    for (int r = 0; r < R; ++r) {
-      const float a = x[r * K + k];
-      for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store<W>(y + r * N + nb + W * v, acc[r][v]);
+inline float half(uint16_t h) {
+  _Float16 f;
+  std::memcpy(&f, &h, sizeof(f));
+  return f;
 }
 
-// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] for several rows: register tiles of kTileRows rows x W * V columns over
-// blocks of w that stay in L2.
-template <int W, int V>
-__attribute__((always_inline)) inline void blocked(const float* x, const float* w, float* y, int64_t M, int64_t K,
-                                                   int64_t N, int64_t k0, int64_t k1) {
-  constexpr int64_t tile = W * V;
-  std::memset(y, 0, sizeof(float) * M * N);
-  const int64_t tiled = N / tile * tile;
-  for (int64_t kb = k0; kb < k1; kb += kBlockRows) {
-    const int64_t ke = std::min(kb + kBlockRows, k1);
-    for (int64_t nb = 0; nb < tiled; nb += tile) {
-      int64_t m = 0;
-      for (; m + kTileRows <= M; m += kTileRows) tile_kn<W, V, kTileRows>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
-      switch (M - m) {
-        case 3: tile_kn<W, V, 3>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
-        case 2: tile_kn<W, V, 2>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
-        case 1: tile_kn<W, V, 1>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
-        default: break;
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) {  // the last N % tile columns
-      for (int64_t k = kb; k < ke; ++k) {
-        const float a = x[m * K + k];
-        for (int64_t n = tiled; n < N; ++n) y[m * N + n] += a * w[k * N + n];
-      }
-    }
-  }
+inline float bhalf(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
 }
 
-// One version per instruction set, each with the tile that fits its registers (AVX-512: 32 of 16 floats, 4 x 4
-// tiles; AVX2: 16 of 8, 4 x 2; SSE: 16 of 4, 4 x 2); the loader picks the best the CPU has.
+// float16 -> float32 of a register: F16C's vcvtph2ps in x86-64-v3 and v4. These are not always_inline: GCC
+// inlines a function with a target only into one of the same target, which the per-target entries below are
+// (`flatten` inlines everything they call into them).
 #if defined(__x86_64__)
-__attribute__((target("arch=x86-64-v4"))) void blocked_kn(const float* x, const float* w, float* y, int64_t M,
-                                                           int64_t K, int64_t N, int64_t k0, int64_t k1) {
-  blocked<16, 4>(x, w, y, M, K, N, k0, k1);
+__attribute__((target("arch=x86-64-v4"))) inline Lanes<16>::type widen_half(const uint16_t* p, Lanes<16>::type) {
+  return (Lanes<16>::type)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-__attribute__((target("arch=x86-64-v3"))) void blocked_kn(const float* x, const float* w, float* y, int64_t M,
-                                                           int64_t K, int64_t N, int64_t k0, int64_t k1) {
-  blocked<8, 2>(x, w, y, M, K, N, k0, k1);
+__attribute__((target("arch=x86-64-v3"))) inline Lanes<8>::type widen_half(const uint16_t* p, Lanes<8>::type) {
+  return (Lanes<8>::type)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-
-__attribute__((target("default")))
 #endif
-void blocked_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
-  blocked<4, 2>(x, w, y, M, K, N, k0, k1);
+
+inline Lanes<4>::type widen_half(const uint16_t* p, Lanes<4>::type) {
+  Lanes<4>::type v;
+  for (int i = 0; i < 4; ++i) v[i] = half(p[i]);
+  return v;
 }
 
-// y[M, N] = x[M, k0:k1] @ w[k0:k1, N], with w row-major [K, N].
-void rows_kn(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t k0, int64_t k1) {
-  if (M == 1) {
-    stream_kn(x, w, y, N, k0, k1);
+// W int32s: the integers of a register of weights.
+template <int W>
+struct Ints;
+template <>
+struct Ints<16> { typedef int32_t type __attribute__((vector_size(64))); };
+template <>
+struct Ints<8> { typedef int32_t type __attribute__((vector_size(32))); };
+template <>
+struct Ints<4> { typedef int32_t type __attribute__((vector_size(16))); };
+
+// W bytes (signed or not) -> W int32s: vpmovsxbd or vpmovzxbd where the instruction set has them (GCC 12 turns a
+// generic vector conversion from bytes into one insertion per byte).
+#if defined(__x86_64__)
+__attribute__((target("arch=x86-64-v4"))) inline Ints<16>::type widen_bytes(const int8_t* p, Ints<16>::type) {
+  return (Ints<16>::type)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("arch=x86-64-v4"))) inline Ints<16>::type widen_bytes(const uint8_t* p, Ints<16>::type) {
+  return (Ints<16>::type)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("arch=x86-64-v3"))) inline Ints<8>::type widen_bytes(const int8_t* p, Ints<8>::type) {
+  return (Ints<8>::type)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("arch=x86-64-v3"))) inline Ints<8>::type widen_bytes(const uint8_t* p, Ints<8>::type) {
+  return (Ints<8>::type)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+template <typename Byte>
+inline Ints<4>::type widen_bytes(const Byte* p, Ints<4>::type) {
+  Ints<4>::type v;
+  for (int i = 0; i < 4; ++i) v[i] = p[i];
+  return v;
+}
+
+// The formats a weight is read in (hdex_jax/quant.py's module docstring is the layout): the type of a stored
+// element, bits per weight, whether groups of inputs share a float16 scale (and an offset), the integer's zero.
+template <typename Stored, int Bits, bool Scaled, bool Affine, int Zero>
+struct Storage {
+  typedef Stored T;
+  static constexpr int kBits = Bits, kZero = Zero;
+  static constexpr bool kScaled = Scaled, kAffine = Affine;
+};
+struct F32 : Storage<float, 32, false, false, 0> {};
+struct F16 : Storage<uint16_t, 16, false, false, 0> {};
+struct BF16 : Storage<uint16_t, 16, false, false, 0> {};
+struct Int8 : Storage<int8_t, 8, true, false, 0> {};  // q8_0 (a scale per 32 inputs), int8 (one per output): d * q
+struct Q4_0 : Storage<uint8_t, 4, true, false, 8> {};  // d * (q - 8)
+struct Q4_1 : Storage<uint8_t, 4, true, true, 0> {};   // q4_1 and int4: d * q + m
+
+enum class Format { kF32, kF16, kBF16, kInt8, kQ4_0, kQ4_1 };
+
+struct Weight {
+  Format format;
+  const void* values;      // [K, N] or [N, K] elements; 4-bit formats: [K / 2, N] or [N, K / 2] bytes
+  const uint16_t* scale;   // float16 [K / group, N] or [N, K / group]; the scaled formats only
+  const uint16_t* offset;  // float16, as `scale`; q4_1 only
+  bool per_output;         // one scale per output (int8), else one per kGroup inputs
+};
+
+// Inputs per scale of the grouped formats, and rows of w per block of `blocked` (a block is one group).
+constexpr int64_t kGroup = 32;
+
+// Where input k of a row is stored: 4-bit formats keep inputs j and j + 16 of each group of 32 in the low and
+// high nibble of byte j (GGUF's order).
+template <typename F>
+inline int64_t packed(int64_t k) {
+  return F::kBits == 4 ? k / kGroup * (kGroup / 2) + k % (kGroup / 2) : k;
+}
+
+template <typename F>
+inline bool high(int64_t k) {
+  return F::kBits == 4 && k % kGroup >= kGroup / 2;
+}
+
+// The group of input k: its row of scales in [K / group, N], its column in [N, K / group] (a shift, not a
+// division: products call this in their inner loops).
+inline int64_t group_of(const Weight& w, int64_t k) {
+  return w.per_output ? 0 : k / kGroup;
+}
+
+template <typename F>
+inline int64_t stored(int64_t K) {
+  return F::kBits == 4 ? K / 2 : K;
+}
+
+// The weight from its stored value q (the integer less its zero, as a float) and its group's scale and offset.
+// d * q is exact in float32 (11 by at most 8 significant bits), so the fused multiply-add of q4_1 rounds d * q + m
+// once, as quant.py's float32 product then sum does: the same bits.
+template <typename F, typename T>
+__attribute__((always_inline)) inline T dequantize(T q, T scale, T offset) {
+  if constexpr (F::kAffine) return scale * q + offset;
+  else if constexpr (F::kScaled) return scale * q;
+  else return q;
+}
+
+// One stored value as a float, before its scale.
+template <typename F>
+inline float value(const typename F::T* p, bool hi) {
+  if constexpr (std::is_same_v<F, F16>) return half(*p);
+  else if constexpr (std::is_same_v<F, BF16>) return bhalf(*p);
+  else if constexpr (F::kBits == 4) return static_cast<float>((hi ? *p >> 4 : *p & 15) - F::kZero);
+  else return static_cast<float>(*p);
+}
+
+// W stored values from p on as floats, before their scale (4-bit formats: the low or the high nibbles).
+template <typename F, int W>
+__attribute__((always_inline)) inline typename Lanes<W>::type values(const typename F::T* p, bool hi) {
+  typedef typename Lanes<W>::type Vec;
+  if constexpr (std::is_same_v<F, F32>) {
+    return load<W>(p);
+  } else if constexpr (std::is_same_v<F, F16>) {
+    return widen_half(p, Vec{});
+  } else if constexpr (std::is_same_v<F, BF16>) {
+    typedef typename Ints<W>::type Int;
+    typedef uint16_t Halves __attribute__((vector_size(2 * W)));
+    Halves h;
+    std::memcpy(&h, p, sizeof(h));
+    const Int bits = __builtin_convertvector(h, Int) << 16;  // a bfloat16 is the high half of a float32
+    Vec v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
   } else {
-    blocked_kn(x, w, y, M, K, N, k0, k1);
+    typename Ints<W>::type i = widen_bytes(p, typename Ints<W>::type{});
+    if constexpr (F::kBits == 4) i = (hi ? i >> 4 : i & 15) - F::kZero;
+    return __builtin_convertvector(i, Vec);
   }
 }
 
-// y[M, n0:n1] = x[M, K] @ w[n0:n1, K]^T, with w row-major [N, K]: one dot product per output.
-HDEX_CLONES void rows_nk(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+// The weight at stored element `at`, whose scale and offset are element `group` of theirs.
+template <typename F>
+inline float weight(const Weight& w, int64_t at, bool hi, int64_t group) {
+  const float q = value<F>(static_cast<const typename F::T*>(w.values) + at, hi);
+  const float scale = F::kScaled ? half(w.scale[group]) : 0.f;
+  const float offset = F::kAffine ? half(w.offset[group]) : 0.f;
+  return dequantize<F>(q, scale, offset);
+}
+
+// y[N] = x[k0:k1] @ w[k0:k1, N] for one row x, with w [K, N] and k0 a multiple of 4 (of kGroup in the grouped
+// formats): a stream over the weight. Four inputs per pass over y, so y (in L1) is loaded and stored once per
+// four rows of the weight (4-bit formats: inputs j, j + 1, j + 16 and j + 17 of a group, two rows of bytes).
+template <typename F, int W>
+__attribute__((always_inline)) inline void stream(const float* x, const Weight& w, float* y, int64_t N, int64_t k0,
+                                                  int64_t k1) {
+  typedef typename Lanes<W>::type Vec;
+  const auto* stored_w = static_cast<const typename F::T*>(w.values);
+  const int64_t tiled = N / W * W;
+  // One pass: inputs k[i] stored in rows row[i] (high nibbles where hi[i]), all of one group.
+  auto pass = [&](const int64_t (&k)[4], const int64_t (&row)[4], const bool (&hi)[4]) {
+    const float a[4] = {x[k[0]], x[k[1]], x[k[2]], x[k[3]]};
+    const int64_t group = group_of(w, k[0]) * N;
+    for (int64_t n = 0; n < tiled; n += W) {
+      Vec scale = {}, offset = {};
+      if constexpr (F::kScaled) scale = widen_half(w.scale + group + n, Vec{});
+      if constexpr (F::kAffine) offset = widen_half(w.offset + group + n, Vec{});
+      Vec acc = load<W>(y + n);
+      for (int i = 0; i < 4; ++i)
+        acc += a[i] * dequantize<F>(values<F, W>(stored_w + row[i] * N + n, hi[i]), scale, offset);
+      store<W>(y + n, acc);
+    }
+    for (int64_t n = tiled; n < N; ++n)
+      for (int i = 0; i < 4; ++i) y[n] += a[i] * weight<F>(w, row[i] * N + n, hi[i], group + n);
+  };
+  std::memset(y, 0, sizeof(float) * N);
+  if constexpr (F::kBits == 4) {
+    for (int64_t kb = k0; kb < k1; kb += kGroup) {
+      const int64_t rb = packed<F>(kb);
+      for (int64_t j = 0; j < kGroup / 2; j += 2)
+        pass({kb + j, kb + j + 1, kb + j + 16, kb + j + 17}, {rb + j, rb + j + 1, rb + j, rb + j + 1},
+             {false, false, true, true});
+    }
+  } else {
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4)
+      pass({k, k + 1, k + 2, k + 3}, {k, k + 1, k + 2, k + 3}, {false, false, false, false});
+    for (; k < k1; ++k) {
+      const float a = x[k];
+      for (int64_t n = 0; n < N; ++n) y[n] += a * weight<F>(w, k * N + n, false, group_of(w, k) * N + n);
+    }
+  }
+}
+
+// y[M, n0:n1] = x[M, K] @ w[n0:n1, K]^T, with w float32 row-major [N, K]: one dot product per output.
+HDEX_CLONES void dots_nk(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
                          int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const float* __restrict row = w + n * K;
@@ -186,6 +331,177 @@ HDEX_CLONES void rows_nk(const float* x, const float* w, float* y, int64_t M, in
       y[m * N + n] = acc;
     }
   }
+}
+
+// Rows of w per block: a block of [kBlockRows, N] stays in L2 while every group of rows of x passes over it, so
+// the weight comes from memory once however many rows x has. One block is one group of the grouped formats.
+constexpr int64_t kBlockRows = kGroup;
+constexpr int kTileRows = 4;
+static_assert(kTileRows == 4, "the remainder switches cover groups of 1 to 3 rows");
+
+// y[R rows, V registers of columns at nb] += x[R rows, kb:ke] @ w[kb:ke, those columns], w [K, N]: R x V
+// registers of sums, V of the weight's row (and V of scales and of offsets) and one of x's broadcast value,
+// within the register file. In 4-bit formats rows kb + j and kb + j + 16 are taken together (one load of bytes).
+template <typename F, int W, int V, int R>
+__attribute__((always_inline)) inline void tile_kn(const float* x, int64_t K, const Weight& w, int64_t N, float* y,
+                                                   int64_t kb, int64_t ke, int64_t nb) {
+  typedef typename Lanes<W>::type Vec;
+  const auto* stored_w = static_cast<const typename F::T*>(w.values);
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = load<W>(y + r * N + nb + W * v);
+  Vec scale[V] = {}, offset[V] = {};  // of the group the block is (blocks never straddle groups)
+  for (int v = 0; v < V; ++v) {
+    if constexpr (F::kScaled) scale[v] = widen_half(w.scale + group_of(w, kb) * N + nb + W * v, Vec{});
+    if constexpr (F::kAffine) offset[v] = widen_half(w.offset + group_of(w, kb) * N + nb + W * v, Vec{});
+  }
+  auto step = [&](int64_t k, int64_t row, bool hi) {  // input k, stored in row `row`
+    Vec wv[V];
+    for (int v = 0; v < V; ++v)
+      wv[v] = dequantize<F>(values<F, W>(stored_w + row * N + nb + W * v, hi), scale[v], offset[v]);
+    for (int r = 0; r < R; ++r) {
+      const float a = x[r * K + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
+    }
+  };
+  if constexpr (F::kBits == 4) {  // whole groups: K is a multiple of kGroup
+    const int64_t row = packed<F>(kb);
+    for (int64_t j = 0; j < kBlockRows / 2; ++j) {
+      step(kb + j, row + j, false);
+      step(kb + j + kBlockRows / 2, row + j, true);
+    }
+  } else {
+    for (int64_t k = kb; k < ke; ++k) step(k, k, false);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store<W>(y + r * N + nb + W * v, acc[r][v]);
+}
+
+// y[M, N] = x[M, k0:k1] @ w[k0:k1, N] with w [K, N], k0 as for `stream`: register tiles of kTileRows rows x
+// W * V columns over blocks of w that stay in L2.
+template <typename F, int W, int V>
+__attribute__((always_inline)) inline void blocked(const float* x, const Weight& w, float* y, int64_t M, int64_t K,
+                                                   int64_t N, int64_t k0, int64_t k1) {
+  constexpr int64_t tile = W * V;
+  std::memset(y, 0, sizeof(float) * M * N);
+  const int64_t tiled = N / tile * tile;
+  for (int64_t kb = k0; kb < k1; kb += kBlockRows) {
+    const int64_t ke = std::min(kb + kBlockRows, k1);
+    for (int64_t nb = 0; nb < tiled; nb += tile) {
+      int64_t m = 0;
+      for (; m + kTileRows <= M; m += kTileRows)
+        tile_kn<F, W, V, kTileRows>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
+      switch (M - m) {
+        case 3: tile_kn<F, W, V, 3>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 2: tile_kn<F, W, V, 2>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        case 1: tile_kn<F, W, V, 1>(x + m * K, K, w, N, y + m * N, kb, ke, nb); break;
+        default: break;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {  // the last N % tile columns
+      for (int64_t k = kb; k < ke; ++k) {
+        const float a = x[m * K + k];
+        for (int64_t n = tiled; n < N; ++n)
+          y[m * N + n] += a * weight<F>(w, packed<F>(k) * N + n, high<F>(k), group_of(w, k) * N + n);
+      }
+    }
+  }
+}
+
+// y[R rows, n] = x[R rows, K] @ w[n, K] with w [N, K]: R dot products over one row of w, each register of it
+// converted once for the R rows; one register of sums per register of a group, for independent additions.
+template <typename F, int W, int R>
+__attribute__((always_inline)) inline void tile_nk(const float* x, const Weight& w, float* y, int64_t K, int64_t N,
+                                                   int64_t n) {
+  typedef typename Lanes<W>::type Vec;
+  constexpr int C = kGroup / W;
+  const auto* row = static_cast<const typename F::T*>(w.values) + n * stored<F>(K);
+  const int64_t groups = w.per_output ? 1 : K / kGroup;
+  Vec acc[R][C] = {};
+  int64_t k = 0;
+  for (; k + kGroup <= K; k += kGroup) {
+    Vec scale = {}, offset = {};
+    if constexpr (F::kScaled) scale += half(w.scale[n * groups + group_of(w, k)]);
+    if constexpr (F::kAffine) offset += half(w.offset[n * groups + group_of(w, k)]);
+    for (int c = 0; c < C; ++c) {
+      const Vec wv = dequantize<F>(values<F, W>(row + packed<F>(k + c * W), c * W >= kGroup / 2), scale, offset);
+      for (int r = 0; r < R; ++r) acc[r][c] += load<W>(x + r * K + k + c * W) * wv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 1; c < C; ++c) acc[r][0] += acc[r][c];
+    float sum = 0.f;
+    for (int i = 0; i < W; ++i) sum += acc[r][0][i];
+    for (int64_t t = k; t < K; ++t)  // the last K % kGroup inputs (float and int8 weights only)
+      sum += x[r * K + t] * weight<F>(w, n * stored<F>(K) + packed<F>(t), high<F>(t), n * groups + group_of(w, t));
+    y[r * N + n] = sum;
+  }
+}
+
+// y[M, n0:n1] = x[M, K] @ w[n0:n1, K]^T with w [N, K]: tiles of kTileRows rows over each row of w.
+template <typename F, int W>
+__attribute__((always_inline)) inline void rows_nk(const float* x, const Weight& w, float* y, int64_t M, int64_t K,
+                                                   int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + kTileRows <= M; m += kTileRows) tile_nk<F, W, kTileRows>(x + m * K, w, y + m * N, K, N, n);
+    switch (M - m) {
+      case 3: tile_nk<F, W, 3>(x + m * K, w, y + m * N, K, N, n); break;
+      case 2: tile_nk<F, W, 2>(x + m * K, w, y + m * N, K, N, n); break;
+      case 1: tile_nk<F, W, 1>(x + m * K, w, y + m * N, K, N, n); break;
+      default: break;
+    }
+  }
+}
+
+template <typename F, int W, int V>
+__attribute__((always_inline)) inline void rows_of(const Weight& w, bool transposed, const float* x, float* y,
+                                                   int64_t M, int64_t K, int64_t N, int64_t lo, int64_t hi) {
+  if constexpr (std::is_same_v<F, F32>) {
+    blocked<F, W, V>(x, w, y, M, K, N, lo, hi);  // float32's one row and [N, K] products: stream_kn, dots_nk
+  } else if (transposed) {
+    rows_nk<F, W>(x, w, y, M, K, N, lo, hi);
+  } else if (M == 1) {
+    stream<F, W>(x, w, y, N, lo, hi);
+  } else {
+    blocked<F, W, V>(x, w, y, M, K, N, lo, hi);
+  }
+}
+
+template <int W, int V>
+__attribute__((always_inline)) inline void rows_in(const Weight& w, bool transposed, const float* x, float* y,
+                                                   int64_t M, int64_t K, int64_t N, int64_t lo, int64_t hi) {
+  switch (w.format) {
+    case Format::kF32: return rows_of<F32, W, V>(w, transposed, x, y, M, K, N, lo, hi);
+    case Format::kF16: return rows_of<F16, W, V>(w, transposed, x, y, M, K, N, lo, hi);
+    case Format::kBF16: return rows_of<BF16, W, V>(w, transposed, x, y, M, K, N, lo, hi);
+    case Format::kInt8: return rows_of<Int8, W, V>(w, transposed, x, y, M, K, N, lo, hi);
+    case Format::kQ4_0: return rows_of<Q4_0, W, V>(w, transposed, x, y, M, K, N, lo, hi);
+    case Format::kQ4_1: return rows_of<Q4_1, W, V>(w, transposed, x, y, M, K, N, lo, hi);
+  }
+}
+
+// y[M, lo:hi] (transposed: outputs lo:hi; else the partial sums over inputs lo:hi) = x[M, K] @ w, in every format.
+// One version per instruction set, each with the tile that fits its registers (AVX-512: 32 of 16 floats, 4 x 4
+// tiles; AVX2: 16 of 8, 4 x 2; SSE: 16 of 4, 4 x 2); the loader picks the best the CPU has.
+#if defined(__x86_64__)
+__attribute__((target("arch=x86-64-v4"), flatten)) void rows(const Weight& w, bool transposed, const float* x,
+                                                             float* y, int64_t M, int64_t K, int64_t N, int64_t lo,
+                                                             int64_t hi) {
+  rows_in<16, 4>(w, transposed, x, y, M, K, N, lo, hi);
+}
+
+__attribute__((target("arch=x86-64-v3"), flatten)) void rows(const Weight& w, bool transposed, const float* x,
+                                                             float* y, int64_t M, int64_t K, int64_t N, int64_t lo,
+                                                             int64_t hi) {
+  rows_in<8, 2>(w, transposed, x, y, M, K, N, lo, hi);
+}
+
+__attribute__((target("default")))
+#endif
+__attribute__((flatten)) void rows(const Weight& w, bool transposed, const float* x, float* y, int64_t M, int64_t K,
+                                   int64_t N, int64_t lo, int64_t hi) {
+  rows_in<4, 2>(w, transposed, x, y, M, K, N, lo, hi);
 }
 
 // The cores this process may run on (its affinity mask on Linux, which containers and taskset narrow).
@@ -299,26 +615,70 @@ void run_pieces(int64_t count, const Piece& piece) {
   Helpers::get().run(count, piece);
 }
 
-ffi::Error Matvec(Batch x, Batch w, ffi::Result<Batch> y, bool transposed) {
+// The format named by quant.py (or "float", in w's element type), checked against w's element type.
+ffi::ErrorOr<Format> format_of(std::string_view name, ffi::DataType type) {
+  if (name == "float" && type == ffi::DataType::F32) return Format::kF32;
+  if (name == "float" && type == ffi::DataType::F16) return Format::kF16;
+  if (name == "float" && type == ffi::DataType::BF16) return Format::kBF16;
+  if ((name == "q8_0" || name == "int8") && type == ffi::DataType::S8) return Format::kInt8;
+  if (name == "q4_0" && type == ffi::DataType::U8) return Format::kQ4_0;
+  if ((name == "q4_1" || name == "int4") && type == ffi::DataType::U8) return Format::kQ4_1;
+  return ffi::Unexpected(ffi::Error::InvalidArgument(
+      "hdex_matvec: w's element type does not hold the format " + std::string(name) +
+      " (float: f32, f16 or bf16; q8_0, int8: s8; q4_0, q4_1, int4: u8)"));
+}
+
+ffi::Error Matvec(Batch x, ffi::AnyBuffer w, ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<Batch> y,
+                  bool transposed, std::string_view format_name) {
+  const auto format = format_of(format_name, w.element_type());
+  if (format.has_error()) return format.error();
+  const bool four_bits = *format == Format::kQ4_0 || *format == Format::kQ4_1;
+  const bool scaled = four_bits || *format == Format::kInt8;
   const int64_t B = x.dimensions()[0], M = x.dimensions()[1], K = x.dimensions()[2];
-  const int64_t N = transposed ? w.dimensions()[1] : w.dimensions()[2];
-  if (w.dimensions()[0] != B || (transposed ? w.dimensions()[2] : w.dimensions()[1]) != K ||
-      y->dimensions()[0] != B || y->dimensions()[1] != M || y->dimensions()[2] != N) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 3) return ffi::Error::InvalidArgument("hdex_matvec: w is not [batch, rows, columns]");
+  const int64_t N = transposed ? wd[1] : wd[2];
+  const int64_t inputs = four_bits ? 2 * (transposed ? wd[2] : wd[1]) : (transposed ? wd[2] : wd[1]);
+  if (wd[0] != B || inputs != K || y->dimensions()[0] != B || y->dimensions()[1] != M || y->dimensions()[2] != N) {
     return ffi::Error::InvalidArgument("hdex_matvec: shapes of x, w and y do not agree");
   }
+  Weight weight{*format, w.untyped_data(), nullptr, nullptr, false};
+  if (scaled) {
+    const auto sd = scale.dimensions();
+    const int64_t groups = sd.size() == 3 ? (transposed ? sd[2] : sd[1]) : 0;
+    if (B != 1 || scale.element_type() != ffi::DataType::F16 || sd.size() != 3 || sd[0] != 1 ||
+        (transposed ? sd[1] : sd[2]) != N || (groups != 1 && groups * kGroup != K) ||
+        (four_bits && K % kGroup != 0)) {
+      return ffi::Error::InvalidArgument(
+          "hdex_matvec: a quantized w is one product, with float16 scales per output and per 32 inputs or all");
+    }
+    weight.scale = static_cast<const uint16_t*>(scale.untyped_data());
+    weight.per_output = groups == 1;
+    if (*format == Format::kQ4_1) {
+      if (offset.element_type() != ffi::DataType::F16 || offset.element_count() != scale.element_count()) {
+        return ffi::Error::InvalidArgument("hdex_matvec: the offsets of q4_1 and int4 are shaped as their scales");
+      }
+      weight.offset = static_cast<const uint16_t*>(offset.untyped_data());
+    }
+  }
+  // Bytes of one product's weight: float32 4 per weight, float16 and bfloat16 2, int8 1, 4-bit formats 1 per two.
+  const int64_t bytes = N * (four_bits ? K / 2 : K) * (*format == Format::kF32 ? 4 : scaled ? 1 : 2);
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
   float* yp = y->typed_data();
   auto product = [&](int64_t b, float* out, int64_t lo, int64_t hi) {
     const float* xb = xp + b * M * K;
-    const float* wb = wp + b * K * N;
-    if (transposed) {
-      rows_nk(xb, wb, out, M, K, N, lo, hi);
+    Weight wb = weight;
+    wb.values = static_cast<const char*>(weight.values) + b * bytes;
+    // float32 keeps the sums it had before the other formats, and so its tokens.
+    if (*format == Format::kF32 && transposed) {
+      dots_nk(xb, static_cast<const float*>(wb.values), out, M, K, N, lo, hi);
+    } else if (*format == Format::kF32 && M == 1) {
+      stream_kn(xb, static_cast<const float*>(wb.values), out, N, lo, hi);
     } else {
-      rows_kn(xb, wb, out, M, K, N, lo, hi);
+      rows(wb, transposed, xb, out, M, K, N, lo, hi);
     }
   };
-  const int64_t pieces = std::clamp<int64_t>(B * K * N * 4 / kMinPieceBytes, 1, cores());
+  const int64_t pieces = std::clamp<int64_t>(B * bytes / kMinPieceBytes, 1, cores());
   if (B > 1 || pieces == 1) {
     // Whole products, split between the pieces by batch element (attention's heads).
     const int64_t count = std::min(B, pieces);
@@ -332,9 +692,10 @@ ffi::Error Matvec(Batch x, Batch w, ffi::Result<Batch> y, bool transposed) {
     return ffi::Error::Success();
   }
   // One product split over K: piece 0 sums into y, the others into `partial`, added at the end. Boundaries are
-  // multiples of 4 rows but for the last.
+  // multiples of 4 rows (the stream's pass), of kGroup in the grouped formats (whole groups), but for the last.
   std::vector<float> partial(static_cast<size_t>((pieces - 1) * M * N));
-  auto bound = [&](int64_t p) { return p == pieces ? K : K * p / pieces / 4 * 4; };
+  const int64_t align = four_bits || (scaled && !weight.per_output) ? kGroup : 4;
+  auto bound = [&](int64_t p) { return p == pieces ? K : K * p / pieces / align * align; };
   run_pieces(pieces, [&](int64_t p) {
     product(0, p == 0 ? yp : partial.data() + (p - 1) * M * N, bound(p), bound(p + 1));
   });
@@ -350,6 +711,9 @@ ffi::Error Matvec(Batch x, Batch w, ffi::Result<Batch> y, bool transposed) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HdexMatvec, Matvec,
                               ffi::Ffi::Bind()
                                   .Arg<Batch>()
-                                  .Arg<Batch>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<Batch>()
-                                  .Attr<bool>("transposed"));
+                                  .Attr<bool>("transposed")
+                                  .Attr<std::string_view>("format"));
