@@ -31,7 +31,7 @@ DEFAULT_LAYER_NORM_EPS = 1e-5
 DEFAULT_ROPE_THETA = 10000.0
 
 
-def _to_rotate_half(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def to_rotate_half(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """An array whose last axis is one head's features, reordered by `rotary_permutation` (interleaved pairs ->
     rotate-half pairs)."""
     return x[..., rotary_permutation(cfg.head_dim, cfg.rope_dim)]
@@ -61,12 +61,12 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     return [
         Rule(r"model\.embed_tokens\.weight", "embed", keep),
         Rule(layer + r"input_layernorm\.weight", "layers/ln1/scale", keep),
-        *linear(attn + r"q_proj", "layers/attn/q", compose(q_in, _to_rotate_half), compose(q_bias, _to_rotate_half)),
-        *linear(attn + r"k_proj", "layers/attn/k", compose(kv_in, _to_rotate_half),
-                compose(kv_bias, _to_rotate_half)),
+        *linear(attn + r"q_proj", "layers/attn/q", compose(q_in, to_rotate_half), compose(q_bias, to_rotate_half)),
+        *linear(attn + r"k_proj", "layers/attn/k", compose(kv_in, to_rotate_half),
+                compose(kv_bias, to_rotate_half)),
         *linear(attn + r"v_proj", "layers/attn/v", kv_in, kv_bias),
-        Rule(attn + r"q_norm\.weight", "layers/attn/q_norm/scale", compose(q_scales, _to_rotate_half)),
-        Rule(attn + r"k_norm\.weight", "layers/attn/k_norm/scale", compose(kv_scales, _to_rotate_half)),
+        Rule(attn + r"q_norm\.weight", "layers/attn/q_norm/scale", compose(q_scales, to_rotate_half)),
+        Rule(attn + r"k_norm\.weight", "layers/attn/k_norm/scale", compose(kv_scales, to_rotate_half)),
         *linear(attn + r"o_proj", "layers/attn/o", o_out),
         *gated_mlp(layer),
         Rule(r"model\.norm\.weight", "final_norm/scale", keep),
