@@ -1,5 +1,6 @@
-"""Cohere: parity of tiny random checkpoints with transformers on 1 and 4 devices (4 replicate the KV heads):
-Command-R's form (q/k biases, no q/k norm) and Command R+'s per-head q/k LayerNorm; logit_scale 0.5."""
+"""Cohere: parity of tiny random checkpoints with transformers, logit_scale 0.5: Command-R's form (q/k biases, no
+q/k norm) on 1 and 4 devices (4 replicate the KV heads), Command R+'s per-head q/k LayerNorm on 4 (and its
+norms)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ _SIZES = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_
 CASES = {"command-r": dict(attention_bias=True), "qk-norm": dict(use_qk_norm=True)}
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def reference(request, tmp_path_factory) -> Reference:
-    config = transformers.CohereConfig(**_SIZES, **CASES[request.param])
-    return Reference.of(save_random_model(config, tmp_path_factory.mktemp(request.param)))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """case -> transformers' greedy generation of that tiny random checkpoint, saved once per module."""
+    made: dict[str, Reference] = {}
+
+    def get(case: str) -> Reference:
+        if case not in made:
+            config = transformers.CohereConfig(**_SIZES, **CASES[case])
+            made[case] = Reference.of(save_random_model(config, tmp_path_factory.mktemp(case)))
+        return made[case]
+
+    return get
 
 
-@pytest.mark.parametrize("num_device", [1, 4])
-def test_parity(reference: Reference, num_device: int):
-    reference.check(num_device)
+@pytest.mark.parametrize("case, num_device", [("command-r", 1), ("command-r", 4), ("qk-norm", 4)])
+def test_parity(reference, case: str, num_device: int):
+    reference(case).check(num_device)

@@ -1,8 +1,8 @@
 """Decode of a mixture of experts reads only the chosen experts' matrices: in the optimized decode step of a tiny
-Qwen3-MoE (8 experts of 40 features, top-2), the matrix products over expert weights, as scripts/step_profile.py
-lists them, hold k = 2 experts' matrices for one row, and every expert's once rows x k reaches the 8 experts (then
-computing all of them is cheaper than gathering). That the tokens do not change is the parity of
-tests/test_family_qwen3_moe.py, whose decode steps take the gathered path."""
+Qwen3-MoE and a tiny Mixtral (8 experts of 40 features, top-2), the matrix products over expert weights, as
+scripts/step_profile.py lists them, hold k = 2 experts' matrices for one row, and every expert's once rows x k
+reaches the 8 experts (then computing all of them reads less than gathering). That the tokens do not change is the
+parity of tests/test_family_qwen3_moe.py, whose decode steps take the gathered path."""
 
 from __future__ import annotations
 
@@ -25,13 +25,19 @@ SCRIPTS = Path(__file__).parent.parent / "scripts"
 HIDDEN, EXPERT_FFN, EXPERTS, TOP_K, LAYERS = 64, 40, 8, 2, 2
 
 
-@pytest.fixture(scope="module")
-def placement(tmp_path_factory):
-    config = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                         intermediate_size=96, max_position_embeddings=128, num_attention_heads=4,
-                                         num_key_value_heads=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-                                         moe_intermediate_size=EXPERT_FFN)
-    cfg, flat = converters.load_checkpoint(save_random_model(config, tmp_path_factory.mktemp("moe")))
+_SIZES = dict(vocab_size=128, hidden_size=HIDDEN, num_hidden_layers=LAYERS, max_position_embeddings=128,
+              num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=TOP_K)
+CONFIGS = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_SIZES, intermediate_size=96, num_experts=EXPERTS,
+                                                     moe_intermediate_size=EXPERT_FFN),
+    "mixtral": lambda: transformers.MixtralConfig(**_SIZES, intermediate_size=EXPERT_FFN, num_local_experts=EXPERTS),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def placement(request, tmp_path_factory):
+    directory = save_random_model(CONFIGS[request.param](), tmp_path_factory.mktemp(request.param))
+    cfg, flat = converters.load_checkpoint(directory)
     return place(cfg, flat, 1)
 
 
