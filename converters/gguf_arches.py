@@ -17,6 +17,15 @@ the usual transforms of converters/keymap.py apply. Layout facts an architecture
   k, then all v ("jploski" layout). With two norms per layer (Falcon-40B), `ln_attn` becomes `attn_norm_2` and
   `ln_mlp` becomes `attn_norm`: llama.cpp's attention reads `attn_norm_2`, its MLP `attn_norm`.
 - phi3: `attn_qkv` is q, k, v stacked on rows; `ffn_up` is Phi-3's `gate_up_proj`, gate rows first.
+- gemma3: norms plus one like gemma2's, the q/k norms (`attn_q_norm`, `attn_k_norm`, one `[head_dim]` each)
+  included. llama.cpp fixes what the file may leave out: 5 sliding layers to 1 global, 10000 as the sliding
+  layers' RoPE theta, and gemma2's query scale (hidden / heads for the 62-layer 27B model, head_dim otherwise).
+- qwen3, olmo2: q/k norms as Hugging Face stores them (`[head_dim]`; olmo2's `[heads * head_dim]`, over all heads).
+- granite: the Llama layout (q/k rows permuted) with four multipliers in the metadata; llama.cpp divides the
+  logits by `logit_scale` as transformers divides by `logits_scaling`.
+- command-r: Cohere's q/k are written as Hugging Face has them (llama.cpp's "normal" rope turns adjacent pairs, as
+  Cohere does), so they are reordered for rotate-half as cohere.py does; the LayerNorms have no bias, the head is
+  tied, the logits are multiplied by `logit_scale`.
 
 Biases, a separate LM head and (falcon) a second norm are read from which tensors the file holds, as llama.cpp
 does: the metadata does not record them.
@@ -33,6 +42,7 @@ import gguf
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.families.cohere import to_rotate_half
 from converters.keymap import (
     Rule,
     Transform,
@@ -40,9 +50,11 @@ from converters.keymap import (
     keep,
     kv_bias,
     kv_in,
+    kv_scales,
     o_out,
     q_bias,
     q_in,
+    q_scales,
     transpose,
 )
 from hdex_jax.config import ModelConfig
@@ -180,19 +192,33 @@ def _embeddings(lm_head: bool = True) -> list[Rule]:
     return rules
 
 
-def _attention(permuted: bool = False) -> list[Rule]:
+def _attention(permuted: bool = False, interleaved: bool = False) -> list[Rule]:
     """Separate q/k/v projections and the output projection. `permuted`: llama.cpp permuted the q/k rows (of the
-    weights and of the biases alike), which is undone first."""
+    weights and of the biases alike), which is undone first. `interleaved`: q/k rotate adjacent pairs (Cohere),
+    reordered for rotate-half."""
     q_w, q_b, k_w, k_b = q_in, q_bias, kv_in, kv_bias
     if permuted:
         q_w, q_b = compose(_unpermute_q, q_in), compose(_unpermute_q, q_bias)
         k_w, k_b = compose(_unpermute_k, kv_in), compose(_unpermute_k, kv_bias)
+    if interleaved:
+        q_w, q_b, k_w, k_b = (compose(t, to_rotate_half) for t in (q_w, q_b, k_w, k_b))
     return [
         *_linear("attn_q", "layers/attn/q", q_w, q_b),
         *_linear("attn_k", "layers/attn/k", k_w, k_b),
         *_linear("attn_v", "layers/attn/v", kv_in, kv_bias),
         *_linear("attn_output", "layers/attn/o", o_out, keep),
     ]
+
+
+def _qk_norms(then: Transform = keep) -> list[Rule]:
+    """`attn_q_norm` and `attn_k_norm` -> per-head scales (see keymap.q_scales), then mapped by `then`."""
+    return [Rule(_LAYER + r"attn_q_norm\.weight", "layers/attn/q_norm/scale", compose(q_scales, then)),
+            Rule(_LAYER + r"attn_k_norm\.weight", "layers/attn/k_norm/scale", compose(kv_scales, then))]
+
+
+def _post_norms() -> list[Rule]:
+    """The norms of the attention's and the MLP's outputs (gemma2, gemma3, olmo2)."""
+    return [*_norm("post_attention_norm", "layers/ln1_post"), *_norm("post_ffw_norm", "layers/ln2_post")]
 
 
 _QKV = ("layers/attn/q", "layers/attn/k", "layers/attn/v")
@@ -278,6 +304,52 @@ def _gemma2_fields(meta: GGUFMeta) -> dict[str, Any]:
     }
 
 
+# Gemma 3's values llama.cpp assumes when a file leaves them out: the layer pattern and the sliding layers' theta.
+_GEMMA3_SLIDING_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10000.0
+# Gemma-3-27B's layer count: the one size whose query scale is (hidden / heads) ** -0.5 instead of head_dim ** -0.5.
+_GEMMA3_27B_LAYERS = 62
+
+
+def _gemma3_fields(meta: GGUFMeta) -> dict[str, Any]:
+    """Gemma 3: the embedding scale, the sliding layers (`attention.sliding_window_pattern`, a count or one flag
+    per layer, else every sixth layer global) and their theta, the query scale (as for gemma2, see above)."""
+    hidden = int(meta.get("embedding_length", required=True))
+    heads = int(meta.get("attention.head_count", required=True))
+    layers = int(meta.get("block_count", required=True))
+    pattern = meta.get("attention.sliding_window_pattern", _GEMMA3_SLIDING_PATTERN)
+    sliding = tuple(bool(p) for p in pattern) if isinstance(pattern, list) else \
+        tuple((i + 1) % int(pattern) != 0 for i in range(layers))
+    window = meta.get("attention.sliding_window")
+    return {
+        **_gemma_fields(meta),
+        "sliding_window": int(window) if window and any(sliding) else None,
+        "sliding_layers": sliding if window and any(sliding) else (),
+        "rope_local_theta": float(meta.get("rope.freq_base_swa", _GEMMA3_LOCAL_THETA)),
+        "attention_scale": (hidden / heads) ** -0.5 if layers == _GEMMA3_27B_LAYERS else None,
+    }
+
+
+def _granite_fields(meta: GGUFMeta) -> dict[str, Any]:
+    """Granite's multipliers; llama.cpp's defaults (1, and head_dim ** -0.5 for attention) when absent."""
+    attention = meta.get("attention.scale")
+    return {"embed_scale": float(meta.get("embedding_scale", 1.0)),
+            "residual_scale": float(meta.get("residual_scale", 1.0)),
+            "attention_scale": None if attention is None else float(attention),
+            "logit_scale": 1.0 / float(meta.get("logit_scale", 1.0))}
+
+
+def _command_r_fields(meta: GGUFMeta) -> dict[str, Any]:
+    return {"logit_scale": float(meta.get("logit_scale", 1.0)),
+            "qk_norm": "head" if meta.has("blk.0.attn_q_norm.weight") else "none"}
+
+
+def _command_r_rules(cfg: ModelConfig) -> list[Rule]:
+    qk_norms = _qk_norms(to_rotate_half) if cfg.qk_norm != "none" else []
+    return [*_embeddings(lm_head=False), *_norm("attn_norm", "layers/ln1"), *_attention(interleaved=True),
+            *qk_norms, *_mlp(gated=True)]
+
+
 _ROPE_SILU = {"norm": "rmsnorm", "positions": "rope", "activation": "silu", "gated_mlp": True}
 
 ARCHITECTURES: dict[str, GGUFArch] = {
@@ -306,10 +378,33 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "gemma2": GGUFArch(
         fixed={**_ROPE_SILU, "activation": "gelu_tanh", "post_norms": True},
         key_map=_rules(_embeddings(lm_head=False), _sequential_norms(), _attention(), _mlp(gated=True),
-                       _norm("post_attention_norm", "layers/ln1_post"), _norm("post_ffw_norm", "layers/ln2_post")),
+                       _post_norms()),
         from_file=_gemma2_fields,
         limits="the query scale is not in GGUF files: head_dim ** -0.5, or (hidden / heads) ** -0.5 for 46 layers "
                "(Gemma-2-27B), as llama.cpp assumes"),
+    "gemma3": GGUFArch(
+        fixed={**_ROPE_SILU, "activation": "gelu_tanh", "post_norms": True, "qk_norm": "head"},
+        key_map=_rules(_embeddings(lm_head=False), _sequential_norms(), _attention(), _qk_norms(), _mlp(gated=True),
+                       _post_norms()),
+        from_file=_gemma3_fields,
+        limits="the layer pattern, the sliding layers' theta and the query scale are llama.cpp's fixed values "
+               "unless the file gives them (see gguf_arches)"),
+    "qwen3": GGUFArch(
+        fixed={**_ROPE_SILU, "qk_norm": "head"},
+        key_map=_rules(_embeddings(), _sequential_norms(), _attention(), _qk_norms(), _mlp(gated=True))),
+    "olmo2": GGUFArch(
+        fixed={**_ROPE_SILU, "qk_norm": "all", "input_norms": False, "post_norms": True},
+        key_map=_rules(_embeddings(), _attention(), _qk_norms(), _mlp(gated=True), _post_norms())),
+    "granite": GGUFArch(
+        fixed=_ROPE_SILU,
+        key_map=_rules(_embeddings(), _sequential_norms(), _attention(permuted=True), _mlp(gated=True)),
+        from_file=_granite_fields,
+        permuted_qk=True),
+    "command-r": GGUFArch(
+        fixed={"norm": "layernorm", "norm_bias": False, "positions": "rope", "activation": "silu",
+               "gated_mlp": True, "parallel_residual": True, "shared_norm": True},
+        key_map=_command_r_rules,
+        from_file=_command_r_fields),
     "starcoder2": GGUFArch(
         fixed={"norm": "layernorm", "positions": "rope", "activation": "gelu_tanh", "gated_mlp": False},
         key_map=_rules(_embeddings(), _sequential_norms(), _attention(), _mlp(gated=False))),

@@ -1,5 +1,6 @@
 """GGUF files (llama.cpp): config from metadata, tensors dequantized to float32, for the architectures declared
-in converters/gguf_arches.py (llama, qwen2, phi3, gemma, gemma2, starcoder2, gpt2, falcon).
+in converters/gguf_arches.py (llama, qwen2, qwen3, phi3, gemma, gemma2, gemma3, olmo2, granite, command-r,
+starcoder2, gpt2, falcon).
 
 What every architecture shares is read here: sizes, the norm epsilon, rope (theta, scaling, rotary dimension),
 special token ids, and which optional tensors the file holds (biases, a separate LM head). The per-architecture

@@ -408,3 +408,26 @@ def qkv_rules(layer: str) -> list[Rule]:
     return [*linear(layer + r"self_attn\.q_proj", "layers/attn/q", q_in, q_bias),
             *linear(layer + r"self_attn\.k_proj", "layers/attn/k", kv_in, kv_bias),
             *linear(layer + r"self_attn\.v_proj", "layers/attn/v", kv_in, kv_bias)]
+
+
+def _head_scales(x: np.ndarray, heads: int, cfg: ModelConfig) -> np.ndarray:
+    """A q/k norm weight -> per-head scales `[heads, hd]`: one `[hd]` shared by every head (Qwen3, Gemma 3) is
+    repeated, `[heads * hd]` (OLMo 2, over all heads) or `[heads, hd]` (Cohere) is reshaped."""
+    return np.broadcast_to(x.reshape(-1, cfg.head_dim), (heads, cfg.head_dim)).copy()
+
+
+def q_scales(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """A query norm's weight -> `[H, hd]` (`_head_scales`)."""
+    return _head_scales(x, cfg.num_heads, cfg)
+
+
+def kv_scales(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """A key norm's weight -> `[KV, hd]` (`_head_scales`)."""
+    return _head_scales(x, cfg.num_kv_heads, cfg)
+
+
+def qk_norms(layer: str, scale: Transform = keep) -> list[Rule]:
+    """The q and k norms of a Hugging Face attention block (`self_attn.{q,k}_norm.weight` under the per-layer
+    prefix `layer`), their weights mapped by `scale` (e.g. Gemma's `1 + w`) and then to per-head scales."""
+    return [Rule(layer + r"self_attn\.q_norm\.weight", "layers/attn/q_norm/scale", compose(scale, q_scales)),
+            Rule(layer + r"self_attn\.k_norm\.weight", "layers/attn/k_norm/scale", compose(scale, kv_scales))]

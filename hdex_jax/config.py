@@ -19,6 +19,7 @@ from hdex_jax import rope
 Norm = Literal["rmsnorm", "layernorm"]
 Positions = Literal["rope", "learned", "alibi", "none"]
 Activation = Literal["silu", "relu", "gelu", "gelu_tanh"]
+QKNorm = Literal["none", "head", "all"]
 
 CONFIG_FILE = "hdex_config.json"
 # The activation/KV dtypes the datapath computes in: float32 (the reference), float16 (the LPU's), bfloat16.
@@ -54,6 +55,18 @@ class ModelConfig:
     norm_bias: bool = True
     # Gemma 2: a norm on each sublayer's output too, before it joins the residual stream.
     post_norms: bool = False
+    # Whether the sublayers' inputs are normed (ln1, ln2); OLMo 2 and EXAONE 4 norm only their outputs (post_norms).
+    input_norms: bool = True
+    # A norm of q and k (kind `norm`) before RoPE: "head" normalises each head over head_dim (Qwen3, Gemma 3,
+    # EXAONE 4, Cohere), "all" a token's q (and its k) over all heads of the layer at once (OLMo 2). Either way
+    # the learned scales are per head ([heads, head_dim]).
+    qk_norm: QKNorm = "none"
+    # For "all" on N devices: the stored q and k features the statistic averages over (set by the N-device
+    # layout, replicated KV heads counted each time); empty means every head's, num_heads * head_dim and
+    # num_kv_heads * head_dim.
+    qk_norm_features: tuple[int, ...] = ()
+    # Granite: each sublayer's output is multiplied by this before it joins the residual stream.
+    residual_scale: float | None = None
     # Bloom: a LayerNorm right after the token embedding.
     embed_norm: bool = False
     # Gemma: the embedding is multiplied by this (sqrt(hidden_size)) before the first layer.
@@ -70,6 +83,10 @@ class ModelConfig:
     # lists as tuples; the kinds and what they compute are in hdex_jax.rope.
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     partial_rotary_factor: float = 1.0
+    # Which layers rotate q and k (SmolLM3's `no_rope_layers`, EXAONE 4's global layers do not); empty means all.
+    rope_layers: tuple[bool, ...] = ()
+    # Gemma 3: the RoPE theta of the sliding-window layers (unscaled), the global layers using `rope_theta`.
+    rope_local_theta: float | None = None
     sliding_window: int | None = None
     # Which layers use `sliding_window` (Gemma 2 alternates); empty means every layer does.
     sliding_layers: tuple[bool, ...] = ()
@@ -78,12 +95,16 @@ class ModelConfig:
     attention_scale: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Final logits multiplied by this (Cohere's logit_scale, Granite's 1 / logits_scaling).
+    logit_scale: float | None = None
     # MLP.
     activation: Activation = "silu"
     gated_mlp: bool = True
     # Mixture of experts (Mixtral): each token's MLP is the router-weighted sum of its top-k experts' MLPs.
     num_experts: int = 0
     experts_per_token: int = 0
+    # Whether the top-k routing weights are renormalised to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob).
+    moe_renormalize: bool = True
     # Which projections carry biases.
     qkv_bias: bool = False
     o_bias: bool = False
@@ -118,6 +139,13 @@ class ModelConfig:
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
                              f"{self.num_layers} layers")
+        if self.rope_layers and len(self.rope_layers) != self.num_layers:
+            raise ValueError(f"ModelConfig.rope_layers has {len(self.rope_layers)} entries for "
+                             f"{self.num_layers} layers")
+        if self.qk_norm not in ("none", "head", "all"):
+            raise ValueError(f"ModelConfig.qk_norm must be 'none', 'head' or 'all', got {self.qk_norm!r}")
+        if self.qk_norm == "all" and self.norm != "rmsnorm":
+            raise ValueError("ModelConfig.qk_norm='all' (a norm over all heads) is implemented for rmsnorm only")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"ModelConfig.experts_per_token must be in [1, num_experts={self.num_experts}], "
                              f"got {self.experts_per_token}")
@@ -142,10 +170,21 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def rotates(self, layer: int) -> bool:
+        """Whether `layer` applies RoPE to q and k."""
+        return self.positions == "rope" and (not self.rope_layers or self.rope_layers[layer])
+
+    def qk_norm_size(self, kv: bool) -> int:
+        """Features the "all" q/k norm averages over, for q (or, with `kv`, k) (see `qk_norm_features`)."""
+        if self.qk_norm_features:
+            return self.qk_norm_features[int(kv)]
+        return (self.num_kv_heads if kv else self.num_heads) * self.head_dim
+
     @property
     def has_ln2(self) -> bool:
-        """Whether layers have a second norm (before the MLP); not when a parallel block shares ln1."""
-        return not (self.parallel_residual and self.shared_norm)
+        """Whether layers have a second norm (before the MLP); not when a parallel block shares ln1, nor when
+        sublayer inputs are not normed."""
+        return self.input_norms and not (self.parallel_residual and self.shared_norm)
 
     @property
     def stored_vocab_size(self) -> int:
@@ -170,7 +209,8 @@ class ModelConfig:
         fields = json.loads(text)
         fields["rope_scaling"] = tuple((key, _hashable(value)) for key, value in fields.get("rope_scaling", ()))
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
-        fields["sliding_layers"] = tuple(fields.get("sliding_layers", ()))
+        for name in ("sliding_layers", "rope_layers", "qk_norm_features"):
+            fields[name] = tuple(fields.get(name, ()))
         fields["weight_formats"] = tuple(tuple(item) for item in fields.get("weight_formats", ()))
         return cls(**fields)
 

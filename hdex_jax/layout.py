@@ -65,9 +65,13 @@ def padded_config(cfg: ModelConfig, num_device: int) -> ModelConfig:
     a padded feature contributes nothing whatever the activation.
     """
     layout = head_layout(cfg, num_device)
+    # A norm over all heads (OLMo 2's q/k norm) averages over the model's own features: zero heads add nothing to
+    # its sum of squares, and each of r replicas of a KV head adds its part once more.
+    features = ((cfg.qk_norm_size(kv=False), cfg.qk_norm_size(kv=True) * layout.replicas)
+                if cfg.qk_norm == "all" else ())
     return dataclasses.replace(cfg, num_heads=layout.stored_heads, num_kv_heads=layout.stored_kv_heads,
                                intermediate_size=_round_up(cfg.intermediate_size, num_device * _ffn_group(cfg)),
-                               vocab_padding=-cfg.vocab_size % num_device)
+                               vocab_padding=-cfg.vocab_size % num_device, qk_norm_features=features)
 
 
 def _ffn_group(cfg: ModelConfig) -> int:

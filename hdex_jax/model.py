@@ -18,6 +18,7 @@ and the performance model line up with the code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -70,6 +71,17 @@ def _clip(x: jax.Array) -> jax.Array:
 def _dense(w: jax.Array | quant.QuantArray, dtype: jnp.dtype) -> jax.Array:
     """A weight as an array the einsum paths (the experts) can read: a quantized one dequantized in the program."""
     return quant.dequantize(w, dtype) if quant.is_quant(w) else w
+
+
+def _qk_norm(x: jax.Array, p: dict, cfg: ModelConfig, kv: bool) -> jax.Array:
+    """The norm of this device's q (or, with `kv`, k) heads [B, T, n, hd] before RoPE, with per-head scales
+    [n, hd]: over each head's features, or (`qk_norm="all"`, RMSNorm) over all heads of the layer, whose sum of
+    squares is then summed over the devices."""
+    if cfg.qk_norm == "head":
+        return _norm(x, p, cfg)
+    x32 = x.astype(jnp.float32)
+    total = _esl_sync(jnp.sum(x32 * x32, axis=(-2, -1), keepdims=True))  # [B, T, 1, 1]
+    return (x32 * lax.rsqrt(total / cfg.qk_norm_size(kv) + cfg.norm_eps) * p["scale"]).astype(x.dtype)
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -176,16 +188,32 @@ def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Arra
 
 
 def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
-    """Mixtral's sparse MLP: the router's top-k experts per token, weighted by their renormalised softmax
-    probabilities (as transformers routes). Every expert is computed and the others get weight zero, which adds
-    exactly nothing: at decode's few tokens the experts' weights are read either way."""
+    """A sparse MLP (Mixtral, Qwen3-MoE): the router's top-k experts per token, weighted by their softmax
+    probabilities, renormalised to sum to one unless `moe_renormalize` is off (as transformers routes).
+
+    With fewer (token, expert) pairs than experts (decode's few rows), each token's k experts' matrices are
+    gathered and only those are read: bytes per token in proportion to k / E. With more (a prompt), every expert is
+    computed and the unchosen ones get weight zero, which adds exactly nothing and reads each expert once."""
     # x: [B, T, D]; router [D, E]; gate, up [E, D, F/N]; down [E, F/N, D]
+    B, T, _ = x.shape
+    K = cfg.experts_per_token
     logits = jnp.einsum("btd,de->bte", x, p["router"]["w"], preferred_element_type=jnp.float32)  # [B, T, E]
-    top_probs, top_experts = lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.experts_per_token)  # [B, T, K]
-    top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    top_probs, top_experts = lax.top_k(jax.nn.softmax(logits, axis=-1), K)  # [B, T, K]
+    if cfg.moe_renormalize:
+        top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    act = _ACTIVATIONS[cfg.activation]
+    if B * T * K < cfg.num_experts:
+        def chosen(w: jax.Array | quant.QuantArray) -> jax.Array:
+            """Only the chosen experts' matrices [B, T, K, ...] (a quantized stack's, then dequantized)."""
+            axis = w.axis + top_experts.ndim - 1 if quant.is_quant(w) else None
+            return _dense(quant.map_fields(lambda a: jnp.take(a, top_experts, axis=0), w, axis=axis), x.dtype)
+
+        gate = jnp.einsum("btd,btkdf->btkf", x, chosen(p["gate"]["w"]))  # [B, T, K, F/N]
+        up = jnp.einsum("btd,btkdf->btkf", x, chosen(p["up"]["w"]))
+        hidden = _clip(act(gate) * up * top_probs.astype(x.dtype)[..., None])
+        return _esl_sync(_clip(jnp.einsum("btkf,btkfd->btd", hidden, chosen(p["down"]["w"]))))  # [B, T, D]
     weights = jnp.sum(jax.nn.one_hot(top_experts, cfg.num_experts, dtype=jnp.float32) * top_probs[..., None],
                       axis=-2).astype(x.dtype)  # [B, T, E]
-    act = _ACTIVATIONS[cfg.activation]
     gate = jnp.einsum("btd,edf->btef", x, _dense(p["gate"]["w"], x.dtype))  # [B, T, E, F/N]
     up = jnp.einsum("btd,edf->btef", x, _dense(p["up"]["w"], x.dtype))
     hidden = _clip(act(gate) * up * weights[..., None])
@@ -235,6 +263,8 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
         local = matmul(h, params["lm_head"]["w"], preferred_element_type=jnp.float32)
     if cfg.lm_head_bias:
         local = local + params["lm_head"]["b"]
+    if cfg.logit_scale is not None:
+        local = local * cfg.logit_scale
     local = _softcap(local, cfg.final_softcap)
     if not _single_device():
         with jax.named_scope("esl_sync"):
@@ -248,12 +278,16 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
     """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache.
 
     Sequential pre-LN (h + attn(ln1 h), then + mlp(ln2 h)), post-LN (OPT-350m), or parallel
-    (h + attn(ln1 h) + mlp(ln2 h), ln2 = ln1 with `shared_norm`); Gemma 2 also norms each sublayer's output.
+    (h + attn(ln1 h) + mlp(ln2 h), ln2 = ln1 with `shared_norm`); Gemma 2 also norms each sublayer's output,
+    OLMo 2 only its output; Granite scales it. `tables` is None for a layer without RoPE.
     """
     # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; masks: [B, T, S] over the cache, [B, T, T] in the block
-    x = _norm(h, lp.get("ln1", {}), cfg) if cfg.pre_norm else h
+    normed_inputs = cfg.pre_norm and cfg.input_norms
+    x = _norm(h, lp.get("ln1", {}), cfg) if normed_inputs else h
     with jax.named_scope("qkv"):
         q, k, v = _split_heads(_fused(x, lp["attn"]["qkv"]), cfg)  # [B, T, H/N, hd], [B, T, KV/N, hd] x 2
+        if cfg.qk_norm != "none":
+            q, k = _qk_norm(q, lp["attn"]["q_norm"], cfg, kv=False), _qk_norm(k, lp["attn"]["k_norm"], cfg, kv=True)
         q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
     with jax.named_scope("attention"):
         attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg)  # [B, T, H, hd]
@@ -268,12 +302,16 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
         mlp_in = x if cfg.shared_norm else _norm(h, lp.get("ln2", {}), cfg)
         with jax.named_scope("ffn"):
             return _clip(_clip(h + attn) + _ffn(mlp_in, lp, cfg)), k_cache, v_cache
+    if cfg.residual_scale is not None:
+        attn = attn * cfg.residual_scale
     h = _clip(h + attn) if cfg.pre_norm else _norm(_clip(h + attn), lp.get("ln1", {}), cfg)
     with jax.named_scope("ffn"):
-        x = _norm(h, lp.get("ln2", {}), cfg) if cfg.pre_norm else h
+        x = _norm(h, lp.get("ln2", {}), cfg) if normed_inputs else h
         out = _ffn(x, lp, cfg)
     if cfg.post_norms:
         out = _norm(out, lp.get("ln2_post", {}), cfg)
+    if cfg.residual_scale is not None:
+        out = out * cfg.residual_scale
     h = _clip(h + out) if cfg.pre_norm else _norm(_clip(h + out), lp.get("ln2", {}), cfg)
     return h, k_cache, v_cache
 
@@ -293,6 +331,10 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
     with jax.named_scope("embed"):
         h = _embed(params, tokens, positions, cfg)  # [B, T, D]
     tables = rope_tables(positions, cfg) if cfg.positions == "rope" else None
+    local_tables = tables
+    if tables is not None and cfg.rope_local_theta is not None:
+        local_tables = rope_tables(positions, dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta,
+                                                                  rope_scaling=()))
 
     q_slot = start + jnp.arange(T)  # [T]
     # Distance of every key (the S cache slots, then the block's T) from each query, in slots: [T, S + T].
@@ -317,8 +359,9 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
 
     k_out, v_out = [], []
     for i, (lp, k_cache, v_cache) in enumerate(zip(params["layers"], cache.k, cache.v)):
-        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, tables, layer_masks[cfg.window(i)], alibi,
-                                     cfg)
+        layer_tables = None if not cfg.rotates(i) else tables if cfg.window(i) is None else local_tables
+        h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, layer_tables, layer_masks[cfg.window(i)],
+                                     alibi, cfg)
         k_out.append(k_cache)
         v_out.append(v_cache)
     with jax.named_scope("lm_head"):

@@ -68,9 +68,12 @@ class ParamSpec:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
-def _norm_specs(cfg: ModelConfig, lead: tuple[int, ...], lead_axes: tuple[str, ...]) -> dict[str, ParamSpec]:
-    """The learned parts of one norm: a scale and (LayerNorm) a bias, each only if the family has it."""
-    shape, axes = (*lead, cfg.hidden_size), (*lead_axes, "embed")
+def _norm_specs(cfg: ModelConfig, lead: tuple[int, ...], lead_axes: tuple[str, ...],
+                features: tuple[str, int] | None = None) -> dict[str, ParamSpec]:
+    """The learned parts of one norm: a scale and (LayerNorm) a bias, each only if the family has it, over
+    `features` (logical axis, size), by default the hidden size."""
+    axis, size = features or ("embed", cfg.hidden_size)
+    shape, axes = (*lead, size), (*lead_axes, axis)
     specs = {}
     if cfg.norm_scale:
         specs["scale"] = ParamSpec(shape, axes, cfg.dtype, "ones")
@@ -130,10 +133,14 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         "o": _linear((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), cfg.o_bias,
                      (L, D), ("layers", "embed"), dt, inputs=(1, 2)),
     }
-    norms = ["ln1", "ln2", "ln1_post", "ln2_post"] if cfg.post_norms else ["ln1", "ln2"]
-    if not cfg.has_ln2:
-        norms.remove("ln2")
+    norms = (["ln1"] if cfg.input_norms else []) + (["ln2"] if cfg.has_ln2 else []) \
+        + (["ln1_post", "ln2_post"] if cfg.post_norms else [])
     layer = {name: _norm_specs(cfg, (L,), lyr) for name in norms}
+    if cfg.qk_norm != "none":
+        # Per-head scales (a family that shares one over the heads has it repeated by its converter), so that head
+        # padding and sharding treat them like the heads of q and k.
+        for name, heads, axis in (("q_norm", H, "heads"), ("k_norm", KV, "kv_heads")):
+            attn[name] = _norm_specs(cfg, (L, heads), ("layers", axis), ("head_dim", hd))
     specs: dict[str, Any] = {
         "embed": ParamSpec((V, E), ("vocab", "embed_in"), dt, inputs=(1,)),
         "layers": {**layer, "attn": attn, **_mlp_specs(cfg)},

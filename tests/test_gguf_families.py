@@ -22,13 +22,18 @@ import transformers
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from transformers import (
+    CohereConfig,
     FalconConfig,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
+    GraniteConfig,
+    Olmo2Config,
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3Config,
     Starcoder2Config,
 )
 
@@ -42,6 +47,7 @@ from converters.gguf_arches import ARCHITECTURES
 from converters.gguf_file import SUPPORTED_ARCHITECTURES
 from hdex_jax.config import ModelConfig
 from tests.family_parity import Reference, save_random_model
+from tests.helpers_tiny import llamacpp_permute
 
 VOCAB = 128
 _IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
@@ -105,6 +111,39 @@ def _gemma2(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
     w.add_sliding_window(c.sliding_window)
 
 
+def _qwen3(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    _text_model(w, c)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+
+
+def _gemma3(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    # The layer pattern and the sliding layers' theta are left to llama.cpp's fixed values.
+    _gemma(w, c)
+    w.add_sliding_window(c.sliding_window)
+    w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+
+
+def _granite(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    _text_model(w, c)
+    w.add_embedding_scale(c.embedding_multiplier)
+    w.add_residual_scale(c.residual_multiplier)
+    w.add_attention_scale(c.attention_multiplier)
+    w.add_logit_scale(c.logits_scaling)
+
+
+def _command_r(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_eps(c.layer_norm_eps)
+    w.add_logit_scale(c.logit_scale)
+
+
 def _gpt2(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
     w.add_block_count(c.n_layer)
     w.add_context_length(c.n_positions)
@@ -131,6 +170,15 @@ def _falcon(w: gguf.GGUFWriter, c: PretrainedConfig, layout: str = "jploski") ->
 
 def _gemma_layout(name: str, x: np.ndarray, c: PretrainedConfig) -> np.ndarray:
     return x + 1 if name.endswith("norm.weight") else x
+
+
+def _llama_layout(name: str, x: np.ndarray, c: PretrainedConfig) -> np.ndarray:
+    """q/k rows permuted for llama.cpp's adjacent-pair rope (LlamaModel's convert, which granite inherits)."""
+    if name.endswith("q_proj.weight"):
+        return llamacpp_permute(x, c.num_attention_heads)
+    if name.endswith("k_proj.weight"):
+        return llamacpp_permute(x, c.num_key_value_heads)
+    return x
 
 
 def _gpt2_layout(name: str, x: np.ndarray, c: PretrainedConfig) -> np.ndarray:
@@ -190,6 +238,30 @@ CASES = {
                                                   **_rope()), _gemma2, _gemma_layout,
                    expect={"post_norms": True, "attn_softcap": 2.0, "final_softcap": 3.0, "sliding_window": 6,
                            "sliding_layers": (True, False), "attention_scale": None}),
+    # Per-head q/k norms, head_dim apart from hidden / heads.
+    "qwen3": Case("qwen3", lambda: Qwen3Config(**_SIZES, head_dim=24, **_rope(1e6)), _qwen3,
+                  expect={"qk_norm": "head", "head_dim": 24, "rope_theta": 1e6}),
+    # Gemma 3: norms (q/k norms too) stored + 1; llama.cpp's layer pattern (both of 2 layers slide) and local theta.
+    "gemma3": Case("gemma3", lambda: Gemma3TextConfig(**_SIZES, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                                      rope_parameters={
+                                                          "full_attention": {"rope_type": "default", "rope_theta": 1e5},
+                                                          "sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 1e4}}),
+                   _gemma3, _gemma_layout,
+                   expect={"qk_norm": "head", "post_norms": True, "sliding_window": 6, "sliding_layers": (True, True),
+                           "rope_theta": 1e5, "rope_local_theta": 1e4, "attention_scale": None}),
+    # OLMo 2: output norms only, q/k norms over all heads.
+    "olmo2": Case("olmo2", lambda: Olmo2Config(**_SIZES, **_rope()), _text_model,
+                  expect={"qk_norm": "all", "input_norms": False, "post_norms": True}),
+    # Granite: q/k rows permuted as for llama; the four multipliers (float32 in GGUF: exact ones here).
+    "granite": Case("granite", lambda: GraniteConfig(**_SIZES, embedding_multiplier=12.0, residual_multiplier=0.25,
+                                                     attention_multiplier=0.5, logits_scaling=0.25, **_rope()),
+                    _granite, _llama_layout,
+                    expect={"embed_scale": 12.0, "residual_scale": 0.25, "attention_scale": 0.5, "logit_scale": 4.0}),
+    # Command-R: parallel block, LayerNorm without bias, interleaved rope, per-head q/k LayerNorm, logit scale, tied.
+    "command-r": Case("command-r", lambda: CohereConfig(**_SIZES, use_qk_norm=True, logit_scale=0.5, **_rope()),
+                      _command_r, expect={"norm": "layernorm", "norm_bias": False, "parallel_residual": True,
+                                          "qk_norm": "head", "logit_scale": 0.5, "tie_embeddings": True}),
     # LayerNorm, biases everywhere, ungated GELU MLP.
     "starcoder2": Case("starcoder2", lambda: Starcoder2Config(**_SIZES, use_bias=True, tie_word_embeddings=False,
                                                                **_rope()), _text_model,
@@ -266,8 +338,9 @@ def test_gguf_params_match_hf_checkpoint(files: tuple[Case, Path, Path]) -> None
 
 # Generation on one device against transformers, for the cases whose GGUF path carries a mechanism of its own
 # (fused q/k/v with biases and learned positions; Gemma 2's norms stored + 1, embedding scale, soft-caps and
-# alternating window; Falcon-40B's q/k/v regrouping and swapped norm names). Kept to a few: each compiles its own model.
-GENERATED = ("gpt2", "gemma2", "falcon")
+# alternating window; Falcon-40B's q/k/v regrouping and swapped norm names; Command-R's interleaved rope, q/k norms,
+# parallel block and logit scale). Kept to a few: each compiles its own model.
+GENERATED = ("gpt2", "gemma2", "falcon", "command-r")
 
 
 @pytest.mark.parametrize("name", GENERATED)
@@ -306,7 +379,8 @@ def test_declared_tensor_names_are_gguf_names() -> None:
         model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
         known = {gguf.TENSOR_NAMES[t].format(bid=0) + suffix for t in gguf.MODEL_TENSORS[model_arch]
                  for suffix in (".weight", ".bias")}
-        for cfg in (base, dataclasses.replace(base, parallel_residual=True, shared_norm=True)):
+        for cfg in (base, dataclasses.replace(base, parallel_residual=True, shared_norm=True),
+                    dataclasses.replace(base, qk_norm="head")):
             for rule in arch.key_map(cfg):
                 assert any(rule.regex.fullmatch(n) for n in known), f"{name}: {rule.pattern} is no gguf {name} tensor"
 

@@ -1,0 +1,42 @@
+"""Granite checkpoints (ibm-granite/granite-3.*, model_type "granite"): the Llama tensor layout and config (see
+llama.py) with four multipliers: the embedding times `embedding_multiplier`, each sublayer's output times
+`residual_multiplier` before the residual add, attention scores scaled by `attention_multiplier` (instead of
+head_dim ** -0.5) and the logits divided by `logits_scaling` (here: multiplied by its inverse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from converters.families import llama
+from converters.family import Family
+from hdex_jax.config import ModelConfig
+
+MODEL_TYPES = ("granite",)
+
+# GraniteConfig's defaults, which transformers uses when config.json leaves a key out.
+DEFAULTS = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "attention_multiplier": 1.0,
+            "logits_scaling": 1.0}
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a Granite `config.json` dict; `source` names the file in errors."""
+    cfg = llama.config_from_hf(hf, source)
+    value = {key: float(hf.get(key) if hf.get(key) is not None else default) for key, default in DEFAULTS.items()}
+    return dataclasses.replace(cfg, embed_scale=value["embedding_multiplier"],
+                               residual_scale=value["residual_multiplier"],
+                               attention_scale=value["attention_multiplier"],
+                               logit_scale=1.0 / value["logits_scaling"])
+
+
+FAMILY = Family(
+    model_types=MODEL_TYPES,
+    example="ibm-granite/granite-3.3-2b-instruct",
+    mechanisms=("embedding, residual, attention and logits multipliers", "RMSNorm", "rotate-half RoPE",
+                "SiLU-gated MLP", "grouped-query attention"),
+    config_from_hf=config_from_hf,
+    key_map=llama.key_map,
+    limits=llama.FAMILY.limits + "; the MoE and hybrid Granite types (granitemoe*) are not read",
+)
