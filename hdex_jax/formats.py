@@ -39,11 +39,12 @@ def check_format(dtype: Any, quantize: Any) -> tuple[str, str | None]:
 
 
 def describe(cfg: ModelConfig) -> str:
-    """One line for the user: the dtype and the weights' formats, e.g. "float32; q4_1 x 210, q8_0 x 1"."""
+    """One line for the user: the dtype and the weights' formats, e.g. "float32; quantized: q4_1 for 7 weights,
+    q8_0 for 1 weight" (a stacked per-layer weight counts once)."""
     counts: dict[str, int] = {}
     for _, fmt in cfg.weight_formats:
         counts[fmt] = counts.get(fmt, 0) + 1
-    kept = ", ".join(f"{fmt} ({n} weights)" for fmt, n in sorted(counts.items()))
+    kept = ", ".join(f"{fmt} for {n} weight{'s' * (n != 1)}" for fmt, n in sorted(counts.items()))
     return cfg.dtype + (f"; quantized: {kept}" if kept else "")
 
 

@@ -169,7 +169,7 @@ def test_models_and_estimate_report_the_compiled_format(checkpoint, capsys):
     AutoCompiler().compile(checkpoint, num_device=1, max_length=MAX_LENGTH, dtype="float32", quantize="int4")
     capsys.readouterr()
     assert main(["models"]) == 0
-    assert "tiny-llama-hd32 on 1 device(s): float32; quantized: int4 (7 weights)" in capsys.readouterr().out
+    assert "tiny-llama-hd32 on 1 device(s): float32; quantized: int4 for 7 weights" in capsys.readouterr().out
     assert main(["estimate", checkpoint, "--devices", "1"]) == 0
     compiled = capsys.readouterr().out
     assert "compiled in (float32, matrices int4)" in compiled and "of int4 weights" in compiled
