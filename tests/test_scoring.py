@@ -134,7 +134,7 @@ def test_loglikelihoods_are_sums_of_transformers_log_probs(checkpoints):
         assert greedy == bool(np.all(argmax[-n:] == continuation))
     # Window 20, stride 8: token j (of bos + text) is predicted from at most 20 tokens ending just before it, the
     # window's first new token having 12 tokens of context.
-    sequence = [model._prefix_id(), *text]
+    sequence = [model.prefix_token_id, *text]
     expected = 0.0
     for start in range(1, len(sequence), 8):
         end = min(start + 8, len(sequence))

@@ -281,7 +281,8 @@ class LPUModelForCausalLM:
 
     forward = __call__
 
-    def _prefix_id(self) -> int:
+    @property
+    def prefix_token_id(self) -> int:
         """The token that stands before a text with no context, as lm-evaluation-harness picks it: bos, else eos."""
         bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
         bos = self.config.bos_token_id if bos is None else bos
@@ -308,7 +309,7 @@ class LPUModelForCausalLM:
             encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
             context_ids, continuation_ids = scoring.encode_pair(encode, context, continuation)
         else:
-            context_ids = [self._prefix_id()] if len(context) == 0 else self._ids(f"context[{i}]", context)
+            context_ids = [self.prefix_token_id] if len(context) == 0 else self._ids(f"context[{i}]", context)
             continuation_ids = self._ids(f"continuation[{i}]", continuation)
         if not continuation_ids:
             raise ValueError(f"continuation[{i}] encodes to no token past its context")
@@ -350,7 +351,7 @@ class LPUModelForCausalLM:
         single = isinstance(text, str) or (isinstance(text, (list, tuple)) and not any(
             isinstance(t, (str, list, tuple)) for t in text))
         texts = [self._ids("text" if single else f"text[{i}]", t) for i, t in enumerate([text] if single else text)]
-        windows = [scoring.rolling_windows(ids, self._prefix_id(), window, stride) for ids in texts]
+        windows = [scoring.rolling_windows(ids, self.prefix_token_id, window, stride) for ids in texts]
         flat = [w for ws in windows for w in ws]
         scores = iter(scoring.score_targets(self._scorer, [w[0] for w in flat], [w[1] for w in flat], batch_size))
         totals = [sum(next(scores)[0] for _ in ws) for ws in windows]
