@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from hdex_jax import artifacts, hub, inst, scoring
 from hdex_jax.config import ModelConfig
@@ -98,6 +102,16 @@ class CausalLMOutput:
     """What `model(input_ids)` returns, with transformers' field name: `logits` of every position [B, T, V]."""
 
     logits: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+    """What `model.perplexity(text)` returns."""
+
+    perplexity: float  # exp(-loglikelihood / tokens)
+    loglikelihood: float  # summed log-prob of every token of the text
+    tokens: int
+    seconds: float  # time the scoring took
 
 
 class LPUModelForCausalLM:
@@ -338,24 +352,45 @@ class LPUModelForCausalLM:
                               batch_size: int = scoring.DEFAULT_BATCH_SIZE) -> Any:
         """The log-likelihood of a whole text (a str or token ids; or a list of those, giving a list): the sum of
         the log-probs of every token, the first predicted from the bos token, as lm-evaluation-harness's
-        `loglikelihood_rolling`. Perplexity is exp(-result / number of tokens).
+        `loglikelihood_rolling`. Perplexity is exp(-result / number of tokens) (`perplexity`).
 
         A text longer than `window` tokens (default: the compiled max_length) is scored in windows of at most
         `window` tokens, each predicting the next `stride` tokens (default `window`: disjoint windows, as
         lm-evaluation-harness; a smaller stride gives each token more context and costs more passes).
         """
+        single = isinstance(text, str) or (isinstance(text, (list, tuple)) and not any(
+            isinstance(t, (str, list, tuple)) for t in text))
+        totals = [total for total, _ in self._rolling([text] if single else list(text), window, stride, batch_size,
+                                                      progress=False, name="text" if single else "text[{}]")]
+        return totals[0] if single else totals
+
+    def perplexity(self, text: Any, window: int | None = None, stride: int | None = None,
+                   batch_size: int = scoring.DEFAULT_BATCH_SIZE, progress: bool = False) -> Perplexity:
+        """The perplexity of a text (str or token ids), exp(-loglikelihood_rolling / tokens), with the same
+        windows; `progress` shows a progress bar (tokens scored) on standard error."""
+        start = time.perf_counter()
+        [(total, tokens)] = self._rolling([text], window, stride, batch_size, progress, name="text")
+        return Perplexity(math.exp(-total / tokens), total, tokens, time.perf_counter() - start)
+
+    def _rolling(self, texts: list[Any], window: int | None, stride: int | None, batch_size: int, progress: bool,
+                 name: str) -> list[tuple[float, int]]:
+        """(log-likelihood, tokens) of each text, scored in `window`s advancing by `stride` tokens."""
         window = self.max_length if window is None else check_int("window", window, minimum=1,
                                                                     maximum=self.max_length)
         stride = window if stride is None else check_int("stride", stride, minimum=1, maximum=window)
         batch_size = check_int("batch_size", batch_size, minimum=1)
-        single = isinstance(text, str) or (isinstance(text, (list, tuple)) and not any(
-            isinstance(t, (str, list, tuple)) for t in text))
-        texts = [self._ids("text" if single else f"text[{i}]", t) for i, t in enumerate([text] if single else text)]
-        windows = [scoring.rolling_windows(ids, self.prefix_token_id, window, stride) for ids in texts]
+        ids = [self._ids(name.format(i), t) for i, t in enumerate(texts)]
+        windows = [scoring.rolling_windows(row, self.prefix_token_id, window, stride) for row in ids]
         flat = [w for ws in windows for w in ws]
-        scores = iter(scoring.score_targets(self._scorer, [w[0] for w in flat], [w[1] for w in flat], batch_size))
-        totals = [sum(next(scores)[0] for _ in ws) for ws in windows]
-        return totals[0] if single else totals
+        scores = []
+        with tqdm(total=sum(len(w[1]) for w in flat), unit="tok", disable=not progress, file=sys.stderr) as bar:
+            for first in range(0, len(flat), batch_size):
+                group = flat[first:first + batch_size]
+                scores += scoring.score_targets(self._scorer, [w[0] for w in group], [w[1] for w in group],
+                                                batch_size)
+                bar.update(sum(len(w[1]) for w in group))
+        totals = iter(scores)
+        return [(sum(next(totals)[0] for _ in ws), len(row)) for ws, row in zip(windows, ids)]
 
     # --------------------------------------------------------------------------------------------- generate
     def generate(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None, max_length: int | None = None,
