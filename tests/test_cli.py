@@ -2,7 +2,10 @@
 `hdex score`, defaults in --help, flag names in errors, notices before a recompile, a quick failure for a Hub id
 that cannot be reached."""
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
@@ -60,6 +63,21 @@ def test_score_prints_the_perplexity_of_a_file_or_stdin(home, checkpoint, capsys
     assert main(["score", "-", "--model", checkpoint, "--window", "32", "--stride", "16"]) == 0
     # The same figure and tokens; only the speed differs.
     assert capsys.readouterr().out.split("(")[0] == printed.out.split("(")[0]
+
+
+def test_perplexity_script_equals_transformers(home, checkpoint, capsys, tmp_path, monkeypatch):
+    scripts = Path(__file__).parent.parent / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))  # the script imports bench_decode beside it
+    spec = importlib.util.spec_from_file_location("perplexity_script", scripts / "perplexity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog; " * 4)
+    monkeypatch.setattr(sys, "argv", ["perplexity.py", str(path), "--model", checkpoint, "--window", "40",
+                                      "--stride", "20", "--compare"])
+    script.main()
+    ours, theirs = capsys.readouterr().out.splitlines()
+    assert ours.split()[2] == theirs.split()[2] and ours.split()[4] == theirs.split()[4]  # figure, tokens
 
 
 def test_help_shows_every_default():
