@@ -633,7 +633,7 @@ def test_cli_generate_compiles_an_uncompiled_model_for_its_positions(home, tmp_p
     code, out, err = _cli(["generate", "hello", "--model", str(directory), "--max-new-tokens", "3", "--raw"],
                           capsys)
     assert code == 0, err
-    assert f"max_length 4096 exceeds the {POSITIONS} positions" in out
+    assert f"max_length 4096 exceeds the {POSITIONS} positions" in err  # notices on stderr, the answer on stdout
 
 
 def test_cli_generate_accepts_the_largest_seed(model, checkpoint, capsys):
