@@ -1,15 +1,22 @@
-"""`hdex`: generate text, compile models, list supported families, estimate LPU performance.
+"""`hdex`: generate text, score text, compile models, list supported families, estimate LPU performance.
 
 Every error, from argument parsing or from the API underneath, is one line `hdex: error: ...` on stderr and
 exit status 2, never a traceback. Flags are checked with `hdex_jax.validation` under their own names before
-any model is loaded or compiled.
+any model is loaded or compiled. `generate` and `score` write only their results on standard output; progress,
+notices and compile phases go to standard error, so `hdex generate ... > out.txt` holds the answer alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import socket
 import sys
-from typing import NoReturn
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlparse
 
 from hdex_jax import artifacts, formats, hub, validation
 from hdex_jax.config import DTYPES, ModelConfig
@@ -29,11 +36,62 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"hdex: error: {message}\n")
 
 
+@contextlib.contextmanager
+def _results_only() -> Iterator[Any]:
+    """Inside, whatever prints (compile phases, notices) goes to standard error; yields standard output, where
+    only results are written."""
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield out
+
+
+def _check_hub_reachable(model_id: str) -> None:
+    """Fail at once, in one line, when `model_id` would be fetched from the Hugging Face Hub and the Hub cannot
+    be reached (huggingface_hub would otherwise retry for about half a minute, logging each retry)."""
+    from huggingface_hub import constants
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    compiled = artifacts.current_manifest(artifacts.ckpt_dir(hub.model_dir(model_id))) is not None
+    if hub.is_local(model_id) or model_id == hub.DEFAULT_MODEL or compiled or constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError as err:
+        raise OSError(f"{model_id!r} is not a local file or directory, nor compiled here, and the Hugging Face Hub "
+                      f"({constants.ENDPOINT}) cannot be reached ({err}); pass a local checkpoint directory or "
+                      ".gguf file") from None
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """Every prompt given: the positional one, each --prompt, each line of --prompts-file; a `|` separates
+    several prompts within one (efficient-transformers' form)."""
+    given = ([args.prompt] if args.prompt is not None else []) + list(args.prompts or [])
+    prompts = [part for text in given for part in text.split("|")]
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except OSError as err:
+            raise OSError(f"--prompts-file {args.prompts_file}: {err.strerror or err}") from None
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give the text to continue, --prompt TEXT or --prompts-file FILE")
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)}"
+            raise ValueError(f"{which} is empty: give the text to continue")
+    return prompts
+
+
 def _generate(args: argparse.Namespace) -> int:
+    with _results_only() as out:
+        return _generate_to(args, out)
+
+
+def _generate_to(args: argparse.Namespace, out: Any) -> int:
     from hdex_jax.transformers import AutoModelForCausalLM
 
-    if not args.prompt:
-        raise ValueError("the prompt is empty: give the text to continue")
+    prompts = _prompts(args)
     num_device = validation.check_num_device("--num-device", args.num_device)
     kwargs = dict(max_new_tokens=validation.check_max_new_tokens("--max-new-tokens", args.max_new_tokens),
                   do_sample=args.do_sample, top_p=validation.check_top_p("--top-p", args.top_p),
@@ -43,40 +101,115 @@ def _generate(args: argparse.Namespace) -> int:
                   seed=validation.check_seed("--seed", args.seed), temperature=args.temperature)
     if args.do_sample:  # greedy decoding ignores the temperature, as in transformers
         validation.check_temperature("--temperature", args.temperature)
+    _check_hub_reachable(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": num_device})
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer, so hdex generate cannot encode a text prompt; call "
                          f"AutoModelForCausalLM.from_pretrained(...).generate(token_ids) from Python instead")
-    if args.raw or not getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.encode(args.prompt)
-    else:
+
+    def encode(prompt: str) -> list[int]:
+        if args.raw or not getattr(tokenizer, "chat_template", None):
+            return list(tokenizer.encode(prompt))
         # Instruct models answer a chat turn, not raw text: wrap the prompt as the user's message.
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+
+    ids = [encode(prompt) for prompt in prompts]
+    if len(ids) > 1:  # one batch; each answer under its prompt's label
+        outputs = model.generate(ids, **kwargs)
+        for i, (prompt, row, output) in enumerate(zip(prompts, ids, outputs)):
+            print(f"{'' if i == 0 else chr(10)}[{i + 1}] {prompt}", file=out)
+            print(tokenizer.decode(output[len(row):], skip_special_tokens=True), file=out, flush=True)
+        return 0
     # Print the answer as it forms: the decoded text grows by whole characters (a token that ends inside a
     # multi-byte character decodes to U+FFFD until the rest arrives). Needs no transformers import.
     new: list[int] = []
     printed = ""
-    for token in model.generate_yield(list(ids), **kwargs):
+    for token in model.generate_yield(ids[0], **kwargs):
         new.append(token)
         text = tokenizer.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
-            print(text[len(printed):], end="", flush=True)
+            print(text[len(printed):], end="", file=out, flush=True)
             printed = text
-    print(flush=True)
+    print(file=out, flush=True)
     return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    with _results_only() as out:
+        from hdex_jax.transformers import AutoModelForCausalLM
+
+        num_device = validation.check_num_device("--num-device", args.num_device)
+        window = None if args.window is None else validation.check_int("--window", args.window, minimum=1)
+        stride = None if args.stride is None else validation.check_int("--stride", args.stride, minimum=1)
+        text = read_text(args.file)
+        _check_hub_reachable(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": num_device})
+        result = model.perplexity(text, window=window, stride=stride, progress=True)
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+              f"({result.tokens / result.seconds:.1f} tokens/s)", file=out)
+    return 0
+
+
+def read_text(file: str) -> str:
+    """The text of `file`, or of standard input for "-"; an error names the file."""
+    if file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(file).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise OSError(f"cannot read {file}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def _compile(args: argparse.Namespace) -> int:
     from hdex_jax.tools import AutoCompiler
 
-    AutoCompiler().compile(args.model, num_device=validation.check_num_device("--num-device", args.num_device),
-                           max_length=validation.check_max_length("--max-length", args.max_length),
+    num_device = validation.check_num_device("--num-device", args.num_device)
+    max_length = validation.check_max_length("--max-length", args.max_length)
+    _say_what_a_new_max_length_redoes(args.model, num_device, max_length)
+    _check_hub_reachable(args.model)
+    AutoCompiler().compile(args.model, num_device=num_device, max_length=max_length,
                            low_memory_usage=args.low_memory_usage, fast_compile=not args.full_compile,
                            force=args.force, dtype=args.dtype,
                            quantize=None if args.quantize == "none" else args.quantize)
     return 0
+
+
+def _say_what_a_new_max_length_redoes(model_id: str, num_device: int, max_length: int) -> None:
+    """Before a compile for another max_length than the one compiled, say what it redoes and what it reuses."""
+    from hdex_jax.config import ModelConfig
+    from hdex_jax.tools.compiler import cap_max_length
+
+    model_dir = hub.model_dir(model_id)
+    manifest = artifacts.current_manifest(artifacts.param_dir(model_dir, num_device))
+    ckpt = artifacts.ckpt_dir(model_dir)
+    if manifest is None or artifacts.current_manifest(ckpt) is None:
+        return
+    wanted = cap_max_length(model_id, max_length, ModelConfig.load(ckpt))
+    if manifest["max_length"] != wanted:
+        print(f"[hdex] {model_id} is compiled for max_length {manifest['max_length']} on {num_device} device(s); "
+              f"compiling for {wanted} exports its programs again (inst/); the converted checkpoint and the "
+              f"weights laid out for {num_device} device(s) are reused", file=sys.stderr, flush=True)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """`hdex estimate`, its flags checked under their own names first."""
+    from hdex_jax.lpu.cli import run_estimate
+    from hdex_jax.lpu.config_source import model_config
+
+    if not args.devices:
+        raise ValueError("--devices is empty: give comma-separated device counts, e.g. 1,2,4,8")
+    for count in args.devices:
+        validation.check_int("--devices", count, minimum=1)
+    validation.check_int("--batch", args.batch, minimum=1)
+    if args.context is not None:
+        validation.check_int("--context", args.context, minimum=0)
+        positions = model_config(args.model, "MODEL").max_position_embeddings
+        if args.context >= positions:
+            raise ValueError(f"--context {args.context} leaves no position for the new token: {args.model} has "
+                             f"{positions} positions; give at most {positions - 1}")
+    return run_estimate(args)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -132,21 +265,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hdex", description="HyperDex on emulated LPU devices (JAX).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="stream generated text")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="stream generated text (only the answer on standard output)",
+                         description="Generate a continuation of each prompt. Several prompts (repeated --prompt, "
+                                     "'a|b' or --prompts-file) run as one batch, each answer after a [n] label.")
+    gen.add_argument("prompt", nargs="?", help="the text to continue ('|' separates several prompts)")
+    gen.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                     help="a prompt; repeat it for several, run as one batch")
+    gen.add_argument("--prompts-file", metavar="FILE", help="a file of prompts, one per line, run as one batch")
     gen.add_argument("--model", default=hub.DEFAULT_MODEL,
                      help=f"Hub id, local checkpoint directory or .gguf file (default: {hub.DEFAULT_MODEL})")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--top-p", type=float, default=modeling.DEFAULT_TOP_P)
-    gen.add_argument("--top-k", type=int, default=modeling.DEFAULT_TOP_K)
-    gen.add_argument("--temperature", type=float, default=modeling.DEFAULT_TEMPERATURE)
-    gen.add_argument("--repetition-penalty", type=float, default=modeling.DEFAULT_REPETITION_PENALTY)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
+    gen.add_argument("--do-sample", action="store_true",
+                     help=f"sample instead of greedy decoding; with HyperDex's default --top-k "
+                          f"{modeling.DEFAULT_TOP_K} sampling still picks the top token: raise --top-k (or 0, off) to "
+                          f"sample")
+    gen.add_argument("--top-p", type=float, default=modeling.DEFAULT_TOP_P,
+                     help=f"nucleus sampling mass, 1.0 = off (default: {modeling.DEFAULT_TOP_P})")
+    gen.add_argument("--top-k", type=int, default=modeling.DEFAULT_TOP_K,
+                     help=f"keep the k most likely tokens, 0 = off (default: {modeling.DEFAULT_TOP_K}, HyperDex's)")
+    gen.add_argument("--temperature", type=float, default=modeling.DEFAULT_TEMPERATURE,
+                     help=f"sampling temperature (default: {modeling.DEFAULT_TEMPERATURE})")
+    gen.add_argument("--repetition-penalty", type=float, default=modeling.DEFAULT_REPETITION_PENALTY,
+                     help=f"penalty of tokens already present, 1.0 = off (default: "
+                          f"{modeling.DEFAULT_REPETITION_PENALTY})")
     gen.add_argument("--seed", type=int, default=0, help="any integer from 0 to 2**64-1 (default: 0)")
     gen.add_argument("--num-device", type=int, default=1,
                      help="emulated LPU devices, from 1 to the devices JAX can provide (default: 1)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.set_defaults(func=_generate)
+
+    score = sub.add_parser("score", help="perplexity of a text file (only the result on standard output)")
+    score.add_argument("file", metavar="FILE", help="a text file, or - for standard input")
+    score.add_argument("--model", default=hub.DEFAULT_MODEL,
+                       help=f"Hub id, local checkpoint directory or .gguf file (default: {hub.DEFAULT_MODEL})")
+    score.add_argument("--num-device", type=int, default=1,
+                       help="emulated LPU devices, from 1 to the devices JAX can provide (default: 1)")
+    score.add_argument("--window", type=int, default=None,
+                       help="tokens one pass reads (default: the compiled max_length)")
+    score.add_argument("--stride", type=int, default=None,
+                       help="new tokens scored per window (default: the window, as lm-evaluation-harness)")
+    score.set_defaults(func=_score)
 
     comp = sub.add_parser("compile", help="compile a model for N LPU devices")
     comp.add_argument("model")
@@ -173,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
 
     add_estimate_parser(sub)
+    sub.choices["estimate"].set_defaults(func=_estimate)
     return parser
 
 

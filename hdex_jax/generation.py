@@ -75,10 +75,11 @@ class DecodeState:
     done: jax.Array  # [B] bool: the row has produced a stop token or spent its budget
     step: jax.Array  # [] int32: tokens produced so far
     out: jax.Array  # [B, N] int32: tokens produced (pad after a row's stop token)
-    # Only when a caller asks for them (`record=True`), else None: per step, the processed scores the token was
-    # chosen from and the raw logits, as transformers' `output_scores` and `output_logits`.
-    scores: jax.Array | None = None  # [B, N, V] float32
-    logits: jax.Array | None = None  # [B, N, V] float32
+    # Only when a caller asks for them (`record=True`), else None: the last step's processed scores the token
+    # was chosen from and its raw logits, as transformers' `output_scores` and `output_logits`. The caller keeps
+    # each step's, so their memory grows with the steps generated, not with the cache.
+    scores: jax.Array | None = None  # [B, V] float32
+    logits: jax.Array | None = None  # [B, V] float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +111,10 @@ def plan_generation(prompt_length: int, max_new_tokens: int, max_length: int) ->
 
 
 def _record(state: DecodeState, logits: jax.Array, token: jax.Array, request: Request) -> DecodeState:
-    """Append this step's token (and, when recording, its scores and logits [B, V]) to the state."""
+    """Append this step's token to the state (and, when recording, keep its scores and logits [B, V])."""
     if state.scores is not None:
-        scores = apply_processors(logits, state.seen, request.sampling)  # [B, V]
-        state = state.replace(
-            scores=lax.dynamic_update_slice(state.scores, scores[:, None], (0, state.step, 0)),
-            logits=lax.dynamic_update_slice(state.logits, logits.astype(jnp.float32)[:, None], (0, state.step, 0)))
+        state = state.replace(scores=apply_processors(logits, state.seen, request.sampling),
+                              logits=logits.astype(jnp.float32))
     token = jnp.where(state.done, request.pad_id, token).astype(jnp.int32)  # finished rows emit padding
     stopped = jnp.any(token[:, None] == request.stop_ids, axis=-1)  # [B]
     return state.replace(
@@ -134,7 +133,7 @@ def _start_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Reque
     cache = init_cache(cfg, B, plan.cache_length)
     logits, cache = prefill_fn(params, cache, tokens, mask, cfg, mesh)  # [B, V]
     seen = seen_tokens(tokens, cfg.vocab_size, mask)  # [B, V]
-    history = jnp.zeros((B, plan.out_length, cfg.vocab_size), jnp.float32) if record else None
+    history = jnp.zeros((B, cfg.vocab_size), jnp.float32) if record else None
     state = DecodeState(cache=cache, seen=seen, token=jnp.zeros((B,), jnp.int32), done=request.budget < 1,
                         step=jnp.zeros((), jnp.int32), out=jnp.full((B, plan.out_length), request.pad_id, jnp.int32),
                         scores=history, logits=history)
@@ -323,16 +322,16 @@ class Recorded:
     logits: np.ndarray  # [rows, steps, V] float32: raw logits
 
 
-def _finished(decode: Placement, batch: Batch, prefill: Placement | None, record: bool) -> DecodeState:
+def _finished(decode: Placement, batch: Batch, prefill: Placement | None) -> DecodeState:
     """The state after the whole generation: one program on one mesh; prefill, hand-over and decode loop for
-    the hybrid split or when recording (these always trace)."""
-    if prefill is None and not record:
+    the hybrid split (which always traces)."""
+    if prefill is None:
         exported = decode.program("generate", batch)
         if exported is not None:
             return exported(decode.params, batch.tokens, batch.mask, batch.request)
         return _generate(decode.params, batch.tokens, batch.mask, batch.request, cfg=decode.cfg, plan=batch.plan,
                          mesh=decode.mesh)
-    state = _started(decode, batch, prefill, record)
+    state = _started(decode, batch, prefill)
     return _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
 
 
@@ -341,16 +340,25 @@ def generate_tokens(decode: Placement, batch: Batch, prefill: Placement | None =
 
     Prefill runs on `prefill` when given (the hybrid split), else on `decode`.
     """
-    return _new_tokens(_finished(decode, batch, prefill, record=False), batch)
+    return _new_tokens(_finished(decode, batch, prefill), batch)
 
 
 def generate_recorded(decode: Placement, batch: Batch, prefill: Placement | None = None) -> Recorded:
     """`generate_tokens`, also keeping each step's processed scores and raw logits (for every row, until the
-    last row stops, as transformers' `output_scores`/`output_logits`)."""
-    state = _finished(decode, batch, prefill, record=True)
-    steps = int(state.step)
-    return Recorded(_new_tokens(state, batch), np.asarray(state.scores)[: batch.rows, :steps],
-                    np.asarray(state.logits)[: batch.rows, :steps])
+    last row stops, as transformers' `output_scores`/`output_logits`).
+
+    Driven step by step (the same tokens as the whole loop), each step's [rows, V] copied to the host as it
+    comes: memory in proportion to the steps generated, where a history inside the loop would hold the whole
+    cache bucket's steps."""
+    state = _started(decode, batch, prefill, record=True)
+    scores, logits = [], []
+    while True:
+        scores.append(np.asarray(state.scores)[: batch.rows])
+        logits.append(np.asarray(state.logits)[: batch.rows])
+        if bool(np.all(state.done)):
+            break
+        state = _advance_jit(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
+    return Recorded(_new_tokens(state, batch), np.stack(scores, axis=1), np.stack(logits, axis=1))
 
 
 def _new_tokens(state: DecodeState, batch: Batch) -> list[list[int]]:

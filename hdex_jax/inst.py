@@ -343,8 +343,13 @@ def load(directory: Path, mesh: Mesh, max_length: int, level: str, remedy: str) 
     recorded = {key: manifest.get(key) for key in here}
     if recorded != here:
         changed = ", ".join(f"{key} {recorded[key]} -> {here[key]}" for key in here if recorded[key] != here[key])
-        _notice_once(f"{directory} was exported by another environment ({changed}); tracing the programs instead "
-                     f"(same tokens, slower start-up); {remedy} to export them for this one")
+        if os.environ.get("HDEX_MATVEC") == "0" and [k for k in here if recorded[k] != here[k]] == ["matvec_kernel"]:
+            # The user turned the kernel off for this process: the programs are right as they are.
+            _notice_once("HDEX_MATVEC=0: tracing the programs with XLA's matrix products instead of loading the "
+                         "exported ones, which call the decode kernel (same tokens, slower start-up)")
+        else:
+            _notice_once(f"{directory} was exported by another environment ({changed}); tracing the programs "
+                         f"instead (same tokens, slower start-up); {remedy} to export them for this one")
         return None
     if manifest.get("format") != FORMAT or manifest.get("max_length") != max_length or \
             manifest.get("mesh_shape") != {"lpu": num_device}:

@@ -157,33 +157,38 @@ def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array] | None, cfg: ModelCo
 
 
 def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
-               masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+               masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None, cfg: ModelConfig,
+               fresh: bool = False) -> jax.Array:
     """Grouped-query attention of a block of T queries over the cache slots written before it and the block's
     own keys and values (which are written to the cache only afterwards).
 
-    `alibi` is the ALiBi bias of this device's heads [H, T, S + T], or None.
+    `alibi` is the ALiBi bias of this device's heads [H, T, S + T], or None. `fresh` says the cache holds
+    nothing yet (a prompt pass from slot 0): then only the block is scored, not the S empty slots.
     """
     # q: [B, T, H, hd]; k_cache, v_cache: [B, KV, S, hd]; k, v: [B, T, KV, hd]; masks: [B, T, S], [B, T, T]
     B, T, H, hd = q.shape
     KV, S = k_cache.shape[1], k_cache.shape[2]
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)  # [B, T, KV, G, hd]
-    # Each KV head's queries [G * T, hd] against its cache [S, hd] as stored: one product per (row, KV head).
-    queries = qg.transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
-    cached = batched_matmul(queries, k_cache, transposed=True,
-                            preferred_element_type=jnp.float32).reshape(B, KV, G, T, S)  # [B, KV, G, T, S]
-    block = jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32)  # [B, KV, G, T, T]
+    parts = [jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32)]  # [B, KV, G, T, T]
+    if not fresh:
+        # Each KV head's queries [G * T, hd] against its cache [S, hd] as stored: one product per (row, KV head).
+        queries = qg.transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+        parts.insert(0, batched_matmul(queries, k_cache, transposed=True, preferred_element_type=jnp.float32
+                                       ).reshape(B, KV, G, T, S))  # [B, KV, G, T, S]
+    seen = S if not fresh else 0  # cache slots scored
     scale = cfg.attention_scale if cfg.attention_scale is not None else hd ** -0.5
-    scores = _softcap(jnp.concatenate([cached, block], axis=-1) * scale, cfg.attn_softcap)  # [B, KV, G, T, S + T]
+    scores = _softcap(jnp.concatenate(parts, axis=-1) * scale, cfg.attn_softcap)  # [B, KV, G, T, seen + T]
     if alibi is not None:
-        scores = scores + alibi.reshape(KV, H // KV, T, S + T)
-    mask = jnp.concatenate(masks, axis=-1)[:, None, None]  # [B, 1, 1, T, S + T]
+        scores = scores + alibi[..., S - seen:].reshape(KV, H // KV, T, seen + T)
+    mask = jnp.concatenate([masks[0][..., S - seen:], masks[1]], axis=-1)[:, None, None]  # [B, 1, 1, T, seen + T]
     # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    # The cache product keeps the cache's own [S, hd] layout: a result asked for as [B, T, ...] directly made
-    # XLA transpose (copy) every layer's V cache each step.
-    out = (batched_matmul(probs[..., :S].reshape(B, KV, G * T, S), v_cache).reshape(B, KV, G, T, hd)
-           + jnp.einsum("bkgtu,bukd->bkgtd", probs[..., S:], v))  # [B, KV, G, T, hd]
+    out = jnp.einsum("bkgtu,bukd->bkgtd", probs[..., seen:], v)  # [B, KV, G, T, hd]
+    if not fresh:
+        # The cache product keeps the cache's own [S, hd] layout: a result asked for as [B, T, ...] directly made
+        # XLA transpose (copy) every layer's V cache each step.
+        out = batched_matmul(probs[..., :S].reshape(B, KV, G * T, S), v_cache).reshape(B, KV, G, T, hd) + out
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
@@ -252,13 +257,14 @@ def _embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCo
 
 
 def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and LM head of hidden states [..., D] -> logits [..., V] float32, gathered over the devices."""
     if cfg.final_norm:
         h = _norm(h, params.get("final_norm", {}), cfg)
     if cfg.projects_embeddings:
-        h = matmul(h, params["project_out"])  # [B, E]
+        h = matmul(h, params["project_out"])  # [..., E]
     # A tied head contracts the embedding [V/N, E] on E as it is stored: a transpose would copy it every step.
     if cfg.tie_embeddings:
-        local = matmul(h, params["embed"], transposed=True, preferred_element_type=jnp.float32)  # [B, V/N]
+        local = matmul(h, params["embed"], transposed=True, preferred_element_type=jnp.float32)  # [..., V/N]
     else:
         local = matmul(h, params["lm_head"]["w"], preferred_element_type=jnp.float32)
     if cfg.lm_head_bias:
@@ -268,13 +274,13 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     local = _softcap(local, cfg.final_softcap)
     if not _single_device():
         with jax.named_scope("esl_sync"):
-            local = lax.all_gather(local, LPU_AXIS, axis=1, tiled=True)  # [B, V + padding]
-    return local[:, : cfg.vocab_size]
+            local = lax.all_gather(local, LPU_AXIS, axis=local.ndim - 1, tiled=True)  # [..., V + padding]
+    return local[..., : cfg.vocab_size]
 
 
 def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
            tables: tuple[jax.Array, jax.Array] | None, masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None,
-           cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+           cfg: ModelConfig, fresh: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache.
 
     Sequential pre-LN (h + attn(ln1 h), then + mlp(ln2 h)), post-LN (OPT-350m), or parallel
@@ -290,7 +296,7 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
             q, k = _qk_norm(q, lp["attn"]["q_norm"], cfg, kv=False), _qk_norm(k, lp["attn"]["k_norm"], cfg, kv=True)
         q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
     with jax.named_scope("attention"):
-        attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg)  # [B, T, H, hd]
+        attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg, fresh)  # [B, T, H, hd]
         attn = _row_parallel(attn, lp["attn"]["o"])  # [B, T, D]
         # Written after attention has read the cache: the update is then done in place (with
         # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
@@ -322,8 +328,9 @@ def _ffn(x: jax.Array, lp: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
-             cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
-    """Run T tokens written at slots [cache.next_slot, +T); return the last token's logits and the cache."""
+             cfg: ModelConfig, fresh: bool = False, every_position: bool = False) -> tuple[jax.Array, KVCache]:
+    """Run T tokens written at slots [cache.next_slot, +T); return the last token's logits [B, V] (or, with
+    `every_position`, every token's [B, T, V]) and the cache. `fresh`: the cache is empty (see `_attention`)."""
     # tokens, positions: [B, T]; key_valid: [B, S] after this block's slots are marked
     T = tokens.shape[1]
     S = cache.max_length
@@ -361,11 +368,11 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
     for i, (lp, k_cache, v_cache) in enumerate(zip(params["layers"], cache.k, cache.v)):
         layer_tables = None if not cfg.rotates(i) else tables if cfg.window(i) is None else local_tables
         h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, layer_tables, layer_masks[cfg.window(i)],
-                                     alibi, cfg)
+                                     alibi, cfg, fresh)
         k_out.append(k_cache)
         v_out.append(v_cache)
     with jax.named_scope("lm_head"):
-        logits = _lm_head(params, h[:, -1], cfg)  # [B, V]
+        logits = _lm_head(params, h if every_position else h[:, -1], cfg)  # [B, T, V] or [B, V]
     cache = cache.replace(k=tuple(k_out), v=tuple(v_out), valid=key_valid, next_slot=start + T)
     return logits, cache
 
@@ -403,6 +410,15 @@ def decode_step_fn(params: Params, cache: KVCache, token: jax.Array, cfg: ModelC
     return _on_mesh(_decode_local, cfg, mesh, 1)(params, cache, token)
 
 
+def score_fn(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
+             cfg: ModelConfig, mesh: Mesh | None = None, fresh: bool = False) -> tuple[jax.Array, KVCache]:
+    """Scoring pass of a block: tokens [B, T] with their positions [B, T] at slots [cache.next_slot, +T), where
+    `key_valid` [B, S] marks the real tokens' slots -> logits of every position [B, T, V] and the cache.
+    `fresh` (the block starts at slot 0 of an empty cache) leaves the empty slots out of attention."""
+    local = functools.partial(_forward, fresh=fresh, every_position=True)
+    return _on_mesh(local, cfg, mesh, 3)(params, cache, tokens, positions, key_valid)
+
+
 def _prefill_local(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array,
                    cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
     T = tokens.shape[1]
@@ -410,7 +426,7 @@ def _prefill_local(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.
     positions = prefill_positions(mask)  # [B, T]
     key_valid = jnp.zeros(cache.valid.shape, bool).at[:, :T].set(mask)  # [B, S]
     cache = cache.replace(next_slot=jnp.zeros((), jnp.int32))
-    logits, cache = _forward(params, cache, tokens, positions, key_valid, cfg)
+    logits, cache = _forward(params, cache, tokens, positions, key_valid, cfg, fresh=True)
     return logits, cache.replace(next_pos=jnp.sum(mask, axis=-1, dtype=jnp.int32))
 
 

@@ -221,9 +221,14 @@ def _keep_candidates(scores: jax.Array, params: SamplingParams, candidates: int)
     lowest = jnp.where(filtered[:, None], kth, ascending[:, :1])  # [B, 1] lowest score that may survive
     in_top_k = ascending >= lowest  # [B, C]
     masked = jnp.where(in_top_k, ascending, -jnp.inf)  # [B, C]
+    # Probabilities relative to the row maximum, as transformers' softmax computes them: x - max is exact in
+    # float32, where x - logsumexp(x) is off by ~1e-2 once |scores| reach ~1e4 (temperature 0.05 on logits of
+    # 3e4), enough to remove a token top-p must keep.
+    top = ascending[:, -1:]  # [B, 1]
+    weights = jnp.exp(masked - top)  # [B, C]
     # Top-p normalises over the top-k survivors: all candidates when top-k filters, else the whole vocabulary.
-    log_norm = jnp.where(filtered, jax.nn.logsumexp(masked, axis=-1), jax.nn.logsumexp(scores, axis=-1))  # [B]
-    probs = jnp.exp(masked - log_norm[:, None])  # [B, C]
+    norm = jnp.where(filtered, jnp.sum(weights, axis=-1), jnp.sum(jnp.exp(scores - top), axis=-1))  # [B]
+    probs = weights / norm[:, None]  # [B, C]
     tail = jnp.where(filtered, 0.0, 1.0 - jnp.sum(probs, axis=-1))  # [B] mass below the candidates
     cumprobs = tail[:, None] + jnp.cumsum(probs, axis=-1)  # [B, C]: HF's cumulative sum at each candidate
     keep_candidates = in_top_k & ~_top_p_removes(cumprobs, count - 1 - jnp.arange(count), params)  # [B, C]

@@ -5,6 +5,7 @@ other rows."""
 import jax
 import pytest
 
+from hdex_jax import generation
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.compilations import counting_compilations
@@ -99,3 +100,23 @@ def test_several_sequences_per_prompt(model):
         model.generate(PROMPTS[0], num_return_sequences=0)
     with pytest.raises(TypeError, match="num_return_sequences"):
         model.generate(PROMPTS[0], num_return_sequences=True)
+
+
+def test_recorded_scores_take_memory_in_proportion_to_the_steps(model):
+    """output_scores/output_logits: the device state holds one step's [B, V], whatever the cache bucket (a
+    history of the bucket's steps took 0.5 GB for one new token of a 600-token prompt on SmolLM2); the host
+    keeps exactly the steps generated."""
+    vocab = model.config.vocab_size
+    for new_tokens in (1, 40):
+        batch = generation.prepare_batch([[3] * 20], max_length=64, max_new_tokens=new_tokens, stop=[], pad_id=0,
+                                         seed=0)
+        rows = batch.tokens.shape[0]
+        state = generation._started(model.decode, batch, None, record=True)
+        assert state.scores.shape == state.logits.shape == (rows, vocab)
+        # Besides the cache and that one step: the seen ids [B, V] bool, the tokens [B, steps] and a few flags.
+        rest = sum(x.nbytes for x in jax.tree.leaves(state.replace(cache=None, scores=None, logits=None)))
+        assert rest <= rows * vocab + 4 * rows * batch.plan.out_length + 64, batch.plan
+    out = model.generate([[3] * 20], max_new_tokens=3, stop=[], return_dict_in_generate=True, output_scores=True,
+                         output_logits=True)
+    assert len(out.scores) == len(out.logits) == 3
+    assert all(s.shape == (1, model.config.vocab_size) for s in out.scores + out.logits)

@@ -316,8 +316,8 @@ def test_plot_has_the_three_curves(tmp_path) -> None:
 
 @pytest.mark.parametrize("argv,message", [
     (["--preset", "tpu"], "unknown LPU preset 'tpu'"),
-    (["--devices", "0,2"], "num_device must be an integer >= 1, got 0"),
-    (["--context", "-5"], "context_len must be an integer >= 0, got -5"),
+    (["--devices", "0,2"], "--devices must be an integer >= 1, got 0"),
+    (["--context", "-5"], "--context must be an integer >= 0, got -5"),
 ])
 def test_cli_bad_input(tmp_path, capsys, argv: list[str], message: str) -> None:
     path = write_config(tmp_path, "opt-1.3b", OPT_1_3B_JSON)

@@ -556,3 +556,24 @@ def test_greedy_is_argmax_after_repetition_penalty():
     # The penalty must matter for this input, or the comparison would prove little.
     assert not np.array_equal(ref.numpy(), logits.argmax(-1))
     np.testing.assert_array_equal(sample(logits, ids, do_sample=False, repetition_penalty=1.4), ref.numpy())
+
+
+@pytest.mark.parametrize("logit_scale, temperature", [(3e4, 0.05), (10.0, 1e-6)])
+def test_top_p_keeps_enough_mass_at_extreme_scales(logit_scale, temperature):
+    """|logits / temperature| of ~6e5 and ~1e7: the kept set is transformers' own up to the order of tied scores,
+    and never holds less than top_p of the mass by float64 (with probabilities from a float32 logsumexp, 33 and 56
+    of these 240 rows did)."""
+    rng = np.random.default_rng(22)
+    for _ in range(60):
+        top_p = float(rng.choice([0.3, 0.5, 0.7, 0.9]))
+        # Scores spread over a few units after temperature, so that the nucleus holds several tokens.
+        logits = (logit_scale + rng.standard_normal((4, 300)) * 3 * temperature).astype(np.float32)
+        ours = np.asarray(process_logits(logits, None, temperature=temperature, top_p=top_p))
+        theirs = hf_run(hf_processors(temperature=temperature, top_p=top_p), None, logits)
+        scores = (torch.tensor(logits) / temperature).double().numpy()  # transformers' scores, in float64
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for b in range(logits.shape[0]):
+            assert probs[b][np.isfinite(ours[b])].sum() >= top_p, (top_p, b)
+            # The same kept scores; which of several tied scores top-p keeps is torch's unstable sort's choice.
+            np.testing.assert_array_equal(np.sort(ours[b]), np.sort(theirs[b]))

@@ -80,3 +80,19 @@ def test_first_step_scores_match_transformers(model, reference):
     finite = np.isfinite(theirs)
     assert 1 < finite.sum() <= 50
     np.testing.assert_allclose(ours[finite], theirs[finite], atol=2e-3, rtol=0)
+
+
+def test_logits_of_every_position_match_transformers(model, reference):
+    """model(ids).logits on the real model: every position of two rows (one left-padded) within 1e-4."""
+    rows = [model.tokenizer.encode(t) for t in ("The history of the Roman Empire begins with the founding of "
+                                                "the city of Rome, which legend dates to 753 BC.", TEXTS[1])]
+    width = max(map(len, rows))
+    ids = np.zeros((2, width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    ours = model(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        theirs = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)

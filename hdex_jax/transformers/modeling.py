@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from hdex_jax import artifacts, formats, hub, inst
+from hdex_jax import artifacts, formats, hub, inst, scoring
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
@@ -90,6 +95,23 @@ class GenerateOutput:
         for r, tokens in enumerate(self.new_tokens):
             out[r, : len(tokens)] = scores[r, np.arange(len(tokens)), tokens]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMOutput:
+    """What `model(input_ids)` returns, with transformers' field name: `logits` of every position [B, T, V]."""
+
+    logits: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+    """What `model.perplexity(text)` returns."""
+
+    perplexity: float  # exp(-loglikelihood / tokens)
+    loglikelihood: float  # summed log-prob of every token of the text
+    tokens: int
+    seconds: float  # time the scoring took
 
 
 class LPUModelForCausalLM:
@@ -216,6 +238,159 @@ class LPUModelForCausalLM:
                               stop=repeat(stops), pad_id=self._pad_id(), seed=repeat(seeds),
                               sampling=repeat(sampling), sequence=list(range(k)) * rows)
         return prompts, kind, batch
+
+    # ---------------------------------------------------------------------------------------------- scoring
+    @property
+    def _scorer(self) -> Placement:
+        """Where prompt passes run: the prefill ("gpu") mesh of the hybrid split, else the LPU mesh."""
+        return self.prefill if self.prefill is not None else self.decode
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None) -> CausalLMOutput:
+        """The logits of every position, as transformers' `model(input_ids).logits`: float32 [B, T, V].
+
+        Args:
+            input_ids: a 2-D numpy or JAX array of token ids [B, T] (logits come back as the same kind of
+                array), or a list of token id lists, which may differ in length (a list back, one [T_i, V]
+                numpy array per row).
+            attention_mask: [B, T] of 1 for real tokens and 0 for padding, left or right, as in transformers;
+                None: every token is real. Logits at padding positions are finite but meaningless.
+
+        Position ids are cumsum(mask) - 1, as transformers derives them. Lengths are bucketed (powers of two, at
+        least 16) so that lengths within a bucket compile nothing new; rows longer than
+        `scoring.CHUNK_TOKENS` run in chunks through the KV cache, up to the compiled max_length.
+        """
+        vocab = self.config.vocab_size
+        if isinstance(input_ids, (np.ndarray, jax.Array)):
+            array = np.asarray(input_ids)
+            if not np.issubdtype(array.dtype, np.integer) or array.ndim != 2 or array.size == 0:
+                raise ValueError(f"input_ids as an array must be non-empty 2-D integer token ids [batch, length], "
+                                 f"got shape {array.shape} and dtype {array.dtype}")
+            rows = [check_token_ids(f"input_ids[{i}]", row, vocab) for i, row in enumerate(array.tolist())]
+        elif isinstance(input_ids, (list, tuple)) and input_ids and all(
+                isinstance(row, (list, tuple)) or getattr(row, "ndim", 0) == 1 for row in input_ids):
+            rows = [check_token_ids(f"input_ids[{i}]", row, vocab) for i, row in enumerate(input_ids)]
+        else:
+            raise TypeError(f"input_ids must be a 2-D array of token ids or a list of token id lists, got "
+                            f"{quote(input_ids)} of type {type(input_ids).__name__}")
+        lengths = [len(row) for row in rows]
+        if max(lengths) > self.max_length:
+            raise ValueError(f"input_ids has {max(lengths)} tokens in a row, more than the compiled max_length "
+                             f"({self.max_length}); compile with a larger max_length or shorten the input")
+        tokens = np.zeros((len(rows), max(lengths)), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = row
+        mask = (np.arange(tokens.shape[1]) < np.asarray(lengths)[:, None]).astype(np.int32)
+        if attention_mask is not None:
+            given = np.asarray(attention_mask)
+            if given.shape != tokens.shape or not np.isin(given, (0, 1)).all():
+                raise ValueError(f"attention_mask must be 0s and 1s of the shape of input_ids {tokens.shape}, got "
+                                 f"shape {given.shape}" + ("" if given.shape != tokens.shape else " with other values"))
+            mask = given.astype(np.int32)
+        logits = scoring.score(self._scorer, tokens, mask)  # [B, T, V]
+        if isinstance(input_ids, jax.Array):
+            return CausalLMOutput(jax.numpy.asarray(logits))
+        if isinstance(input_ids, np.ndarray):
+            return CausalLMOutput(logits)
+        return CausalLMOutput([logits[i, :n] for i, n in enumerate(lengths)])
+
+    forward = __call__
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token that stands before a text with no context, as lm-evaluation-harness picks it: bos, else eos."""
+        bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+        bos = self.config.bos_token_id if bos is None else bos
+        if bos is not None:
+            return bos
+        return self.config.eos_token_ids[0] if self.config.eos_token_ids else self._pad_id()
+
+    def _ids(self, name: str, value: Any) -> list[int]:
+        """Token ids of a text (encoded without special tokens, as lm-evaluation-harness does) or checked ids."""
+        if isinstance(value, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{name} is a str, but this model has no tokenizer; pass token ids")
+            return list(self.tokenizer.encode(value, add_special_tokens=False))
+        return check_token_ids(name, value, self.config.vocab_size)
+
+    def _pair(self, i: int, context: Any, continuation: Any) -> tuple[list[int], list[int]]:
+        if isinstance(context, str) != isinstance(continuation, str):
+            raise TypeError(f"context[{i}] and continuation[{i}] must both be texts or both be token ids")
+        if isinstance(context, str) and context:
+            if not continuation:
+                raise ValueError(f"continuation[{i}] is empty: give the text whose log-likelihood you want")
+            if self.tokenizer is None:
+                raise ValueError("a text context needs a tokenizer, but this model has none; pass token ids")
+            encode = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+            context_ids, continuation_ids = scoring.encode_pair(encode, context, continuation)
+        else:
+            context_ids = [self.prefix_token_id] if len(context) == 0 else self._ids(f"context[{i}]", context)
+            continuation_ids = self._ids(f"continuation[{i}]", continuation)
+        if not continuation_ids:
+            raise ValueError(f"continuation[{i}] encodes to no token past its context")
+        return context_ids, continuation_ids
+
+    def loglikelihood(self, context: Any, continuation: Any, batch_size: int = scoring.DEFAULT_BATCH_SIZE) -> Any:
+        """(log-likelihood, is_greedy) of `continuation` after `context`, as lm-evaluation-harness defines them:
+        the sum of the log-probs of the continuation's tokens, and whether greedy decoding would produce it.
+
+        `context` and `continuation` are texts (split into tokens as lm-evaluation-harness does: trailing
+        spaces of the context go to the continuation; an empty context stands for the bos token) or token id
+        lists; or lists of those, one pair per entry, which run `batch_size` rows at a time and give a list.
+        Rows keep the last max_length tokens of context + continuation.
+        """
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        single = isinstance(context, str) or (isinstance(context, (list, tuple)) and not any(
+            isinstance(c, (str, list, tuple)) for c in context))
+        contexts, continuations = ([context], [continuation]) if single else (list(context), list(continuation))
+        if len(contexts) != len(continuations):
+            raise ValueError(f"context has {len(contexts)} entries but continuation {len(continuations)}")
+        pairs = [self._pair(i, c, x) for i, (c, x) in enumerate(zip(contexts, continuations))]
+        results = scoring.loglikelihood_tokens(self._scorer, pairs, self.max_length, batch_size)
+        return results[0] if single else results
+
+    def loglikelihood_rolling(self, text: Any, window: int | None = None, stride: int | None = None,
+                              batch_size: int = scoring.DEFAULT_BATCH_SIZE) -> Any:
+        """The log-likelihood of a whole text (a str or token ids; or a list of those, giving a list): the sum of
+        the log-probs of every token, the first predicted from the bos token, as lm-evaluation-harness's
+        `loglikelihood_rolling`. Perplexity is exp(-result / number of tokens) (`perplexity`).
+
+        A text longer than `window` tokens (default: the compiled max_length) is scored in windows of at most
+        `window` tokens, each predicting the next `stride` tokens (default `window`: disjoint windows, as
+        lm-evaluation-harness; a smaller stride gives each token more context and costs more passes).
+        """
+        single = isinstance(text, str) or (isinstance(text, (list, tuple)) and not any(
+            isinstance(t, (str, list, tuple)) for t in text))
+        totals = [total for total, _ in self._rolling([text] if single else list(text), window, stride, batch_size,
+                                                      progress=False, name="text" if single else "text[{}]")]
+        return totals[0] if single else totals
+
+    def perplexity(self, text: Any, window: int | None = None, stride: int | None = None,
+                   batch_size: int = scoring.DEFAULT_BATCH_SIZE, progress: bool = False) -> Perplexity:
+        """The perplexity of a text (str or token ids), exp(-loglikelihood_rolling / tokens), with the same
+        windows; `progress` shows a progress bar (tokens scored) on standard error."""
+        start = time.perf_counter()
+        [(total, tokens)] = self._rolling([text], window, stride, batch_size, progress, name="text")
+        return Perplexity(math.exp(-total / tokens), total, tokens, time.perf_counter() - start)
+
+    def _rolling(self, texts: list[Any], window: int | None, stride: int | None, batch_size: int, progress: bool,
+                 name: str) -> list[tuple[float, int]]:
+        """(log-likelihood, tokens) of each text, scored in `window`s advancing by `stride` tokens."""
+        window = self.max_length if window is None else check_int("window", window, minimum=1,
+                                                                    maximum=self.max_length)
+        stride = window if stride is None else check_int("stride", stride, minimum=1, maximum=window)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        ids = [self._ids(name.format(i), t) for i, t in enumerate(texts)]
+        windows = [scoring.rolling_windows(row, self.prefix_token_id, window, stride) for row in ids]
+        flat = [w for ws in windows for w in ws]
+        scores = []
+        with tqdm(total=sum(len(w[1]) for w in flat), unit="tok", disable=not progress, file=sys.stderr) as bar:
+            for first in range(0, len(flat), batch_size):
+                group = flat[first:first + batch_size]
+                scores += scoring.score_targets(self._scorer, [w[0] for w in group], [w[1] for w in group],
+                                                batch_size)
+                bar.update(sum(len(w[1]) for w in group))
+        totals = iter(scores)
+        return [(sum(next(totals)[0] for _ in ws), len(row)) for ws, row in zip(windows, ids)]
 
     # --------------------------------------------------------------------------------------------- generate
     def generate(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None, max_length: int | None = None,
