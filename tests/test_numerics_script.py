@@ -35,13 +35,12 @@ def test_tables_compare_each_format_with_float32(numerics, home, tmp_path):
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_gguf(gguf_path, "Q4_1")
     out = tmp_path / "numerics.md"
-    assert numerics.main(["--model", str(gguf_path), "--formats", "auto,float16", "--prompts", "3",
+    assert numerics.main(["--model", str(gguf_path), "--formats", "auto", "--prompts", "3",
                           "--new-tokens", str(NEW_TOKENS), "--text-rows", "2", "--text-row", "16",
                           "--out", str(out)]) == 0
     rows = _rows(out.read_text())
     # columns: weights MB, identical, mean first divergence, max |dlogit|, mean |dlogit|, perplexity, change
     auto = next(cells for name, cells in rows.items() if name.startswith("hdex_jax auto"))
-    half = next(cells for name, cells in rows.items() if name.startswith("hdex_jax float16"))
     fp32 = rows["hdex_jax float32 (the reference)"]
     # The Q4_1 blocks as stored, computed in float32, are the values float32 dequantized at conversion: the
     # same tokens and logits, in a fraction of the bytes. transformers float32 dequantizes them too.
@@ -49,7 +48,4 @@ def test_tables_compare_each_format_with_float32(numerics, home, tmp_path):
         assert same[1:3] == ["100%", f"{NEW_TOKENS:.1f}"], same
         assert float(same[3]) < 1e-3 and abs(float(same[6])) < 1e-3, same
     assert float(auto[0]) < 0.5 * float(fp32[0])
-    # float16 halves the bytes; its perplexity is measured on the same tokens as float32's.
-    assert float(half[0]) < 0.6 * float(fp32[0])
-    assert abs(float(half[5]) - float(fp32[5]) - float(half[6])) < 2e-3
-    assert "hdex_jax float16 vs transformers float16" in rows
+    assert {"transformers bfloat16", "transformers float16"} <= rows.keys()
