@@ -14,6 +14,8 @@ from hdex_jax.config import ModelConfig
 from hdex_jax.layout import padded_config
 from hdex_jax.lpu import ASIC, FPGA_U55C, PRESETS, estimate, plot_scaling, scaling
 from hdex_jax.lpu import calibration
+from hdex_jax.lpu.formats import Storage
+from hdex_jax.lpu.model import traffic
 from hdex_jax.cli import main
 from hdex_jax.params import flatten, param_specs, total_bytes
 from hdex_jax.sharding import LOGICAL_RULES
@@ -678,3 +680,17 @@ def test_bad_comparison_and_generation_input(call, error: type, message: str) ->
 
     with pytest.raises(error, match=message):
         call(lpu)
+
+
+def test_a_decode_step_reads_only_the_chosen_experts():
+    """Mixtral-shaped: with 1 row and k of 8 experts the step streams k/8 of the expert stacks (as model._moe
+    gathers them); with 4 rows x 2 = 8 pairs it reads every expert."""
+    base = ModelConfig(model_type="mixtral", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=64, embed_dim=64,
+                       num_experts=8, experts_per_token=1)
+    store = Storage("float16")
+    experts = sum(store.nbytes(s) for n, s in flatten(param_specs(base)).items() if "experts" in s.axes)
+    one, two = (traffic(dataclasses.replace(base, experts_per_token=k), 1, 16, 1, store) for k in (1, 2))
+    assert two.weight_bytes - one.weight_bytes == pytest.approx(experts / 8, abs=16)
+    dense = traffic(dataclasses.replace(base, experts_per_token=2), 1, 16, 4, store)
+    assert dense.weight_bytes - two.weight_bytes >= experts * 3 / 4

@@ -233,9 +233,11 @@ def traffic(cfg: ModelConfig, num_device: int, context_len: int, batch: int, sto
             streamed += shard_bytes
             vector += batch * math.prod(shard)
         else:
-            # A matrix (leaf "w", or a bare projection such as lm_head / project_in / project_out).
-            streamed += shard_bytes
-            macs += batch * math.prod(shard)
+            # A matrix (leaf "w", or a bare projection such as lm_head / project_in / project_out). An expert
+            # stack is read only for the rows' chosen experts when they are fewer than all (model._moe).
+            share = expert_share(cfg, batch) if "experts" in spec.axes else 1.0
+            streamed += round(shard_bytes * share)
+            macs += round(batch * math.prod(shard) * share)
             ops += per_token
             if spec.axes[-1] in RESIDUAL_AXES and split:
                 syncs.append(Sync(name, "all-reduce", per_token, batch * spec.shape[-1] * itemsize,
@@ -265,6 +267,13 @@ def traffic(cfg: ModelConfig, num_device: int, context_len: int, batch: int, sto
     ops += L * (UNDECLARED_LAYER_OPS + (padded.positions == "rope")) + 1
     return Traffic(total, device, streamed, macs, kv_bytes, kv_macs, kv_elements * attended * itemsize, vector,
                     ops, tuple(s for s in syncs if num_device > 1))
+
+
+def expert_share(cfg: ModelConfig, batch: int) -> float:
+    """The share of an expert stack one decode step reads: k of E experts per row while batch x k < E (the
+    datapath then gathers the chosen experts' matrices), all of them otherwise."""
+    chosen = batch * cfg.experts_per_token
+    return chosen / cfg.num_experts if chosen < cfg.num_experts else 1.0
 
 
 def _logits_sync(name: str, spec: ParamSpec, shard: tuple[int, ...], shard_bytes: int, num_device: int,
