@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from transformers.models.falcon import modeling_falcon
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
@@ -67,23 +68,30 @@ def test_parity(reference: Reference, num_device: int):
 
 
 @pytest.mark.parametrize("name", ["falcon_rw", "falcon_mqa", "falcon_grouped"])
-def test_falcon_qkv_split_matches_transformers(name: str, tmp_path):
-    """The converted q/k/v (and their biases) compute what transformers' `_split_heads` of the fused projection
-    gives, for each layout; transformers repeats a grouped key/value for every query head of its group."""
+def test_falcon_qkv_split_matches_transformers(name: str, tmp_path, monkeypatch):
+    """The converted q/k/v (and their biases) compute the query, key and value states transformers' own attention
+    forward splits the fused projection into, for each layout (caught where they enter its attention function;
+    RoPE is made the identity so that they arrive as split)."""
     directory = save_random_model(CONFIGS[name](), tmp_path)
     cfg, flat = load_checkpoint(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     attn = model.transformer.h[1].self_attention
+    seen = {}
+
+    def capture(module, query, key, value, *args, **kwargs):
+        seen.update(q=query, k=key, v=value)  # [B, heads, T, hd]
+        return modeling_falcon.eager_attention_forward(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_falcon.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *args, **kwargs: capture)
     x = torch.randn(2, 3, cfg.hidden_size)
+    identity = (torch.ones(2, 3, cfg.head_dim), torch.zeros(2, 3, cfg.head_dim))  # cos, sin
     with torch.no_grad():
-        expected = attn._split_heads(attn.query_key_value(x))
-    group = cfg.num_heads // cfg.num_kv_heads if name == "falcon_grouped" else 1
-    for part, want in zip("qkv", expected, strict=True):
+        attn(x, attention_mask=None, position_embeddings=identity)
+    for part in "qkv":
         got = np.einsum("btd,dhk->bthk", x.numpy(), flat[f"layers/attn/{part}/w"][1])
         if cfg.qkv_bias:
             got = got + flat[f"layers/attn/{part}/b"][1]
-        want = want.numpy() if part == "q" else want.numpy()[:, :, ::group]
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{name} {part}")
+        np.testing.assert_allclose(got, seen[part].transpose(1, 2).numpy(), atol=1e-5, err_msg=f"{name} {part}")
 
 
 # ------------------------------------------------------------------------------------------- ALiBi slopes
