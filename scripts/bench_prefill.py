@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 
-from bench_decode import _reference_model, _timed
+from bench_decode import reference_model, _timed
 
 
 def forward_flops(cfg, params: int, tokens: int) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
     max_length = max(lengths) + 1
     AutoCompiler().compile(model_id, max_length=max_length)
     model = AutoModelForCausalLM.from_pretrained(model_id, max_length=max_length)
-    reference = _reference_model(hub.fetch_checkpoint(model_id)).eval()
+    reference = reference_model(hub.fetch_checkpoint(model_id)).eval()
     params = sum(p.numel() for p in reference.parameters() if p.ndim > 1)
     cfg = model.config
     rng = np.random.default_rng(0)

@@ -53,9 +53,9 @@ def main() -> None:
     print(f"hdex_jax      perplexity {result.perplexity:.4f} over {result.tokens} tokens, "
           f"{result.tokens / result.seconds:.1f} tokens/s")
     if args.compare:
-        from bench_decode import _reference_model
+        from bench_decode import reference_model
 
-        reference = _reference_model(hub.fetch_checkpoint(model_id)).eval()
+        reference = reference_model(hub.fetch_checkpoint(model_id)).eval()
         window = args.window or model.max_length
         tokens = model.tokenizer.encode(text, add_special_tokens=False)
         figure, seconds = reference_perplexity(reference, tokens, model.prefix_token_id, window,

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.errors import CheckpointError
-from converters.families import gemma2, llama
+from converters.families import gemma2
+from converters.families._rotary import rope_scaling
 from converters.families.gemma import gemma_config, one_plus
 from converters.family import Family
 from converters.hf_config import activation
@@ -42,11 +43,7 @@ def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, A
     else:
         full = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta")}
         local = {"rope_theta": hf.get("rope_local_base_freq")}
-    scaling = rope_scaling_items(full)
-    kind = dict(scaling).get("rope_type")
-    if kind is not None and kind not in llama._ROPE_KINDS:
-        raise CheckpointError(f"{source}: rope scaling type {kind!r} of the global layers (rope_parameters) is not "
-                              f"supported (supported: default, {', '.join(llama._ROPE_KINDS)})")
+    scaling = rope_scaling(full, hf, source)
     if rope_scaling_items(local):
         raise CheckpointError(f"{source}: rope_parameters['sliding_attention']={local} is not supported (the "
                               f"sliding layers' RoPE must be unscaled)")

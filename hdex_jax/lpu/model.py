@@ -197,7 +197,7 @@ def attended_positions(cfg: ModelConfig, context_len: int) -> int:
 
 def traffic(cfg: ModelConfig, num_device: int, context_len: int, batch: int, store: Storage) -> Traffic:
     """Walk the declarations of `cfg` padded for `num_device` and count one device's work for one step."""
-    padded = dataclasses.replace(padded_config(cfg, num_device), dtype=store.dtype)
+    padded = padded_config(cfg, num_device)
     specs = flatten(param_specs(padded))
     itemsize = store.itemsize
 
