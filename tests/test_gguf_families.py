@@ -62,14 +62,19 @@ def _rope(theta: float = 10000.0, **extra: float) -> dict:
 # ------------------------------------------------------------------------------- llama.cpp's convert, per arch
 
 
-def _text_model(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
-    """TextModel.set_gguf_parameters, the default of the convert script (qwen2, starcoder2)."""
+def _sizes(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    """The sizes every architecture's metadata carries."""
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
+
+
+def _text_model(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
+    """TextModel.set_gguf_parameters, the default of the convert script (qwen2, starcoder2)."""
+    _sizes(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     if hasattr(c, "rms_norm_eps"):
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -78,12 +83,7 @@ def _text_model(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
 
 
 def _phi3(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    _sizes(w, c)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(int(c.rope_parameters["partial_rotary_factor"] * c.hidden_size)
                                // c.num_attention_heads)
@@ -133,12 +133,7 @@ def _granite(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
 
 
 def _command_r(w: gguf.GGUFWriter, c: PretrainedConfig) -> None:
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    _sizes(w, c)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_eps(c.layer_norm_eps)
     w.add_logit_scale(c.logit_scale)
