@@ -46,26 +46,23 @@ def _prompts(vocab, lengths, seed):
 
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 2]], ids=["single", "batch3-left-padded"])
 def test_logits_match_at_prefill_and_each_decode_step(tiny, lengths):
+    """The raw logits transformers' own cached greedy decode produces (its public `generate(output_logits=True)`,
+    so no cache argument of `forward`, whose name changes across releases), against prefill and each decode step
+    fed the tokens transformers chose."""
     family, reference, cfg, params, _ = tiny
     ids, mask = _left_pad(_prompts(cfg.vocab_size, lengths, seed=len(lengths)))
+    with torch.no_grad():
+        out = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                 max_new_tokens=DECODE_STEPS + 1, min_new_tokens=DECODE_STEPS + 1, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+    chosen = out.sequences[:, ids.shape[1]:].numpy()  # [B, DECODE_STEPS + 1]
     cache = init_cache(cfg, len(lengths), 64)
     ours, cache = prefill(params, cache, jnp.asarray(ids), jnp.asarray(mask), cfg)
-    seq, seq_mask = torch.tensor(ids), torch.tensor(mask)
-    with torch.no_grad():
-        out = reference(input_ids=seq, attention_mask=seq_mask, use_cache=True)
-    np.testing.assert_allclose(np.asarray(ours), out.logits[:, -1].numpy(), atol=ATOL, rtol=0,
-                               err_msg=f"{family} prefill")
-    past = out.past_key_values
-    token = out.logits[:, -1].argmax(-1)
+    np.testing.assert_allclose(np.asarray(ours), out.logits[0].numpy(), atol=ATOL, rtol=0, err_msg=f"{family} prefill")
     for step in range(DECODE_STEPS):
-        seq_mask = torch.cat([seq_mask, torch.ones(len(lengths), 1, dtype=seq_mask.dtype)], dim=1)
-        with torch.no_grad():
-            out = reference(input_ids=token[:, None], attention_mask=seq_mask, past_key_values=past, use_cache=True)
-        ours, cache = decode_step(params, cache, jnp.asarray(token.numpy(), jnp.int32), cfg)
-        np.testing.assert_allclose(np.asarray(ours), out.logits[:, -1].numpy(), atol=ATOL, rtol=0,
+        ours, cache = decode_step(params, cache, jnp.asarray(chosen[:, step], jnp.int32), cfg)
+        np.testing.assert_allclose(np.asarray(ours), out.logits[step + 1].numpy(), atol=ATOL, rtol=0,
                                    err_msg=f"{family} decode step {step}")
-        past = out.past_key_values
-        token = out.logits[:, -1].argmax(-1)
 
 
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 2]], ids=["single", "batch3-left-padded"])
