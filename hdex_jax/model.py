@@ -158,37 +158,39 @@ def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array] | None, cfg: ModelCo
 
 def _attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
                masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None, cfg: ModelConfig,
-               fresh: bool = False) -> jax.Array:
+               scored: int | None = None) -> jax.Array:
     """Grouped-query attention of a block of T queries over the cache slots written before it and the block's
     own keys and values (which are written to the cache only afterwards).
 
-    `alibi` is the ALiBi bias of this device's heads [H, T, S + T], or None. `fresh` says the cache holds
-    nothing yet (a prompt pass from slot 0): then only the block is scored, not the S empty slots.
+    `alibi` is the ALiBi bias of this device's heads [H, T, S + T], or None. `scored` (static) is how many
+    leading cache slots can hold keys: a prompt pass scores only those (0 from slot 0 of an empty cache), not
+    the empty slots after them; None scores all S.
     """
     # q: [B, T, H, hd]; k_cache, v_cache: [B, KV, S, hd]; k, v: [B, T, KV, hd]; masks: [B, T, S], [B, T, T]
     B, T, H, hd = q.shape
     KV, S = k_cache.shape[1], k_cache.shape[2]
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)  # [B, T, KV, G, hd]
+    seen = S if scored is None else scored  # cache slots scored
+    k_seen, v_seen = (k_cache, v_cache) if seen == S else (k_cache[:, :, :seen], v_cache[:, :, :seen])
     parts = [jnp.einsum("btkgd,bukd->bkgtu", qg, k, preferred_element_type=jnp.float32)]  # [B, KV, G, T, T]
-    if not fresh:
-        # Each KV head's queries [G * T, hd] against its cache [S, hd] as stored: one product per (row, KV head).
+    if seen:
+        # Each KV head's queries [G * T, hd] against its cache [seen, hd] as stored: one product per (row, KV head).
         queries = qg.transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
-        parts.insert(0, batched_matmul(queries, k_cache, transposed=True, preferred_element_type=jnp.float32
-                                       ).reshape(B, KV, G, T, S))  # [B, KV, G, T, S]
-    seen = S if not fresh else 0  # cache slots scored
+        parts.insert(0, batched_matmul(queries, k_seen, transposed=True, preferred_element_type=jnp.float32
+                                       ).reshape(B, KV, G, T, seen))  # [B, KV, G, T, seen]
     scale = cfg.attention_scale if cfg.attention_scale is not None else hd ** -0.5
     scores = _softcap(jnp.concatenate(parts, axis=-1) * scale, cfg.attn_softcap)  # [B, KV, G, T, seen + T]
     if alibi is not None:
-        scores = scores + alibi[..., S - seen:].reshape(KV, H // KV, T, seen + T)
-    mask = jnp.concatenate([masks[0][..., S - seen:], masks[1]], axis=-1)[:, None, None]  # [B, 1, 1, T, seen + T]
+        scores = scores + jnp.concatenate([alibi[..., :seen], alibi[..., S:]], axis=-1).reshape(KV, G, T, seen + T)
+    mask = jnp.concatenate([masks[0][..., :seen], masks[1]], axis=-1)[:, None, None]  # [B, 1, 1, T, seen + T]
     # A finite floor rather than -inf: padded query rows see no key, and must stay finite (not NaN).
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgtu,bukd->bkgtd", probs[..., seen:], v)  # [B, KV, G, T, hd]
-    if not fresh:
+    if seen:
         # The cache product keeps the cache's own [S, hd] layout: a result asked for as [B, T, ...] directly made
         # XLA transpose (copy) every layer's V cache each step.
-        out = batched_matmul(probs[..., :S].reshape(B, KV, G * T, S), v_cache).reshape(B, KV, G, T, hd) + out
+        out = batched_matmul(probs[..., :seen].reshape(B, KV, G * T, seen), v_seen).reshape(B, KV, G, T, hd) + out
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
@@ -280,7 +282,7 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
            tables: tuple[jax.Array, jax.Array] | None, masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None,
-           cfg: ModelConfig, fresh: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+           cfg: ModelConfig, scored: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache.
 
     Sequential pre-LN (h + attn(ln1 h), then + mlp(ln2 h)), post-LN (OPT-350m), or parallel
@@ -296,7 +298,7 @@ def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, sta
             q, k = _qk_norm(q, lp["attn"]["q_norm"], cfg, kv=False), _qk_norm(k, lp["attn"]["k_norm"], cfg, kv=True)
         q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
     with jax.named_scope("attention"):
-        attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg, fresh)  # [B, T, H, hd]
+        attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg, scored)  # [B, T, H, hd]
         attn = _row_parallel(attn, lp["attn"]["o"])  # [B, T, D]
         # Written after attention has read the cache: the update is then done in place (with
         # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
@@ -328,9 +330,11 @@ def _ffn(x: jax.Array, lp: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
-             cfg: ModelConfig, fresh: bool = False, every_position: bool = False) -> tuple[jax.Array, KVCache]:
+             cfg: ModelConfig, scored: int | None = None, every_position: bool = False
+             ) -> tuple[jax.Array, KVCache]:
     """Run T tokens written at slots [cache.next_slot, +T); return the last token's logits [B, V] (or, with
-    `every_position`, every token's [B, T, V]) and the cache. `fresh`: the cache is empty (see `_attention`)."""
+    `every_position`, every token's [B, T, V]) and the cache. `scored`: the cache slots that can hold keys (see
+    `_attention`)."""
     # tokens, positions: [B, T]; key_valid: [B, S] after this block's slots are marked
     T = tokens.shape[1]
     S = cache.max_length
@@ -368,13 +372,17 @@ def _forward(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.A
     for i, (lp, k_cache, v_cache) in enumerate(zip(params["layers"], cache.k, cache.v)):
         layer_tables = None if not cfg.rotates(i) else tables if cfg.window(i) is None else local_tables
         h, k_cache, v_cache = _layer(h, lp, k_cache, v_cache, start, layer_tables, layer_masks[cfg.window(i)],
-                                     alibi, cfg, fresh)
+                                     alibi, cfg, scored)
         k_out.append(k_cache)
         v_out.append(v_cache)
     with jax.named_scope("lm_head"):
         logits = _lm_head(params, h if every_position else h[:, -1], cfg)  # [B, T, V] or [B, V]
     cache = cache.replace(k=tuple(k_out), v=tuple(v_out), valid=key_valid, next_slot=start + T)
     return logits, cache
+
+
+# Tokens of one block of a prompt pass (`_prefill_local`): longer prompts run block after block through the cache.
+PROMPT_BLOCK = 512
 
 
 def prefill_positions(mask: jax.Array) -> jax.Array:
@@ -411,22 +419,27 @@ def decode_step_fn(params: Params, cache: KVCache, token: jax.Array, cfg: ModelC
 
 
 def score_fn(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
-             cfg: ModelConfig, mesh: Mesh | None = None, fresh: bool = False) -> tuple[jax.Array, KVCache]:
+             cfg: ModelConfig, mesh: Mesh | None = None, scored: int | None = None) -> tuple[jax.Array, KVCache]:
     """Scoring pass of a block: tokens [B, T] with their positions [B, T] at slots [cache.next_slot, +T), where
     `key_valid` [B, S] marks the real tokens' slots -> logits of every position [B, T, V] and the cache.
-    `fresh` (the block starts at slot 0 of an empty cache) leaves the empty slots out of attention."""
-    local = functools.partial(_forward, fresh=fresh, every_position=True)
+    `scored` (static: the block starts at that slot, after the blocks before it) leaves the empty slots after it
+    out of attention."""
+    local = functools.partial(_forward, scored=scored, every_position=True)
     return _on_mesh(local, cfg, mesh, 3)(params, cache, tokens, positions, key_valid)
 
 
 def _prefill_local(params: Params, cache: KVCache, tokens: jax.Array, mask: jax.Array,
                    cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+    """The prompt in blocks of PROMPT_BLOCK tokens, each attending to the slots of the blocks before it: a causal
+    prompt pass scores about half of a single block's T x T (docs/performance.md, "The prompt pass")."""
     T = tokens.shape[1]
     mask = mask.astype(bool)
     positions = prefill_positions(mask)  # [B, T]
     key_valid = jnp.zeros(cache.valid.shape, bool).at[:, :T].set(mask)  # [B, S]
-    cache = cache.replace(next_slot=jnp.zeros((), jnp.int32))
-    logits, cache = _forward(params, cache, tokens, positions, key_valid, cfg, fresh=True)
+    for start in range(0, T, PROMPT_BLOCK):
+        block = slice(start, start + PROMPT_BLOCK)
+        cache = cache.replace(next_slot=jnp.asarray(start, jnp.int32))
+        logits, cache = _forward(params, cache, tokens[:, block], positions[:, block], key_valid, cfg, scored=start)
     return logits, cache.replace(next_pos=jnp.sum(mask, axis=-1, dtype=jnp.int32))
 
 
@@ -443,9 +456,13 @@ def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelCo
 # products it took measured no faster per token than XLA's own dots. The fields are shared by all backends'
 # options.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
+# The programs that are all prompt pass (`prefill`, scoring) keep YNNPACK's fusions (XLA CPU's default): they take
+# the prompt's matrix products 1.2-1.4x faster than XLA's own dots at 256-2048 tokens, which outweighs building
+# their runtime on the first run (docs/performance.md, "The prompt pass").
+PROMPT_PASS_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
-                  compiler_options=COMPILER_OPTIONS)
+                  compiler_options=PROMPT_PASS_OPTIONS)
 prefill.__doc__ = prefill_fn.__doc__
 decode_step = jax.jit(decode_step_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
                       compiler_options=COMPILER_OPTIONS)

@@ -24,7 +24,7 @@ import numpy as np
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.kv_cache import KVCache, init_cache
-from hdex_jax.model import COMPILER_OPTIONS, bucket_length, score_fn
+from hdex_jax.model import PROMPT_PASS_OPTIONS, bucket_length, score_fn
 from hdex_jax.params import Params
 
 # Longest block of one scoring program; longer rows run in chunks of this many tokens through the cache. It
@@ -37,16 +37,16 @@ DEFAULT_BATCH_SIZE = 4
 
 def _block_fn(params: Params, cache: KVCache | None, tokens: jax.Array, positions: jax.Array, key_valid: jax.Array,
               targets: jax.Array | None, *, cfg: ModelConfig, mesh: jax.sharding.Mesh, cache_length: int,
-              keep_cache: bool) -> tuple[jax.Array | tuple[jax.Array, jax.Array], KVCache | None]:
-    """One block of a scoring pass; `cache` None starts a fresh cache of `cache_length` slots.
+              keep_cache: bool, start: int) -> tuple[jax.Array | tuple[jax.Array, jax.Array], KVCache | None]:
+    """One block of a scoring pass at slot `start`, attending to the `start` slots before it; `cache` None
+    starts a fresh cache of `cache_length` slots.
 
     Returns the logits [B, T, V], or with `targets` [B, T] (token ids, -1 where none is scored) the log-prob of
     each target [B, T] and whether it is the argmax [B, T]; and the cache if `keep_cache` (more blocks follow).
     """
-    fresh = cache is None
-    if fresh:
+    if cache is None:
         cache = init_cache(cfg, tokens.shape[0], cache_length)
-    logits, cache = score_fn(params, cache, tokens, positions, key_valid, cfg, mesh, fresh)  # [B, T, V]
+    logits, cache = score_fn(params, cache, tokens, positions, key_valid, cfg, mesh, scored=start)  # [B, T, V]
     if targets is not None:
         picked = jnp.maximum(targets, 0)[..., None]  # [B, T, 1]
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), picked, axis=-1)[..., 0]  # [B, T]
@@ -54,8 +54,8 @@ def _block_fn(params: Params, cache: KVCache | None, tokens: jax.Array, position
     return logits, cache if keep_cache else None
 
 
-_block = jax.jit(_block_fn, static_argnames=("cfg", "mesh", "cache_length", "keep_cache"), donate_argnames="cache",
-                 compiler_options=COMPILER_OPTIONS)
+_block = jax.jit(_block_fn, static_argnames=("cfg", "mesh", "cache_length", "keep_cache", "start"),
+                 donate_argnames="cache", compiler_options=PROMPT_PASS_OPTIONS)
 
 
 def positions_of(mask: np.ndarray) -> np.ndarray:
@@ -85,7 +85,7 @@ def score(placement: Placement, tokens: np.ndarray, mask: np.ndarray, targets: n
         block = slice(c * chunk, (c + 1) * chunk)
         out, cache = _block(placement.params, cache, tokens[:, block], positions[:, block], key_valid,
                             None if targets is None else targets[:, block], cfg=placement.cfg, mesh=placement.mesh,
-                            cache_length=S, keep_cache=c + 1 < chunks)
+                            cache_length=S, keep_cache=c + 1 < chunks, start=c * chunk)
         outputs.append(jax.tree.map(np.asarray, out))
     if targets is None:
         return np.concatenate(outputs, axis=1)[:rows, :length]
