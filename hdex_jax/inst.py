@@ -47,7 +47,7 @@ from hdex_jax.generation import (
     prepare_batch,
 )
 from hdex_jax.kv_cache import KVCache
-from hdex_jax.model import COMPILER_OPTIONS
+from hdex_jax.model import compiler_options
 from hdex_jax.sampling import SamplingParams
 
 PROGRAMS = ("start", "generate", "advance")
@@ -131,11 +131,11 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
         batch = _example_batch(bucket, max_length)
         request = jax.tree.map(_spec, batch.request)
         prompt = (params, _spec(batch.tokens), _spec(batch.mask), request)
-        start = _export(_start)(*prompt, plan=batch.plan, record=False, **static)
+        start = _export(_start[batch.plan])(*prompt, plan=batch.plan, record=False, **static)
         out = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                for a, s in zip(start.out_avals, start.out_shardings_jax(placement.mesh))]
         state = jax.tree.unflatten(start.out_tree, out)
-        exported = {"start": start, "generate": _export(_generate)(*prompt, plan=batch.plan, **static),
+        exported = {"start": start, "generate": _export(_generate[batch.plan])(*prompt, plan=batch.plan, **static),
                     "advance": _export(_advance_jit)(params, state, request, **static)}
         inputs = {"start": prompt, "generate": prompt, "advance": (params, state, request)}
         for name, program in exported.items():
@@ -144,9 +144,11 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
             programs[bucket.file(name)] = {"program": name, "bucket": dataclasses.asdict(bucket),
                                            "inputs": _avals(program.in_avals), "outputs": _avals(program.out_avals)}
             if precompile:
+                options = program_options(name, bucket)
                 path = _executable_path(directory, bucket.file(name), hashlib.sha256(data).hexdigest(),
-                                        placement.mesh)
-                Executable(directory / bucket.file(name), name, path, placement.mesh, program).compile(inputs[name])
+                                        placement.mesh, options)
+                Executable(directory / bucket.file(name), name, path, placement.mesh, options, program
+                           ).compile(inputs[name])
     return {**environment(), "format": FORMAT, "mesh_shape": dict(placement.mesh.shape), "max_length": max_length,
             "buckets": [dataclasses.asdict(b) for b in wanted], "programs": programs}
 
@@ -189,11 +191,18 @@ def _notice_once(message: str) -> None:
         print(f"[hdex] {message}", flush=True)
 
 
-def _executable_path(directory: Path, file: str, program_sha256: str, mesh: Mesh) -> Path:
+def program_options(program: str, bucket: Bucket) -> dict[str, bool | str]:
+    """The XLA options of one exported program: its prompt bucket's for "start" and "generate", decode's for
+    "advance" (`model.compiler_options`), as the traced programs get."""
+    return compiler_options(0 if program == "advance" else bucket.prompt)
+
+
+def _executable_path(directory: Path, file: str, program_sha256: str, mesh: Mesh, options: dict[str, Any]
+                     ) -> Path:
     """Where the executable of the exported program `file` of `directory` (inst/lpu<N>/ or its scratch copy) is
     kept: named by what it was compiled from and for, so a changed program, jax, device set or XLA_FLAGS never
     loads an executable compiled for something else. (XLA itself refuses one built for another CPU.)"""
-    what = [program_sha256, *environment().values(), repr(sorted(COMPILER_OPTIONS.items())),
+    what = [program_sha256, *environment().values(), repr(sorted(options.items())),
             os.environ.get("XLA_FLAGS", ""), ",".join(str(d.id) for d in mesh.devices.flat)]
     key = hashlib.sha256("\n".join(what).encode()).hexdigest()[:16]
     return xla_cache_dir(directory) / f"lpu{mesh.devices.size}-{Path(file).stem}-{key}.xla"
@@ -208,8 +217,9 @@ class Executable:
     The file holds the SHA-256 of the rest, checked before loading: a damaged one is compiled again, never run.
     It is a pickle (`jax.experimental.serialize_executable`): the model directory is as trusted as the code."""
 
-    def __init__(self, program: Path, name: str, path: Path, mesh: Mesh, exported: export.Exported | None = None):
-        self.program, self.name, self.path, self.mesh = program, name, path, mesh
+    def __init__(self, program: Path, name: str, path: Path, mesh: Mesh, options: dict[str, Any],
+                 exported: export.Exported | None = None):
+        self.program, self.name, self.path, self.mesh, self.options = program, name, path, mesh, options
         self._exported = exported
         self._loaded: tuple[Any, Any] | None = None  # (executable, its input tree) read from `path`
         self._compiled: Any = None
@@ -266,7 +276,7 @@ class Executable:
 
         exported = self._exported or export.deserialize(bytearray(self.program.read_bytes()))
         jitted = jax.jit(exported.call, donate_argnums=(1,) if self.name == "advance" else (),
-                         compiler_options=COMPILER_OPTIONS)
+                         compiler_options=self.options)
         with _without_persistent_cache():
             compiled = jitted.lower(*args).compile()
         payload = pickle.dumps(serialize_executable.serialize(compiled))
@@ -303,8 +313,10 @@ class Programs:
     def __init__(self, directory: Path, manifest: dict[str, Any], mesh: Mesh):
         self.directory, self.mesh = directory, mesh
         self._programs = {name: record["program"] for name, record in manifest["programs"].items()}
-        self._paths = {name: _executable_path(directory, name, manifest["files"][name]["sha256"], mesh)
-                       for name in manifest["programs"]}
+        self._options = {name: program_options(record["program"], Bucket(**record["bucket"]))
+                         for name, record in manifest["programs"].items()}
+        self._paths = {name: _executable_path(directory, name, manifest["files"][name]["sha256"], mesh,
+                                              self._options[name]) for name in manifest["programs"]}
         self._executables: dict[str, Executable] = {}
 
     def get(self, program: str, batch: Batch) -> Executable | None:
@@ -316,7 +328,7 @@ class Programs:
     def _executable(self, name: str) -> Executable:
         if name not in self._executables:
             self._executables[name] = Executable(self.directory / name, self._programs[name], self._paths[name],
-                                                 self.mesh)
+                                                 self.mesh, self._options[name])
         return self._executables[name]
 
     def prefetch(self) -> None:

@@ -456,10 +456,17 @@ def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelCo
 # products it took measured no faster per token than XLA's own dots. The fields are shared by all backends'
 # options.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
-# The programs that are all prompt pass (`prefill`, scoring) keep YNNPACK's fusions (XLA CPU's default): they take
-# the prompt's matrix products 1.2-1.4x faster than XLA's own dots at 256-2048 tokens, which outweighs building
-# their runtime on the first run (docs/performance.md, "The prompt pass").
+# Programs of a prompt pass (`prefill`, scoring, and generation's from prompt buckets of YNN_PROMPT_TOKENS) keep
+# YNNPACK's fusions (XLA CPU's default): they take the prompt's matrix products 1.2-1.4x faster than XLA's own dots
+# at 256-2048 tokens, which outweighs building their runtime on the first run (docs/performance.md, "The prompt
+# pass"). Below that bucket a generation's programs go without: the 0.6 s would cost more than they save.
 PROMPT_PASS_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+YNN_PROMPT_TOKENS = 256
+
+
+def compiler_options(prompt_tokens: int) -> dict[str, bool | str]:
+    """The XLA options of a program whose prompt pass covers `prompt_tokens` tokens (0: decode steps only)."""
+    return PROMPT_PASS_OPTIONS if prompt_tokens >= YNN_PROMPT_TOKENS else COMPILER_OPTIONS
 
 prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
                   compiler_options=PROMPT_PASS_OPTIONS)

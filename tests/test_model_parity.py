@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import converters
+import hdex_jax.model
 from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.model import decode_step, prefill
@@ -77,3 +78,19 @@ def test_greedy_tokens_identical(tiny, lengths):
         expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                                       max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS, pad_token_id=0)
     assert ours == expected[:, ids.shape[1]:].tolist(), family
+
+
+def test_greedy_tokens_identical_with_the_long_prompt_options(tiny, monkeypatch):
+    """Prompt buckets from `model.YNN_PROMPT_TOKENS` on compile with YNNPACK's fusions (`model.compiler_options`):
+    the same tokens as transformers (the threshold lowered so that a tiny prompt reaches it)."""
+    family, reference, cfg, _, flat = tiny
+    monkeypatch.setattr(hdex_jax.model, "YNN_PROMPT_TOKENS", 16)
+    prompts = _prompts(cfg.vocab_size, [13], seed=20)
+    batch = prepare_batch(prompts, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0,
+                          sampling=SamplingConfig(do_sample=False))
+    assert hdex_jax.model.compiler_options(batch.plan.prompt_bucket) == hdex_jax.model.PROMPT_PASS_OPTIONS
+    ours = generate_tokens(place(cfg, flat, 1), batch)
+    with torch.no_grad():  # transformers stops at its eos (included); ours runs on: the same tokens up to there
+        expected = reference.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=DECODE_STEPS,
+                                      pad_token_id=0)[0, len(prompts[0]):].tolist()
+    assert ours[0][:len(expected)] == expected, family
