@@ -38,7 +38,7 @@ from hdex_jax import pytree
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
-from hdex_jax.model import COMPILER_OPTIONS, bucket_length, compiler_options, decode_step_fn, prefill_fn
+from hdex_jax.model import COMPILER_OPTIONS, JitByPromptTokens, bucket_length, decode_step_fn, prefill_fn
 from hdex_jax.params import Params, unflatten
 from hdex_jax.sampling import (
     SamplingConfig,
@@ -141,22 +141,7 @@ def _start_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Reque
     return _record(state, logits, first, request)
 
 
-class _ByPromptBucket:
-    """`fn` jitted with the XLA options of a plan's prompt bucket (`model.compiler_options`): `[plan]` is the
-    jitted function for that plan."""
-
-    def __init__(self, fn: Any, static_argnames: tuple[str, ...]):
-        self._fn, self._static_argnames, self._jitted = fn, static_argnames, {}
-
-    def __getitem__(self, plan: Plan) -> Any:
-        options = compiler_options(plan.prompt_bucket)
-        key = tuple(sorted(options.items()))
-        if key not in self._jitted:
-            self._jitted[key] = jax.jit(self._fn, static_argnames=self._static_argnames, compiler_options=options)
-        return self._jitted[key]
-
-
-_start = _ByPromptBucket(_start_fn, ("cfg", "plan", "mesh", "record"))
+_start = JitByPromptTokens(_start_fn, static_argnames=("cfg", "plan", "mesh", "record"))
 
 
 def _advance(params: Params, state: DecodeState, request: Request, *, cfg: ModelConfig, mesh: Mesh) -> DecodeState:
@@ -187,7 +172,7 @@ def _generate_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Re
     return _loop_fn(params, state, request, cfg=cfg, mesh=mesh)
 
 
-_generate = _ByPromptBucket(_generate_fn, ("cfg", "plan", "mesh"))
+_generate = JitByPromptTokens(_generate_fn, static_argnames=("cfg", "plan", "mesh"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,8 +308,9 @@ def _started(decode: Placement, batch: Batch, prefill: Placement | None, record:
     if exported is not None:
         state = exported(src.params, batch.tokens, batch.mask, batch.request)
     else:
-        state = _start[batch.plan](src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan,
-                       mesh=src.mesh, record=record)
+        start = _start[batch.plan.prompt_bucket]
+        state = start(src.params, batch.tokens, batch.mask, batch.request, cfg=src.cfg, plan=batch.plan,
+                      mesh=src.mesh, record=record)
     return _hand_over(state, src, decode)
 
 
@@ -344,8 +330,9 @@ def _finished(decode: Placement, batch: Batch, prefill: Placement | None) -> Dec
         exported = decode.program("generate", batch)
         if exported is not None:
             return exported(decode.params, batch.tokens, batch.mask, batch.request)
-        return _generate[batch.plan](decode.params, batch.tokens, batch.mask, batch.request, cfg=decode.cfg, plan=batch.plan,
-                         mesh=decode.mesh)
+        whole = _generate[batch.plan.prompt_bucket]
+        return whole(decode.params, batch.tokens, batch.mask, batch.request, cfg=decode.cfg, plan=batch.plan,
+                     mesh=decode.mesh)
     state = _started(decode, batch, prefill)
     return _loop(decode.params, state, batch.request, cfg=decode.cfg, mesh=decode.mesh)
 

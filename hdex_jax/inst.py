@@ -131,11 +131,12 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
         batch = _example_batch(bucket, max_length)
         request = jax.tree.map(_spec, batch.request)
         prompt = (params, _spec(batch.tokens), _spec(batch.mask), request)
-        start = _export(_start[batch.plan])(*prompt, plan=batch.plan, record=False, **static)
+        tokens = batch.plan.prompt_bucket
+        start = _export(_start[tokens])(*prompt, plan=batch.plan, record=False, **static)
         out = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                for a, s in zip(start.out_avals, start.out_shardings_jax(placement.mesh))]
         state = jax.tree.unflatten(start.out_tree, out)
-        exported = {"start": start, "generate": _export(_generate[batch.plan])(*prompt, plan=batch.plan, **static),
+        exported = {"start": start, "generate": _export(_generate[tokens])(*prompt, plan=batch.plan, **static),
                     "advance": _export(_advance_jit)(params, state, request, **static)}
         inputs = {"start": prompt, "generate": prompt, "advance": (params, state, request)}
         for name, program in exported.items():

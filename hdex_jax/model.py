@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -456,10 +458,12 @@ def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelCo
 # products it took measured no faster per token than XLA's own dots. The fields are shared by all backends'
 # options.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
-# Programs of a prompt pass (`prefill`, scoring, and generation's from prompt buckets of YNN_PROMPT_TOKENS) keep
-# YNNPACK's fusions (XLA CPU's default): they take the prompt's matrix products 1.2-1.4x faster than XLA's own dots
-# at 256-2048 tokens, which outweighs building their runtime on the first run (docs/performance.md, "The prompt
-# pass"). Below that bucket a generation's programs go without: the 0.6 s would cost more than they save.
+# Programs of a prompt pass of YNN_PROMPT_TOKENS or more (generation's and scoring's, through `JitByPromptTokens`;
+# the test-only `prefill`) keep YNNPACK's fusions (XLA CPU's default): they take the prompt's matrix products up to
+# 1.4x faster than XLA's own dots at 256-2048 tokens, which outweighs building their runtime on the first run
+# (docs/performance.md, "The prompt pass"). Shorter prompt passes go without: the 0.6 s would cost more than they
+# save, and YNNPACK sums in another order, a little further from transformers (SmolLM2's logits up to 1.4e-4 away
+# at 25 tokens, where XLA's dots stay within 1e-4; docs/numerics.md).
 PROMPT_PASS_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 YNN_PROMPT_TOKENS = 256
 
@@ -467,6 +471,23 @@ YNN_PROMPT_TOKENS = 256
 def compiler_options(prompt_tokens: int) -> dict[str, bool | str]:
     """The XLA options of a program whose prompt pass covers `prompt_tokens` tokens (0: decode steps only)."""
     return PROMPT_PASS_OPTIONS if prompt_tokens >= YNN_PROMPT_TOKENS else COMPILER_OPTIONS
+
+
+class JitByPromptTokens:
+    """`fn` jitted with the XLA options of its prompt pass (`compiler_options`): `[tokens]` is the jitted function
+    for a prompt pass of that many tokens. One rule for every program that holds a prompt pass (generation's and
+    scoring's), so that a prompt of a given bucket is computed alike whichever asks for it."""
+
+    def __init__(self, fn: Callable, **jit_kwargs: Any):
+        self._fn, self._jit_kwargs, self._jitted = fn, jit_kwargs, {}
+
+    def __getitem__(self, prompt_tokens: int) -> Callable:
+        options = compiler_options(prompt_tokens)
+        key = tuple(sorted(options.items()))
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
+        return self._jitted[key]
+
 
 prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
                   compiler_options=PROMPT_PASS_OPTIONS)

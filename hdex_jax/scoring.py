@@ -24,7 +24,7 @@ import numpy as np
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.kv_cache import KVCache, init_cache
-from hdex_jax.model import PROMPT_PASS_OPTIONS, bucket_length, score_fn
+from hdex_jax.model import JitByPromptTokens, bucket_length, score_fn
 from hdex_jax.params import Params
 
 # Longest block of one scoring program; longer rows run in chunks of this many tokens through the cache. It
@@ -54,8 +54,8 @@ def _block_fn(params: Params, cache: KVCache | None, tokens: jax.Array, position
     return logits, cache if keep_cache else None
 
 
-_block = jax.jit(_block_fn, static_argnames=("cfg", "mesh", "cache_length", "keep_cache", "start"),
-                 donate_argnames="cache", compiler_options=PROMPT_PASS_OPTIONS)
+_block = JitByPromptTokens(_block_fn, static_argnames=("cfg", "mesh", "cache_length", "keep_cache", "start"),
+                           donate_argnames="cache")
 
 
 def positions_of(mask: np.ndarray) -> np.ndarray:
@@ -83,9 +83,9 @@ def score(placement: Placement, tokens: np.ndarray, mask: np.ndarray, targets: n
     cache, outputs = None, []
     for c in range(chunks):
         block = slice(c * chunk, (c + 1) * chunk)
-        out, cache = _block(placement.params, cache, tokens[:, block], positions[:, block], key_valid,
-                            None if targets is None else targets[:, block], cfg=placement.cfg, mesh=placement.mesh,
-                            cache_length=S, keep_cache=c + 1 < chunks, start=c * chunk)
+        out, cache = _block[chunk](placement.params, cache, tokens[:, block], positions[:, block], key_valid,
+                                   None if targets is None else targets[:, block], cfg=placement.cfg,
+                                   mesh=placement.mesh, cache_length=S, keep_cache=c + 1 < chunks, start=c * chunk)
         outputs.append(jax.tree.map(np.asarray, out))
     if targets is None:
         return np.concatenate(outputs, axis=1)[:rows, :length]
