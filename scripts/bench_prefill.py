@@ -7,6 +7,10 @@ and the GFLOP/s achieved (2 x parameters x tokens, plus attention's 4 x layers x
 Run it alone on the machine.
 
     python scripts/bench_prefill.py [--model SmolLM2-135M-Instruct] [--lengths 64,256,512,2048] [--runs 5]
+        [--format auto]
+
+`--format` is one of bench_decode's `FORMATS` (the default model's `auto` keeps its GGUF blocks, which XLA's
+products of a long prompt dequantize inside the program; `float32` stores float32 weights like transformers').
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import statistics
 import time
 
-from bench_decode import reference_model, _timed
+from bench_decode import FORMATS, reference_model, _timed
 
 
 def forward_flops(cfg, params: int, tokens: int) -> float:
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model id (default: the default model)")
     parser.add_argument("--lengths", default="64,256,512,2048", help="prompt lengths in tokens")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="number format of hdex_jax's weights")
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
 
@@ -45,14 +50,15 @@ def main() -> None:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     max_length = max(lengths) + 1
-    AutoCompiler().compile(model_id, max_length=max_length)
+    dtype, quantize = FORMATS[args.format]
+    AutoCompiler().compile(model_id, max_length=max_length, dtype=dtype, quantize=quantize)
     model = AutoModelForCausalLM.from_pretrained(model_id, max_length=max_length)
     reference = reference_model(hub.fetch_checkpoint(model_id)).eval()
     params = sum(p.numel() for p in reference.parameters() if p.ndim > 1)
     cfg = model.config
     rng = np.random.default_rng(0)
-    print(f"model {model_id}, {args.runs} alternating runs (median), {threads} threads, jax {jax.__version__}, "
-          f"torch {torch.__version__}")
+    print(f"model {model_id} ({args.format}), {args.runs} alternating runs (median), {threads} threads, "
+          f"jax {jax.__version__}, torch {torch.__version__}")
     print(f"{'tokens':>7}{'pass':>10}{'hdex tok/s':>12}{'hf tok/s':>10}{'ratio':>7}{'hdex GFLOP/s':>14}"
           f"{'hf GFLOP/s':>12}")
     for n in lengths:
