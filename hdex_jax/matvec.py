@@ -43,6 +43,11 @@ TARGET = "hdex_matvec"
 # (docs/performance.md). Attention's products (one dot product per key for the scores) stop at fewer rows.
 MAX_ROWS = 32
 MAX_ATTENTION_ROWS = 8
+# float16 weights stay on the kernel up to more rows: XLA CPU multiplies them only after converting the whole
+# weight to float32 inside the program, every prompt pass, which made SmolLM2's 64-token prompt pass 2x float32's.
+# The kernel reads them as stored and measured as fast as or faster than that conversion and dot at 64 and 128 rows,
+# slower at 256 (docs/performance.md, "float16 through the prompt pass").
+MAX_FLOAT16_ROWS = 128
 SOURCE = Path(__file__).parent / "csrc" / "matvec.cc"
 # -fopenmp-simd only lets the compiler vectorise the marked dot-product loop (no OpenMP runtime is linked);
 # -Wno-psabi silences notes on the ABI of 64-byte vectors, which never cross a call.
@@ -166,6 +171,11 @@ def _on_kernel(x: jax.Array, w: jax.Array | QuantArray, rows: int, max_rows: int
     return rows <= max_rows and x.dtype in KERNEL_FLOATS and stored and kernel() is not None
 
 
+def _max_rows(w: jax.Array | QuantArray) -> int:
+    """The most rows of a `matmul` by w that run on the kernel."""
+    return MAX_FLOAT16_ROWS if not isinstance(w, QuantArray) and w.dtype == jnp.float16 else MAX_ROWS
+
+
 def _product(x: jax.Array, w: jax.Array | QuantArray, transposed: bool, preferred_element_type) -> jax.Array:
     # x: [B, M, K]; w: [B, K, N] or [B, N, K] -> [B, M, N], on the kernel on the CPU and XLA's dot elsewhere.
     # The kernel takes x and gives y in float32 (x is a few rows: its cast costs nothing next to the weight).
@@ -208,14 +218,15 @@ def matmul(x: jax.Array, w: jax.Array | QuantArray, transposed: bool = False, pr
     `preferred_element_type` as in `lax.dot_general`, else x's dtype.
 
     w is float32, float16 or bfloat16, or a `hdex_jax.quant.QuantArray` (packed along K: axis 0, or 1 when
-    transposed). On the CPU, products of at most `MAX_ROWS` rows run on the kernel, which reads w as stored;
-    the others on XLA's dot, which dequantizes a QuantArray inside the program for the product.
+    transposed). On the CPU, products of at most `MAX_ROWS` rows (`MAX_FLOAT16_ROWS` for a float16 w) run on the
+    kernel, which reads w as stored; the others on XLA's dot, which dequantizes a QuantArray inside the program for
+    the product.
     """
     if isinstance(w, QuantArray):
         _check_quantized(x, w, transposed)
     *lead, K = x.shape
     rows = math.prod(lead)
-    if not _on_kernel(x, w, rows, MAX_ROWS):
+    if not _on_kernel(x, w, rows, _max_rows(w)):
         return _dot(x, w, transposed, preferred_element_type)
     w = w if isinstance(w, QuantArray) else w[None]
     y = _product(x.reshape(1, rows, K), w, transposed, preferred_element_type)  # [1, rows, N]
