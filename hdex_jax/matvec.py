@@ -43,11 +43,13 @@ TARGET = "hdex_matvec"
 # (docs/performance.md). Attention's products (one dot product per key for the scores) stop at fewer rows.
 MAX_ROWS = 32
 MAX_ATTENTION_ROWS = 8
-# float16 weights stay on the kernel up to more rows: XLA CPU multiplies them only after converting the whole
-# weight to float32 inside the program, every prompt pass, which made SmolLM2's 64-token prompt pass 2x float32's.
-# The kernel reads them as stored and measured as fast as or faster than that conversion and dot at 64 and 128 rows,
-# slower at 256 (docs/performance.md, "float16 through the prompt pass").
-MAX_FLOAT16_ROWS = 128
+# Weights XLA would have to convert before its dot (float16, and the quantized formats, which it dequantizes) stay
+# on the kernel up to more rows: XLA CPU converts each whole weight to float32 inside the program, every prompt pass
+# (2/3 of SmolLM2's 64-token prompt pass in float16, and most of it with the default model's Q4_1 blocks). The kernel
+# reads them as stored and measured faster than that conversion and dot at 64 rows on every shape, and at 128 rows
+# on the layers' [K, N] weights but not on the [N, K] LM head (docs/performance.md, "Weights XLA converts").
+MAX_CONVERTED_ROWS = 128
+MAX_CONVERTED_NK_ROWS = 64
 SOURCE = Path(__file__).parent / "csrc" / "matvec.cc"
 # -fopenmp-simd only lets the compiler vectorise the marked dot-product loop (no OpenMP runtime is linked);
 # -Wno-psabi silences notes on the ABI of 64-byte vectors, which never cross a call.
@@ -171,9 +173,11 @@ def _on_kernel(x: jax.Array, w: jax.Array | QuantArray, rows: int, max_rows: int
     return rows <= max_rows and x.dtype in KERNEL_FLOATS and stored and kernel() is not None
 
 
-def _max_rows(w: jax.Array | QuantArray) -> int:
+def _max_rows(w: jax.Array | QuantArray, transposed: bool) -> int:
     """The most rows of a `matmul` by w that run on the kernel."""
-    return MAX_FLOAT16_ROWS if not isinstance(w, QuantArray) and w.dtype == jnp.float16 else MAX_ROWS
+    if not (isinstance(w, QuantArray) or w.dtype == jnp.float16):
+        return MAX_ROWS
+    return MAX_CONVERTED_NK_ROWS if transposed else MAX_CONVERTED_ROWS
 
 
 def _product(x: jax.Array, w: jax.Array | QuantArray, transposed: bool, preferred_element_type) -> jax.Array:
@@ -218,15 +222,15 @@ def matmul(x: jax.Array, w: jax.Array | QuantArray, transposed: bool = False, pr
     `preferred_element_type` as in `lax.dot_general`, else x's dtype.
 
     w is float32, float16 or bfloat16, or a `hdex_jax.quant.QuantArray` (packed along K: axis 0, or 1 when
-    transposed). On the CPU, products of at most `MAX_ROWS` rows (`MAX_FLOAT16_ROWS` for a float16 w) run on the
-    kernel, which reads w as stored; the others on XLA's dot, which dequantizes a QuantArray inside the program for
-    the product.
+    transposed). On the CPU, products of at most `MAX_ROWS` rows (for a float16 or quantized w, which XLA would
+    convert first, `MAX_CONVERTED_ROWS`, or `MAX_CONVERTED_NK_ROWS` when transposed) run on the kernel, which reads
+    w as stored; the others on XLA's dot, which dequantizes a QuantArray inside the program for the product.
     """
     if isinstance(w, QuantArray):
         _check_quantized(x, w, transposed)
     *lead, K = x.shape
     rows = math.prod(lead)
-    if not _on_kernel(x, w, rows, _max_rows(w)):
+    if not _on_kernel(x, w, rows, _max_rows(w, transposed)):
         return _dot(x, w, transposed, preferred_element_type)
     w = w if isinstance(w, QuantArray) else w[None]
     y = _product(x.reshape(1, rows, K), w, transposed, preferred_element_type)  # [1, rows, N]

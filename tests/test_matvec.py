@@ -176,13 +176,15 @@ def test_a_quantized_product_reads_the_weight_as_stored(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["kn", "nk"])
-def test_float16_weights_stay_on_the_kernel_up_to_their_own_row_limit(transposed: bool) -> None:
-    # XLA would convert the whole weight to float32 first (matvec.MAX_FLOAT16_ROWS); the kernel reads it as stored.
+@pytest.mark.parametrize("fmt", ["float16", "q4_1", "int8"])
+def test_converted_weights_stay_on_the_kernel_up_to_their_own_row_limit(fmt: str, transposed: bool) -> None:
+    # XLA would convert the whole weight to float32 first (matvec.MAX_CONVERTED_ROWS, MAX_CONVERTED_NK_ROWS); the
+    # kernel reads it as stored.
     rng = np.random.default_rng(7)
     K, N = 160, 96
-    w, values = _stored(rng.standard_normal((N, K) if transposed else (K, N), dtype=np.float32), "float16",
-                        transposed)
-    x = rng.standard_normal((matvec.MAX_FLOAT16_ROWS + 1, K), dtype=np.float32)
+    w, values = _stored(rng.standard_normal((N, K) if transposed else (K, N), dtype=np.float32), fmt, transposed)
+    limit = matvec.MAX_CONVERTED_NK_ROWS if transposed else matvec.MAX_CONVERTED_ROWS
+    x = rng.standard_normal((limit + 1, K), dtype=np.float32)
     fn = functools.partial(matvec.matmul, transposed=transposed)
     assert KERNEL_CALL in _hlo(fn, x[:-1], w) and KERNEL_CALL not in _hlo(fn, x, w)
     expected = x.astype(np.float64) @ (values.T if transposed else values).astype(np.float64)
@@ -198,7 +200,7 @@ def test_xla_dequantizes_inside_the_program_with_the_same_results(fmt: str, monk
     rng = np.random.default_rng(6)
     K, N = 160, 96
     w, values = _stored(rng.standard_normal((N, K), dtype=np.float32), fmt, True)
-    x = rng.standard_normal((max(matvec.MAX_ROWS, matvec.MAX_FLOAT16_ROWS) + 1, K), dtype=np.float32)
+    x = rng.standard_normal((max(matvec.MAX_ROWS, matvec.MAX_CONVERTED_ROWS) + 1, K), dtype=np.float32)
     fn = functools.partial(matvec.matmul, transposed=True)
     expected = x.astype(np.float64) @ values.T.astype(np.float64)
     tolerance = 1e-5 * np.abs(expected).max()
