@@ -436,6 +436,14 @@ __attribute__((always_inline)) inline void blocked(const float* x, const Weight&
   for (int64_t kb = k0; kb < k1; kb += kBlockRows) {
     const int64_t ke = std::min(kb + kBlockRows, k1);
     for (int64_t nb = 0; nb < tiled; nb += tile) {
+      // The next block's rows of these columns, fetched while every row of x passes over this block: the
+      // quantized formats' tiles are bound by their arithmetic and left the hardware prefetcher behind.
+      if constexpr (F::kScaled) {
+        const auto* next = static_cast<const typename F::T*>(w.values) + packed<F>(kb + kBlockRows) * N + nb;
+        for (int64_t r = 0; r < stored<F>(kBlockRows); ++r)
+          for (int64_t c = 0; c < tile * static_cast<int64_t>(sizeof(typename F::T)); c += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(next + r * N) + c);
+      }
       int64_t m = 0;
       for (; m + kTileRows <= M; m += kTileRows)
         tile_kn<F, W, V, kTileRows>(x + m * K, K, w, N, y + m * N, kb, ke, nb);
