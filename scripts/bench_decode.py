@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import importlib.util
-import inspect
 import os
 import resource
 import statistics
@@ -120,12 +119,22 @@ def gguf_copy(source: Path, target: Path, dtype: str) -> Path:
 def llama_cpp_engine(name: str, path: Path, prompt: list[int], n: int, n_ctx: int) -> Engine:
     """llama.cpp (llama-cpp-python) on the GGUF at `path`: greedy, 2 threads, eos ignored."""
     import gguf
-    from llama_cpp import Llama
+    import llama_cpp.llama
 
-    kwargs = dict(n_ctx=n_ctx, n_threads=2, verbose=False)
-    if "use_extra_bufts" in inspect.signature(Llama.__init__).parameters:
-        kwargs["use_extra_bufts"] = False  # its AMX buffers crash on Q4_1
-    llm = Llama(str(path), **kwargs)
+    # Without llama.cpp's extra buffer types: its AMX buffers crash on Q4_1. Releases whose Llama() does not take
+    # use_extra_bufts (0.3.36) still read it from the model parameters they start from.
+    defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = model_params
+    try:
+        llm = llama_cpp.llama.Llama(str(path), n_ctx=n_ctx, n_threads=2, verbose=False)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
 
     def tokens(count: int) -> None:
         llm.reset()  # else generate reuses the cached prompt and skips the prefill
