@@ -302,8 +302,10 @@ __attribute__((always_inline)) inline void stream(const float* x, const Weight& 
   const auto* stored_w = static_cast<const typename F::T*>(w.values);
   const int64_t tiled = N / W * W;
   // The scaled formats' scales and offsets of the current group as float32, converted once per group (once for
-  // int8's per-output scales) rather than in every pass: each pass then only loads them.
-  std::vector<float> factors(F::kScaled ? 2 * tiled : 0);
+  // int8's per-output scales) rather than in every pass: each pass then only loads them. One buffer per thread,
+  // grown to the widest weight seen, so a decode step allocates nothing.
+  static thread_local std::vector<float> factors;
+  if (F::kScaled && factors.size() < static_cast<size_t>(2 * tiled)) factors.resize(2 * tiled);
   float* const scales = factors.data();
   float* const offsets = scales + tiled;
   auto convert = [&](int64_t group) {
