@@ -20,8 +20,11 @@ from urllib.parse import urlparse
 
 from hdex_jax import artifacts, formats, hub, validation
 from hdex_jax.config import DTYPES, ModelConfig
-from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH
-from hdex_jax.transformers import modeling
+from hdex_jax.lpu.cli import add_estimate_parser, run_estimate
+from hdex_jax.lpu.config_source import model_config
+from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore, cap_max_length
+from hdex_jax.tools import AutoCompiler
+from hdex_jax.transformers import AutoModelForCausalLM, modeling
 
 # What a bad input can raise, from the API or the libraries it reads files with; anything else is a bug and
 # keeps its traceback.
@@ -51,8 +54,9 @@ def _check_hub_reachable(model_id: str) -> None:
     from huggingface_hub import constants
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    compiled = artifacts.current_manifest(artifacts.ckpt_dir(hub.model_dir(model_id))) is not None
-    if hub.is_local(model_id) or model_id == hub.DEFAULT_MODEL or compiled or constants.HF_HUB_OFFLINE:
+    store = ModelStore.open(model_id)
+    compiled = store.manifest(store.ckpt_dir) is not None
+    if not store.source.on_hub or compiled or constants.HF_HUB_OFFLINE:
         return
     endpoint = urlparse(constants.ENDPOINT)
     try:
@@ -89,8 +93,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_to(args: argparse.Namespace, out: Any) -> int:
-    from hdex_jax.transformers import AutoModelForCausalLM
-
     prompts = _prompts(args)
     num_device = validation.check_num_device("--num-device", args.num_device)
     kwargs = dict(max_new_tokens=validation.check_max_new_tokens("--max-new-tokens", args.max_new_tokens),
@@ -138,8 +140,6 @@ def _generate_to(args: argparse.Namespace, out: Any) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     with _results_only() as out:
-        from hdex_jax.transformers import AutoModelForCausalLM
-
         num_device = validation.check_num_device("--num-device", args.num_device)
         window = None if args.window is None else validation.check_int("--window", args.window, minimum=1)
         stride = None if args.stride is None else validation.check_int("--stride", args.stride, minimum=1)
@@ -163,8 +163,6 @@ def read_text(file: str) -> str:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from hdex_jax.tools import AutoCompiler
-
     num_device = validation.check_num_device("--num-device", args.num_device)
     max_length = validation.check_max_length("--max-length", args.max_length)
     _say_what_a_new_max_length_redoes(args.model, num_device, max_length)
@@ -178,26 +176,19 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _say_what_a_new_max_length_redoes(model_id: str, num_device: int, max_length: int) -> None:
     """Before a compile for another max_length than the one compiled, say what it redoes and what it reuses."""
-    from hdex_jax.config import ModelConfig
-    from hdex_jax.tools.compiler import cap_max_length
-
-    model_dir = hub.model_dir(model_id)
-    manifest = artifacts.current_manifest(artifacts.param_dir(model_dir, num_device))
-    ckpt = artifacts.ckpt_dir(model_dir)
-    if manifest is None or artifacts.current_manifest(ckpt) is None:
+    store = ModelStore.open(model_id)
+    compiled = store.compiled_max_length(num_device)
+    if compiled is None:
         return
-    wanted = cap_max_length(model_id, max_length, ModelConfig.load(ckpt))
-    if manifest["max_length"] != wanted:
-        print(f"[hdex] {model_id} is compiled for max_length {manifest['max_length']} on {num_device} device(s); "
+    wanted = cap_max_length(model_id, max_length, store.config())
+    if compiled != wanted:
+        print(f"[hdex] {model_id} is compiled for max_length {compiled} on {num_device} device(s); "
               f"compiling for {wanted} exports its programs again (inst/); the converted checkpoint and the "
               f"weights laid out for {num_device} device(s) are reused", file=sys.stderr, flush=True)
 
 
 def _estimate(args: argparse.Namespace) -> int:
     """`hdex estimate`, its flags checked under their own names first."""
-    from hdex_jax.lpu.cli import run_estimate
-    from hdex_jax.lpu.config_source import model_config
-
     if not args.devices:
         raise ValueError("--devices is empty: give comma-separated device counts, e.g. 1,2,4,8")
     for count in args.devices:
@@ -260,8 +251,6 @@ def _compiled_models() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hdex_jax.lpu.cli import add_estimate_parser
-
     parser = _Parser(prog="hdex", description="HyperDex on emulated LPU devices (JAX).")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,6 +8,7 @@ and does not exist is an error that says so, never a Hub lookup. Compiled artifa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -58,8 +59,41 @@ def looks_like_path(model_id: str) -> bool:
             or model_id.lower().endswith(".gguf"))
 
 
-def model_dir(model_id: str | os.PathLike, *, writable: bool = False, name: str = "model_id") -> Path:
-    """`$HDEX_HOME/hub/<org>/<name>` for a model id (local paths and GGUF files get their own namespaces).
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A model id resolved once: where its checkpoint comes from and where its compiled artifacts live."""
+
+    model_id: str
+    directory: Path  # $HDEX_HOME/hub/<org>/<name>
+    local_path: Path | None  # the resolved file or directory of a local model id, else None
+
+    @property
+    def key(self) -> str:
+        """What compiled artifacts record as their source: the resolved local path, or the Hub id / default
+        model name."""
+        return str(self.local_path) if self.local_path is not None else self.model_id
+
+    @property
+    def on_hub(self) -> bool:
+        return self.local_path is None and self.model_id != DEFAULT_MODEL
+
+    def fetch_checkpoint(self, token: str | None = None) -> Path:
+        """A local path to the checkpoint: the path itself, the default GGUF, or a Hub snapshot."""
+        if self.local_path is not None:
+            return self.local_path
+        if self.model_id == DEFAULT_MODEL:
+            return default_model_gguf()
+        return _hub_snapshot(self.model_id, token)
+
+    def fetch_config(self, token: str | None = None) -> Path:
+        """The config.json of a Hub model, downloaded alone so an unsupported model is refused before its
+        weights."""
+        return _hub_config(self.model_id, token)
+
+
+def locate(model_id: str | os.PathLike, *, writable: bool = False, name: str = "model_id") -> ModelSource:
+    """Resolve a model id: its source, and its directory `$HDEX_HOME/hub/<org>/<name>` (local paths and GGUF
+    files get their own namespaces).
 
     Raises TypeError or ValueError naming the argument (`name`) for a value that is not a model id,
     FileNotFoundError for a local path that does not exist, and ValueError naming HDEX_HOME for an unusable
@@ -67,11 +101,12 @@ def model_dir(model_id: str | os.PathLike, *, writable: bool = False, name: str 
     """
     text = check_model_id(name, model_id)
     if text == DEFAULT_MODEL:
-        return hdex_home(writable) / "hub" / "HuggingFaceTB" / DEFAULT_MODEL
+        return ModelSource(text, hdex_home(writable) / "hub" / "HuggingFaceTB" / DEFAULT_MODEL, None)
     if is_local(text):
         path = Path(text).expanduser().resolve()
         org = "gguf" if path.suffix == ".gguf" else "local"
-        return hdex_home(writable) / "hub" / org / (path.stem if path.suffix == ".gguf" else path.name)
+        name_in_org = path.stem if path.suffix == ".gguf" else path.name
+        return ModelSource(text, hdex_home(writable) / "hub" / org / name_in_org, path)
     if looks_like_path(text):
         raise FileNotFoundError(f"{name} {text!r} looks like a local path, but {Path(text).expanduser()} does "
                                 f"not exist")
@@ -85,12 +120,12 @@ def model_dir(model_id: str | os.PathLike, *, writable: bool = False, name: str 
         validate_repo_id(text)
     except HFValidationError as err:
         raise ValueError(f"{name} {text!r} is not a valid Hub id: {err}") from None
-    return hdex_home(writable) / "hub" / parts[0] / parts[1]
+    return ModelSource(text, hdex_home(writable) / "hub" / parts[0] / parts[1], None)
 
 
-def source_key(model_id: str | os.PathLike) -> str:
-    """What a compiled model was made from: the resolved local path, or the Hub id / default model name."""
-    return str(Path(model_id).expanduser().resolve()) if is_local(model_id) else str(model_id)
+def model_dir(model_id: str | os.PathLike, *, writable: bool = False, name: str = "model_id") -> Path:
+    """`$HDEX_HOME/hub/<org>/<name>` for a model id: `locate(model_id).directory`."""
+    return locate(model_id, writable=writable, name=name).directory
 
 
 def default_model_gguf() -> Path:
@@ -127,10 +162,11 @@ def is_download(path: Path) -> bool:
 
 def fetch_checkpoint(model_id: str, token: str | None = None) -> Path:
     """A local path to the checkpoint of `model_id`: the path itself, the default GGUF, or a Hub snapshot."""
-    if model_id == DEFAULT_MODEL:
-        return default_model_gguf()
-    if is_local(model_id):
-        return Path(model_id).expanduser().resolve()
+    return locate(model_id).fetch_checkpoint(token)
+
+
+def _hub_snapshot(model_id: str, token: str | None) -> Path:
+    """A snapshot of a Hub repository's checkpoint files, from the Hugging Face cache or downloaded."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -148,8 +184,7 @@ def fetch_checkpoint(model_id: str, token: str | None = None) -> Path:
                            "as model_id.") from err
 
 
-def fetch_config(model_id: str, token: str | None = None) -> Path:
-    """The config.json of a Hub model, downloaded alone so an unsupported model is refused before its weights."""
+def _hub_config(model_id: str, token: str | None) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

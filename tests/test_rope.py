@@ -32,7 +32,7 @@ import converters
 from converters.errors import CheckpointError
 from hdex_jax import rope
 from hdex_jax.config import ModelConfig
-from hdex_jax.tools.compiler import cap_max_length
+from hdex_jax.model_store import cap_max_length
 from tests.family_parity import Reference, save_random_model
 from tests.helpers_tiny import llamacpp_permute
 from tests.test_gguf_families import Case, _phi3, _text_model, write_gguf

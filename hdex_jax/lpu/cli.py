@@ -119,9 +119,3 @@ def run_estimate(args: argparse.Namespace) -> int:
             plot_scaling(estimates, args.plot, title=title)
         print(f"wrote {args.plot}")
     return 0
-
-
-if __name__ == "__main__":
-    from hdex_jax.cli import main
-
-    sys.exit(main())  # `python -m hdex_jax.lpu.cli estimate ...` is `hdex estimate ...`

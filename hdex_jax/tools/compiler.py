@@ -7,9 +7,9 @@ Phases, each printed as it runs, with its time:
   4. write the weights laid out for `num_device` devices into `param/lpu<N>/`, and the programs that run them,
      exported with `jax.export`, into `inst/lpu<N>/` (`hdex_jax.inst`).
 Finished phases are reused, so compiling an already compiled model is quick and says so; `force=True` redoes
-them all. A compile holds the model's lock (`artifacts.lock`) from start to end, so concurrent compiles of one
-model run one after the other, the later one reusing what the first wrote. Every argument is checked before any
-of them runs (`hdex_jax.validation`).
+them all. Everything is read and written through the model's `ModelStore`. A compile holds the model's lock from
+start to end, so concurrent compiles of one model run one after the other, the later one reusing what the first
+wrote. Every argument is checked before any of them runs (`hdex_jax.validation`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from hdex_jax import artifacts, formats, hub, inst
 from hdex_jax.config import ModelConfig
-from hdex_jax.generation import Placement
-from hdex_jax.layout import head_layout, pad_params, padded_config
-from hdex_jax.params import runtime_layout, unflatten
-from hdex_jax.sharding import make_mesh, param_shardings
+from hdex_jax.generation import Placement, place
+from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore, cap_max_length
 from hdex_jax.validation import check_bool, check_max_length, check_num_device, check_token
 
-# HyperDex's default; a model with fewer positions is compiled for its positions, with a notice.
-DEFAULT_MAX_LENGTH = 4096
 # Bumped when ckpt/ changes what it holds (2: a GGUF file's quantized weights as stored, not float32).
 CKPT_FORMAT = 2
 
@@ -48,20 +43,6 @@ def _timed(title: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     _say(f"  {title.split(':')[0]} took {time.perf_counter() - start:.1f}s")
-
-
-def cap_max_length(model_id: str, max_length: int, cfg: ModelConfig) -> int:
-    """`max_length`, or the model's max_position_embeddings if it has fewer, with a notice saying so.
-
-    The model has no positions past those, so a larger max_length could never be served; HyperDex's own
-    example asks opt-1.3b (2048 positions) for 4096. Dynamic (NTK) rope scaling is what serves positions past
-    them, so with it `max_length` is kept.
-    """
-    if max_length <= cfg.max_position_embeddings or dict(cfg.rope_scaling).get("rope_type") == "dynamic":
-        return max_length
-    _say(f"max_length {max_length} exceeds the {cfg.max_position_embeddings} positions of {model_id} "
-         f"(max_position_embeddings); using max_length {cfg.max_position_embeddings}")
-    return cfg.max_position_embeddings
 
 
 class AutoCompiler:
@@ -109,24 +90,33 @@ class AutoCompiler:
         check_bool("force", force)
         token = check_token("token", token)
         dtype, quantize = formats.check_format(dtype, quantize)
-        start = time.perf_counter()
-        model_dir = hub.model_dir(model_id, writable=True)
-        with artifacts.lock(model_dir):
-            self._compile(model_id, model_dir, num_device, max_length, low_memory_usage, fast_compile, token, force,
-                          dtype, quantize)
-        _say(f"Done in {time.perf_counter() - start:.1f}s: {model_dir}")
-        return model_dir
+        return self.compile_store(ModelStore.open(model_id, writable=True), num_device, max_length, low_memory_usage,
+                                  fast_compile, token, force, dtype, quantize)
 
-    def _compile(self, model_id: str, model_dir: Path, num_device: int, max_length: int, low_memory_usage: bool,
+    def compile_store(self, store: ModelStore, num_device: int = 1, max_length: int = DEFAULT_MAX_LENGTH,
+                      low_memory_usage: bool = False, fast_compile: bool = True, token: str | None = None,
+                      force: bool = False, dtype: str = "float32", quantize: str | None = "auto") -> Path:
+        """`compile`, writing through `store` (arguments already checked); its directory."""
+        start = time.perf_counter()
+        hub.hdex_home(writable=True)
+        with store.lock():
+            store.forget()  # another process may have compiled while this one waited for the lock
+            self._compile(store, num_device, max_length, low_memory_usage, fast_compile, token, force, dtype,
+                          quantize)
+        _say(f"Done in {time.perf_counter() - start:.1f}s: {store.directory}")
+        return store.directory
+
+    def _compile(self, store: ModelStore, num_device: int, max_length: int, low_memory_usage: bool,
                  fast_compile: bool, token: str | None, force: bool, dtype: str, quantize: str | None) -> None:
+        model_id, model_dir = store.model_id, store.directory
         for stale in artifacts.remove_stale(model_dir):
             _say(f"Removed {stale}, left by a compile that was killed")
-        ckpt = artifacts.ckpt_dir(model_dir)
-        params_dir = artifacts.param_dir(model_dir, num_device)
-        inst_dir = artifacts.inst_dir(model_dir, num_device)
-        ckpt_manifest = None if force else artifacts.current_manifest(ckpt)
-        param_manifest = None if force else artifacts.current_manifest(params_dir)
-        source = hub.source_key(model_id)
+        ckpt = store.ckpt_dir
+        params_dir = store.param_dir(num_device)
+        inst_dir = store.inst_dir(num_device)
+        ckpt_manifest = None if force else store.manifest(ckpt)
+        param_manifest = None if force else store.manifest(params_dir)
+        source = store.source.key
         if ckpt_manifest is not None and ckpt_manifest.get("ckpt_format") != CKPT_FORMAT:
             _say(f"{ckpt} was converted by an older hdex_jax (weights all float32); converting it again")
             ckpt_manifest = param_manifest = None
@@ -139,16 +129,16 @@ class AutoCompiler:
 
         if ckpt_manifest is not None:
             # Laying out a damaged checkpoint would give the damage fresh hashes: check it first.
-            artifacts.verify(ckpt, ckpt_manifest, "cheap", artifacts.remedy(model_id, num_device))
-            cfg = ModelConfig.load(ckpt)
+            store.verified(ckpt, num_device, "cheap")
+            cfg = store.config()
             _say(f"Phase 1-3/4: {model_id} is already converted ({ckpt}); reusing it")
         else:
-            cfg = self._convert(model_id, ckpt, token, low_memory_usage)
+            cfg = self._convert(store, token, low_memory_usage)
 
         max_length = cap_max_length(model_id, max_length, cfg)
         wanted = inst.buckets(max_length, fast_compile)
-        inst_manifest = artifacts.current_manifest(inst_dir)
-        inst_current = inst_manifest is not None and not force and inst.reusable(inst_manifest, max_length, wanted)
+        inst_manifest = None if force else store.manifest(inst_dir)
+        inst_current = inst_manifest is not None and inst.reusable(inst_manifest, max_length, wanted)
         if param_manifest is not None and not formats.same_format(param_manifest, dtype, quantize):
             _say(f"{params_dir} holds another number format ({param_manifest.get('dtype', 'float32')}, quantize="
                  f"{param_manifest.get('quantize')!r}); laying the weights out again in {dtype}, quantize="
@@ -166,22 +156,23 @@ class AutoCompiler:
                                            quantize)
             self._write_programs(placement, inst_dir, max_length, wanted, precompile=not fast_compile)
 
-    def _convert(self, model_id: str, ckpt: Path, token: str | None, low_memory_usage: bool) -> ModelConfig:
+    def _convert(self, store: ModelStore, token: str | None, low_memory_usage: bool) -> ModelConfig:
         import converters
 
-        with _timed(f"Phase 1/4: checking that {model_id} is supported"):
-            on_hub = not hub.is_local(model_id) and model_id != hub.DEFAULT_MODEL
-            source = None if on_hub else hub.fetch_checkpoint(model_id, token)
-            cfg = converters.load_config(hub.fetch_config(model_id, token) if on_hub else source)
+        ckpt = store.ckpt_dir
+        with _timed(f"Phase 1/4: checking that {store.model_id} is supported"):
+            on_hub = store.source.on_hub
+            source = None if on_hub else store.source.fetch_checkpoint(token)
+            cfg = converters.load_config(store.source.fetch_config(token) if on_hub else source)
             _say(f"  {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
                  f"({cfg.num_kv_heads} kv), vocab {cfg.vocab_size}")
         with _timed("Phase 2/4: obtaining the checkpoint"):
             if source is None:
-                source = hub.fetch_checkpoint(model_id, token)
+                source = store.source.fetch_checkpoint(token)
             _say(f"  {source}")
         with _timed(f"Phase 3/4: converting into {ckpt}"):
             cfg, flat = converters.load_checkpoint(source, progress=True)
-            with artifacts.staged(ckpt, {"source": hub.source_key(model_id), "ckpt_format": CKPT_FORMAT}) as tmp:
+            with artifacts.staged(ckpt, {"source": store.source.key, "ckpt_format": CKPT_FORMAT}) as tmp:
                 artifacts.write_ckpt(tmp, cfg, flat)
                 if converters.has_tokenizer(source):
                     converters.save_tokenizer(source, tmp)
@@ -198,19 +189,16 @@ class AutoCompiler:
         stored, flat = artifacts.read_ckpt(ckpt)
         cfg = formats.compiled_config(stored, dtype, quantize)
         _say(f"  number format: {formats.describe(cfg)}")
-        flat = formats.convert_params(flat, cfg)
-        padded = padded_config(cfg, num_device)
-        mesh = make_mesh(num_device)
-        tree = jax.tree.map(np.asarray, runtime_layout(unflatten(pad_params(flat, cfg, num_device)), num_device))
+        placement = place(cfg, formats.convert_params(flat, cfg), num_device)
         if manifest is not None:
             artifacts.write_manifest(params_dir, {**manifest, "max_length": max_length})
         else:
             with artifacts.staged(params_dir, {"num_device": num_device, "max_length": max_length,
-                                               "num_heads": padded.num_heads, "num_kv_heads": padded.num_kv_heads,
+                                               "num_heads": placement.cfg.num_heads,
+                                               "num_kv_heads": placement.cfg.num_kv_heads,
                                                **formats.manifest_fields(cfg, quantize)}) as tmp:
-                artifacts.save_params(tmp, tree)
-        params = jax.device_put(tree, param_shardings(padded, mesh))
-        return Placement(params, padded, head_layout(cfg, num_device), mesh, cfg)
+                artifacts.save_params(tmp, jax.device_get(placement.params))
+        return placement
 
     def _write_programs(self, placement: Placement, inst_dir: Path, max_length: int, wanted: list[inst.Bucket],
                         precompile: bool) -> None:

@@ -8,20 +8,19 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from hdex_jax import artifacts, formats, hub, inst, scoring
+from hdex_jax import artifacts, formats, hub, scoring
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
-from hdex_jax.layout import head_layout, padded_config
+from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore
 from hdex_jax.sampling import SamplingConfig
-from hdex_jax.sharding import make_mesh, param_shardings
-from hdex_jax.tools.compiler import DEFAULT_MAX_LENGTH, AutoCompiler, cap_max_length
+from hdex_jax.tools.compiler import AutoCompiler
+from hdex_jax.transformers.tokenizer import compiled_tokenizer
 if TYPE_CHECKING:  # transformers (under TextStreamer) takes seconds to import: only when a streamer is used
     from hdex_jax.transformers.streamer import TextStreamer
 from hdex_jax.validation import (
@@ -528,8 +527,6 @@ class AutoModelForCausalLM:
         whatever was compiled; a dtype ("float32", "float16", "bfloat16") compiles a model not compiled yet in
         it, and refuses, saying how to recompile, a model compiled in another.
         """
-        from hdex_jax.transformers.tokenizer import compiled_tokenizer
-
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
             max_length = check_max_length("max_length", max_length)
@@ -537,91 +534,32 @@ class AutoModelForCausalLM:
         level = artifacts.verify_level(verify)
         if dtype is not None:
             dtype = formats.check_format(dtype, "auto")[0]
-        model_dir = hub.model_dir(model_id)
-        _compile_if_needed(model_id, model_dir, lpu, token, max_length, dtype)
-        if gpu:
-            _compile_if_needed(model_id, model_dir, gpu, token, max_length, dtype)
+        store = ModelStore.open(model_id)
+        for num_device in (lpu, gpu) if gpu else (lpu,):
+            reason = store.why_compile(num_device, max_length, dtype)
+            if reason is not None:
+                _compile(store, reason, num_device, token, max_length, dtype)
         # Under the shared lock no compile replaces a directory while it is read.
-        with artifacts.lock(model_dir, shared=True):
-            ckpt = artifacts.ckpt_dir(model_dir)
-            _verified(ckpt, model_id, lpu, level)
+        with store.lock(shared=True):
+            store.verified(store.ckpt_dir, lpu, level)
             # The decode (LPU) mesh takes the first devices, the prefill ("gpu") mesh the next ones.
-            decode, length = _load_placement(model_id, model_dir, lpu, 0, level, programs=not gpu)
-            prefill = _load_placement(model_id, model_dir, gpu, lpu, level, programs=False)[0] if gpu else None
-            tokenizer = compiled_tokenizer(ckpt)
-        return LPUModelForCausalLM(decode, tokenizer, length, model_id, prefill)
+            decode = store.placement(lpu, 0, level, programs=not gpu)
+            prefill = store.placement(gpu, lpu, level, programs=False) if gpu else None
+            tokenizer = compiled_tokenizer(store.ckpt_dir)
+        return LPUModelForCausalLM(decode, tokenizer, store.compiled_max_length(lpu), store.model_id, prefill)
 
 
-def _verified(directory: Path, model_id: str, num_device: int, level: str) -> dict[str, Any]:
-    """The manifest of a complete artifact directory whose files match it; raises naming the bad file."""
-    remedy = artifacts.remedy(model_id, num_device)
-    manifest = artifacts.read_manifest(directory)
-    if manifest is None:
-        raise artifacts.ArtifactError(f"{directory} is not a complete compiled artifact (no {artifacts.COMPLETE} "
-                                      f"manifest; another process may have removed it); {remedy}")
-    artifacts.verify(directory, manifest, level, remedy)
-    return manifest
-
-
-def _compile_if_needed(model_id: str, model_dir: Path, num_device: int, token: str | None,
-                       max_length: int | None, dtype: str | None) -> None:
-    """Compile `model_id` for `num_device` devices when its weights or programs are missing, or compiled for
-    another `max_length` (None: any); refuse one compiled in another `dtype` (None: any)."""
-    params_dir = artifacts.param_dir(model_dir, num_device)
-    manifest = artifacts.current_manifest(params_dir)
-    if manifest is not None and dtype is not None and manifest.get("dtype", "float32") != dtype:
-        raise ValueError(
-            f"{model_id} is compiled for {num_device} device(s) in {manifest.get('dtype', 'float32')}, not "
-            f"{dtype}; compile it in {dtype} first: AutoCompiler().compile({model_id!r}, num_device={num_device}, "
-            f"dtype={dtype!r}) (or hdex compile {model_id} --num-device {num_device} --dtype {dtype})")
-    reason = None
-    if manifest is None or artifacts.current_manifest(artifacts.ckpt_dir(model_dir)) is None:
-        reason = f"{model_id} is not compiled for {num_device} device(s) yet (or by an older hdex_jax)"
-    elif artifacts.current_manifest(artifacts.inst_dir(model_dir, num_device)) is None:
-        reason = f"{model_id} has no compiled programs for {num_device} device(s) yet"
-    elif max_length is not None:
-        max_length = cap_max_length(model_id, max_length, ModelConfig.load(artifacts.ckpt_dir(model_dir)))
-        if manifest["max_length"] != max_length:
-            reason = f"{model_id} is compiled for max_length {manifest['max_length']}, not {max_length}"
-    if reason is None:
-        return
+def _compile(store: ModelStore, reason: str, num_device: int, token: str | None, max_length: int | None,
+             dtype: str | None) -> None:
+    """Compile the model of `store` for `num_device` devices, saying `reason`."""
     if jax.distributed.is_initialized():
         # Every process would compile into the same directories at once, racing on them.
         raise FileNotFoundError(
-            f"{reason} ({params_dir}); in a multi-process cluster compile it once before starting the "
-            f"processes, into an HDEX_HOME every process reads: AutoCompiler().compile({model_id!r}, "
+            f"{reason} ({store.param_dir(num_device)}); in a multi-process cluster compile it once before starting "
+            f"the processes, into an HDEX_HOME every process reads: AutoCompiler().compile({store.model_id!r}, "
             f"num_device={num_device}, max_length=...)")
     print(f"[hdex] {reason}; compiling it now", flush=True)
-    AutoCompiler().compile(model_id, num_device=num_device, token=token,
-                           max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length,
-                           dtype=dtype or "float32")
-
-
-def _load_placement(model_id: str, model_dir: Path, num_device: int, first_device: int, level: str,
-                    programs: bool) -> tuple[Placement, int]:
-    """Restore the weights compiled for `num_device` devices onto devices [first, first + num_device), with the
-    exported programs of that device count when `programs`."""
-    params_dir = artifacts.param_dir(model_dir, num_device)
-    manifest = _verified(params_dir, model_id, num_device, level)
-    base = formats.from_manifest(ModelConfig.load(artifacts.ckpt_dir(model_dir)), manifest)
-    cfg = padded_config(base, num_device)
-    found = (manifest.get("num_device"), manifest.get("num_heads"), manifest.get("num_kv_heads"))
-
-    def wrong_layout(why: str) -> ValueError:
-        return ValueError(f"{params_dir} holds a layout for (devices, heads, kv heads) = {found}, not the "
-                          f"{(num_device, cfg.num_heads, cfg.num_kv_heads)} that {num_device} device(s) need "
-                          f"({why}); delete it and compile again")
-
-    if found != (num_device, cfg.num_heads, cfg.num_kv_heads):
-        raise wrong_layout("its manifest says so")
-    mesh = make_mesh(num_device, first_device)
-    max_length = manifest["max_length"]
-    exported = None
-    if programs:
-        inst_dir = artifacts.inst_dir(model_dir, num_device)
-        exported = inst.load(inst_dir, mesh, max_length, level, artifacts.remedy(model_id, num_device))
-        if exported is not None:
-            inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
-            exported.prefetch()  # while the weights are read
-    params = artifacts.restore_params(params_dir, param_shardings(cfg, mesh), wrong_layout)
-    return Placement(params, cfg, head_layout(base, num_device), mesh, base, exported), max_length
+    AutoCompiler().compile_store(store, num_device=num_device, token=token,
+                                 max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length,
+                                 dtype=dtype or "float32")
+    store.forget()

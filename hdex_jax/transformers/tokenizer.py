@@ -31,11 +31,11 @@ class AutoTokenizer:
         import converters
 
         token = check_token("token", token)
-        ckpt = artifacts.ckpt_dir(hub.model_dir(model_id))
+        source = hub.locate(model_id)
+        ckpt = artifacts.ckpt_dir(source.directory)
         if artifacts.read_manifest(ckpt) is not None:
             return load_tokenizer(ckpt, **kwargs)
-        source = hub.fetch_checkpoint(model_id, token)
-        return converters.load_tokenizer(source, **kwargs)
+        return converters.load_tokenizer(source.fetch_checkpoint(token), **kwargs)
 
 
 def load_tokenizer(ckpt: Path, **kwargs: Any) -> Any:
