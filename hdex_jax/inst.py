@@ -36,6 +36,7 @@ from jax import export
 from jax.sharding import Mesh
 
 from hdex_jax import artifacts, matvec
+from hdex_jax.atomic_files import atomic_write
 from hdex_jax.generation import (
     Batch,
     DecodeState,
@@ -281,13 +282,9 @@ class Executable:
         with _without_persistent_cache():
             compiled = jitted.lower(*args).compile()
         payload = pickle.dumps(serialize_executable.serialize(compiled))
-        scratch = self.path.with_name(f".{self.path.name}.{platform.node()}-{os.getpid()}")
-        try:
+        with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            scratch.write_bytes(hashlib.sha256(payload).digest() + payload)
-            os.replace(scratch, self.path)  # whole or absent: a concurrent reader never sees half a file
-        except OSError:
-            scratch.unlink(missing_ok=True)
+            atomic_write(self.path, hashlib.sha256(payload).digest() + payload)
         return compiled
 
 

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import math
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hdex_jax import quant
+from hdex_jax.atomic_files import scratch_path
 from hdex_jax.quant import QuantArray
 
 TARGET = "hdex_matvec"
@@ -98,20 +98,18 @@ def build() -> Path:
     target = _kernel_dir() / _library_name(compiler)
     if target.exists():
         return target
-    # Compiled beside the target and renamed into place: a concurrent process sees the whole file or none.
-    scratch = target.with_name(f".{target.name}.{platform.node()}-{os.getpid()}")
     print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, under a minute)", flush=True)
-    command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(scratch)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise KernelUnavailable(f"{compiler} failed to run ({err})") from None
-    if done.returncode != 0:
-        scratch.unlink(missing_ok=True)
-        lines = done.stderr.splitlines()
-        first = next((line for line in lines if "error" in line), lines[-1] if lines else "no message")
-        raise KernelUnavailable(f"{compiler} could not compile {SOURCE}: {first.strip()}")
-    os.replace(scratch, target)
+    # A concurrent process sees the whole library or none.
+    with scratch_path(target) as scratch:
+        command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(scratch)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise KernelUnavailable(f"{compiler} failed to run ({err})") from None
+        if done.returncode != 0:
+            lines = done.stderr.splitlines()
+            first = next((line for line in lines if "error" in line), lines[-1] if lines else "no message")
+            raise KernelUnavailable(f"{compiler} could not compile {SOURCE}: {first.strip()}")
     return target
 
 
