@@ -56,6 +56,7 @@ from hdex_jax.validation import per_row
 _MIN_STOP_SLOTS = 4
 
 
+@pytree.exportable
 @pytree.dataclass
 class Request:
     """The runtime inputs of one generation besides the prompts, one entry per row."""
@@ -67,6 +68,7 @@ class Request:
     pad_id: jax.Array  # [] int32
 
 
+@pytree.exportable
 @pytree.dataclass
 class DecodeState:
     cache: KVCache

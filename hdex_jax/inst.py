@@ -39,17 +39,13 @@ from hdex_jax import artifacts, matvec
 from hdex_jax.atomic_files import atomic_write
 from hdex_jax.generation import (
     Batch,
-    DecodeState,
     Placement,
-    Request,
     _advance_jit,
     _generate,
     _start,
     prepare_batch,
 )
-from hdex_jax.kv_cache import KVCache
 from hdex_jax.model import compiler_options
-from hdex_jax.sampling import SamplingParams
 
 PROGRAMS = ("start", "generate", "advance")
 # Bumped when the programs' inputs or outputs change, so an old inst/ is rewritten rather than misread.
@@ -58,13 +54,6 @@ FORMAT = 2
 STOP_SLOTS = 4
 # fast_compile=True exports prompt buckets up to this many tokens.
 FAST_PROMPT_LIMIT = 128
-
-for _cls in (DecodeState, Request, KVCache, SamplingParams):
-    # The programs take and return these pytrees; their nodes carry no metadata (auxdata is ()).
-    export.register_pytree_node_serialization(_cls, serialized_name=f"hdex_jax.{_cls.__name__}",
-                                              serialize_auxdata=lambda aux: b"",
-                                              deserialize_auxdata=lambda data: ())
-
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Bucket:
