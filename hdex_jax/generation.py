@@ -176,6 +176,11 @@ def _generate_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Re
 
 _generate = JitByPromptTokens(_generate_fn, static_argnames=("cfg", "plan", "mesh"))
 
+# The programs a generation runs, under the names a compiled model exports them by (`Placement.program`): a whole
+# generation, prefill and the first token, one decode step. "start" and "generate" are jitted per prompt bucket
+# (`[prompt_bucket]` is the program).
+PROGRAMS = {"start": _start, "generate": _generate, "advance": _advance_jit}
+
 
 @dataclasses.dataclass(frozen=True)
 class Placement:

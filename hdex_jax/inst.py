@@ -1,8 +1,8 @@
 """`inst/lpu<N>/`: the compiled programs of a model, so a fresh process runs them without tracing its Python.
 
-Phase 4 of the compile exports, with `jax.export`, the three programs `generate` runs (`generation._generate`:
-a whole generation, prefill to last token; `_start`: prefill and the first token, and `_advance`: one decode
-step, for streaming) for the device count's mesh and each bucket of the compile (`buckets`), and writes them
+Phase 4 of the compile exports, with `jax.export`, the three programs `generate` runs (`generation.PROGRAMS`:
+"generate", a whole generation, prefill to last token; "start", prefill and the first token, and "advance", one
+decode step, for streaming) for the device count's mesh and each bucket of the compile (`buckets`), and writes them
 with a manifest: jax and jaxlib versions, platform, mesh shape, buckets, each program's input and output shapes
 and dtypes, and (through `artifacts.staged`) every file's hash. `load` reads them back as `Programs`; a call
 whose shapes fall outside the exported buckets, a hybrid prefill mesh, or a jax version or platform other than
@@ -37,17 +37,9 @@ from jax.sharding import Mesh
 
 from hdex_jax import artifacts, matvec
 from hdex_jax.atomic_files import atomic_write
-from hdex_jax.generation import (
-    Batch,
-    Placement,
-    _advance_jit,
-    _generate,
-    _start,
-    prepare_batch,
-)
+from hdex_jax.generation import PROGRAMS, Batch, Placement, prepare_batch
 from hdex_jax.model import compiler_options
 
-PROGRAMS = ("start", "generate", "advance")
 # Bumped when the programs' inputs or outputs change, so an old inst/ is rewritten rather than misread.
 FORMAT = 2
 # Stop-id slots of the exported programs: up to 4 stop ids per row (generation's smallest stop bucket).
@@ -122,12 +114,13 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
         request = jax.tree.map(_spec, batch.request)
         prompt = (params, _spec(batch.tokens), _spec(batch.mask), request)
         tokens = batch.plan.prompt_bucket
-        start = _export(_start[tokens])(*prompt, plan=batch.plan, record=False, **static)
+        start = _export(PROGRAMS["start"][tokens])(*prompt, plan=batch.plan, record=False, **static)
         out = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                for a, s in zip(start.out_avals, start.out_shardings_jax(placement.mesh))]
         state = jax.tree.unflatten(start.out_tree, out)
-        exported = {"start": start, "generate": _export(_generate[tokens])(*prompt, plan=batch.plan, **static),
-                    "advance": _export(_advance_jit)(params, state, request, **static)}
+        exported = {"start": start,
+                    "generate": _export(PROGRAMS["generate"][tokens])(*prompt, plan=batch.plan, **static),
+                    "advance": _export(PROGRAMS["advance"])(params, state, request, **static)}
         inputs = {"start": prompt, "generate": prompt, "advance": (params, state, request)}
         for name, program in exported.items():
             data = program.serialize()
