@@ -30,7 +30,7 @@ import numpy as np
 from jax import export
 from jax.sharding import Mesh
 
-from hdex_jax import artifacts, matvec
+from hdex_jax import artifacts, kernel_build
 from hdex_jax.executable_cache import Executable, executable_path, notice_once
 from hdex_jax.generation import PROGRAMS, Batch, Placement, prepare_batch
 from hdex_jax.model import compiler_options
@@ -134,17 +134,18 @@ def export_programs(placement: Placement, max_length: int, wanted: list[Bucket],
 
 
 def _export(fn: Any) -> Any:
-    """`jax.export.export` of `fn`, allowing the decode kernel's custom call (`matvec`): it is registered in
-    every process that loads the programs, which `environment` ties them to."""
-    return export.export(fn, disabled_checks=[export.DisabledSafetyCheck.custom_call(matvec.TARGET)])
+    """`jax.export.export` of `fn`, allowing the decode kernel's custom call (`kernel_build`): it is registered
+    in every process that loads the programs, which `environment` ties them to."""
+    return export.export(fn, disabled_checks=[export.DisabledSafetyCheck.custom_call(kernel_build.TARGET)])
 
 
 def environment() -> dict[str, str]:
     """What the exported programs are tied to: a different value anywhere means tracing instead. Besides jax
-    and the platform, the source of the hdex_jax modules the programs are traced from (programs exported by
-    another version of them could compute something else) and the decode kernel they call, if any."""
+    and the platform, the source of hdex_jax (programs exported by another version of it could compute
+    something else) and the decode kernel they call, if any (registered by `hdex_jax.runtime.setup`)."""
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": jax.default_backend(),
-            "machine": platform.machine(), "hdex_jax_code": _code_hash(), "matvec_kernel": matvec.kernel() or "none"}
+            "machine": platform.machine(), "hdex_jax_code": _code_hash(),
+            "matvec_kernel": kernel_build.registered() or "none"}
 
 
 @functools.cache

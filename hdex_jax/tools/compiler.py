@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub
+from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub, runtime
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.layout import head_layout, pad_params, padded_config
@@ -102,6 +102,7 @@ class AutoCompiler:
                 when the cache is not a writable directory; FileNotFoundError for a missing local path;
                 `converters.CheckpointError` for a bad checkpoint (naming the file or tensor).
         """
+        runtime.setup()
         num_device = check_num_device("num_device", num_device)
         max_length = check_max_length("max_length", max_length)
         check_bool("low_memory_usage", low_memory_usage)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub, scoring
+from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub, runtime, scoring
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.layout import head_layout, padded_config
@@ -530,6 +530,7 @@ class AutoModelForCausalLM:
         """
         from hdex_jax.transformers.tokenizer import compiled_tokenizer
 
+        runtime.setup()
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
             max_length = check_max_length("max_length", max_length)
