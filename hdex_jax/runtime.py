@@ -19,11 +19,17 @@ def setup() -> None:
 
     - 8 virtual CPU devices, if JAX's backend has not started and no device count was chosen
       (`sharding.provide_virtual_devices`), so every device count from 1 to 8 works later in the process;
-    - TRANSFORMERS_NO_ADVISORY_WARNINGS: without torch, importing transformers advises that "Models won't be
-      available", which would only mislead, since hdex_jax's models run on JAX and use transformers' tokenizers;
+    - transformers' advice quieted (`quiet_transformers`);
     - the decode kernel built (once per machine), loaded and registered (`kernel_build.register`), so the
       programs traced from now on call it.
     """
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    quiet_transformers()
     sharding.provide_virtual_devices()
     kernel_build.register()
+
+
+def quiet_transformers() -> None:
+    """Set TRANSFORMERS_NO_ADVISORY_WARNINGS (unless the user set it) before hdex_jax imports transformers:
+    without torch, importing transformers advises that "Models won't be available", which would only mislead,
+    since hdex_jax's models run on JAX and use only transformers' tokenizers."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
