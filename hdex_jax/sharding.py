@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.config import ModelConfig
+from hdex_jax.kv_cache import KVCache
 from hdex_jax.params import ParamSpec, is_spec, runtime_layout, runtime_specs
 from hdex_jax.validation import VIRTUAL_CPU_DEVICES, check_num_device
 
@@ -65,8 +66,6 @@ def param_partition_specs(cfg: ModelConfig, num_device: int) -> dict[str, Any]:
 
 def cache_partition_specs(cfg: ModelConfig) -> Any:
     """PartitionSpecs of a `KVCache` of `cfg`, as a KVCache of specs."""
-    from hdex_jax.kv_cache import KVCache
-
     per_layer = (logical_to_spec(LAYER_CACHE_AXES),) * cfg.num_layers
     return KVCache(k=per_layer, v=per_layer, **{name: logical_to_spec(axes) for name, axes in CACHE_AXES.items()})
 
