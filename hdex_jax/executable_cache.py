@@ -116,7 +116,7 @@ class Executable:
                                                                    execution_devices=list(self.mesh.devices.flat))
         except Exception as error:  # compiled for another CPU or XLA: say so and compile for this one
             notice_once(f"{self.path} does not load here ({str(error).splitlines()[0][:200]}); compiling the "
-                         "program again")
+                        "program again")
             return
         self._loaded = (executable, in_tree)
 

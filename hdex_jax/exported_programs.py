@@ -225,15 +225,15 @@ def load(directory: Path, mesh: Mesh, max_length: int, level: str, remedy: str) 
         if os.environ.get("HDEX_MATVEC") == "0" and [k for k in here if recorded[k] != here[k]] == ["matvec_kernel"]:
             # The user turned the kernel off for this process: the programs are right as they are.
             notice_once("HDEX_MATVEC=0: tracing the programs with XLA's matrix products instead of loading the "
-                         "exported ones, which call the decode kernel (same tokens, slower start-up)")
+                        "exported ones, which call the decode kernel (same tokens, slower start-up)")
         else:
             notice_once(f"{directory} was exported by another environment ({changed}); tracing the programs "
-                         f"instead (same tokens, slower start-up); {remedy} to export them for this one")
+                        f"instead (same tokens, slower start-up); {remedy} to export them for this one")
         return None
     if manifest.get("format") != FORMAT or manifest.get("max_length") != max_length or \
             manifest.get("mesh_shape") != {"lpu": num_device}:
         notice_once(f"{directory} does not match this hdex_jax, max_length {max_length} or {num_device} "
-                     f"device(s); tracing the programs instead; {remedy}")
+                    f"device(s); tracing the programs instead; {remedy}")
         return None
     return Programs(directory, manifest, mesh)
 
