@@ -102,7 +102,6 @@ class AutoCompiler:
                 when the cache is not a writable directory; FileNotFoundError for a missing local path;
                 `converters.CheckpointError` for a bad checkpoint (naming the file or tensor).
         """
-        runtime.setup()
         num_device = check_num_device("num_device", num_device)
         max_length = check_max_length("max_length", max_length)
         check_bool("low_memory_usage", low_memory_usage)
@@ -110,6 +109,7 @@ class AutoCompiler:
         check_bool("force", force)
         token = check_token("token", token)
         dtype, quantize = formats.check_format(dtype, quantize)
+        runtime.setup()
         start = time.perf_counter()
         model_dir = hub.model_dir(model_id, writable=True)
         with artifacts.lock(model_dir):

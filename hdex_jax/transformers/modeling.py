@@ -530,7 +530,6 @@ class AutoModelForCausalLM:
         """
         from hdex_jax.transformers.tokenizer import compiled_tokenizer
 
-        runtime.setup()
         gpu, lpu = parse_device_map(device_map)
         if max_length is not None:
             max_length = check_max_length("max_length", max_length)
@@ -538,6 +537,7 @@ class AutoModelForCausalLM:
         level = artifacts.verify_level(verify)
         if dtype is not None:
             dtype = formats.check_format(dtype, "auto")[0]
+        runtime.setup()
         model_dir = hub.model_dir(model_id)
         _compile_if_needed(model_id, model_dir, lpu, token, max_length, dtype)
         if gpu:
