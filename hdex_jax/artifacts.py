@@ -1,5 +1,5 @@
 """Compiled artifacts of a model on disk: `ckpt/` (canonical checkpoint), `param/lpu<N>/` (device layout) and
-`inst/lpu<N>/` (exported programs, `hdex_jax.inst`).
+`inst/lpu<N>/` (exported programs, `hdex_jax.exported_programs`).
 
 Every artifact directory is built under a temporary name and renamed into place only when complete, with a
 `COMPLETE` manifest written last. Loaders accept only directories that carry the manifest, so an interrupted
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from hdex_jax import quant
+from hdex_jax.atomic_files import atomic_write
 from hdex_jax.config import ModelConfig
 from hdex_jax.params import flatten, param_specs
 
@@ -82,7 +83,7 @@ def file_records(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, sha256[, edges_sha256]}} of every file under `directory` but the manifest."""
     records = {}
     for path in sorted(directory.rglob("*")):
-        if not path.is_file() or path.name in (COMPLETE, f".{COMPLETE}.tmp"):
+        if not path.is_file() or path.name == COMPLETE or path.name.startswith(f".{COMPLETE}."):
             continue
         size = path.stat().st_size
         record: dict[str, Any] = {"size": size, "sha256": _sha256(path)}
@@ -181,12 +182,7 @@ def current_manifest(directory: Path) -> dict[str, Any] | None:
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Write `manifest` as the directory's COMPLETE file, atomically (a reader sees the old one or the new one)."""
-    tmp = directory / f".{COMPLETE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / COMPLETE)
+    atomic_write(directory / COMPLETE, json.dumps(manifest, indent=2, sort_keys=True), fsync=True)
 
 
 def _sync(directory: Path) -> None:

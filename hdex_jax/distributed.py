@@ -35,6 +35,8 @@ import ipaddress
 
 import jax
 
+from hdex_jax import runtime
+
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int,
                local_device_count: int | None = None) -> None:
@@ -68,6 +70,8 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
         raise RuntimeError("JAX's backend has already started in this process, so it can no longer join a "
                            "multi-process cluster: call hdex_jax.distributed.initialize(...) before anything "
                            "uses JAX devices or arrays (right after the imports)")
+    # Before the cluster starts, so that local_device_count=None keeps the 8 virtual devices setup asks for.
+    runtime.setup()
     # Gloo is JAX's TCP implementation of cross-process collectives on CPU; without one, a computation whose
     # mesh spans processes cannot run its psum / all_gather.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -56,6 +56,7 @@ from hdex_jax.validation import per_row
 _MIN_STOP_SLOTS = 4
 
 
+@pytree.exportable
 @pytree.dataclass
 class Request:
     """The runtime inputs of one generation besides the prompts, one entry per row."""
@@ -67,6 +68,7 @@ class Request:
     pad_id: jax.Array  # [] int32
 
 
+@pytree.exportable
 @pytree.dataclass
 class DecodeState:
     cache: KVCache
@@ -174,6 +176,11 @@ def _generate_fn(params: Params, tokens: jax.Array, mask: jax.Array, request: Re
 
 _generate = JitByPromptTokens(_generate_fn, static_argnames=("cfg", "plan", "mesh"))
 
+# The programs a generation runs, under the names a compiled model exports them by (`Placement.program`): a whole
+# generation, prefill and the first token, one decode step. "start" and "generate" are jitted per prompt bucket
+# (`[prompt_bucket]` is the program).
+PROGRAMS = {"start": _start, "generate": _generate, "advance": _advance_jit}
+
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
@@ -184,7 +191,7 @@ class Placement:
     layout: HeadLayout
     mesh: Mesh
     source_cfg: ModelConfig
-    # The compiled programs of this mesh (`hdex_jax.inst.Programs`), used for the shapes they cover.
+    # The compiled programs of this mesh (`hdex_jax.exported_programs.Programs`), used for the shapes they cover.
     programs: Any = None
 
     def program(self, name: str, batch: Batch, record: bool = False) -> Any:

@@ -14,6 +14,7 @@ from hdex_jax import pytree
 from hdex_jax.config import ModelConfig
 
 
+@pytree.exportable
 @pytree.dataclass
 class KVCache:
     k: tuple[jax.Array, ...]  # L x [B, KV, S, hd]

@@ -11,34 +11,22 @@ other operation. It reads the weight in the format it is stored in (float32, flo
 bytes per weight are fewer bytes read per token; activations enter it as float32 and it sums in float32. Where
 XLA multiplies, a QuantArray is dequantized inside the program for that product, never kept as a float copy.
 
-The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++` or `g++`) against the
-XLA FFI headers shipped in jaxlib, and kept in `$HDEX_HOME/kernels/` under a name that covers its source, jaxlib
-and the compiler, so later processes only load it (a few ms). Without a compiler, or with `HDEX_MATVEC=0`, every
-product is XLA's dot, said once: the same results to float32 rounding, only slower.
+The kernel is built and registered by `hdex_jax.runtime.setup` (`hdex_jax.kernel_build`), which every entry
+point calls; a product traced where it is not registered (no compiler, `HDEX_MATVEC=0`, no setup) is XLA's dot:
+the same results to float32 rounding, only slower.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hdex_jax import quant
+from hdex_jax import kernel_build, quant
 from hdex_jax.quant import QuantArray
 
-TARGET = "hdex_matvec"
 # Products with more rows (longer prompts) go to XLA's dot, which is as fast at 64 rows and faster beyond
 # (docs/performance.md). Attention's products (one dot product per key for the scores) stop at fewer rows.
 MAX_ROWS = 32
@@ -50,96 +38,6 @@ MAX_ATTENTION_ROWS = 8
 # on the layers' [K, N] weights but not on the [N, K] LM head (docs/performance.md, "Weights XLA converts").
 MAX_CONVERTED_ROWS = 128
 MAX_CONVERTED_NK_ROWS = 64
-SOURCE = Path(__file__).parent / "csrc" / "matvec.cc"
-# -fopenmp-simd only lets the compiler vectorise the marked dot-product loop (no OpenMP runtime is linked);
-# -Wno-psabi silences notes on the ABI of 64-byte vectors, which never cross a call.
-# -ffp-contract=fast: ISO C++ modes otherwise keep every a * b + c as a multiply and an add, not one FMA.
-_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp-simd", "-Wno-psabi"]
-
-
-class KernelUnavailable(RuntimeError):
-    """The kernel could not be built or loaded here; the message says why."""
-
-
-def _compiler() -> str:
-    found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not found:
-        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++)")
-    return found
-
-
-def _library_name(compiler: str) -> str:
-    """Named by everything the build depends on, so a changed source, jaxlib or compiler builds anew."""
-    import jaxlib
-
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as err:
-        raise KernelUnavailable(f"the C++ compiler {compiler} does not run ({err})") from None
-    what = [SOURCE.read_text(), jaxlib.__version__, compiler, version, " ".join(_FLAGS)]
-    return f"matvec-{hashlib.sha256(chr(0).join(what).encode()).hexdigest()[:16]}.so"
-
-
-def _kernel_dir() -> Path:
-    """`$HDEX_HOME/kernels/`, or a private temporary directory when HDEX_HOME cannot be written."""
-    from hdex_jax import hub
-
-    try:
-        directory = hub.hdex_home(writable=True) / "kernels"
-        directory.mkdir(exist_ok=True)
-        return directory
-    except (ValueError, OSError):
-        return Path(tempfile.mkdtemp(prefix="hdex_kernels-"))
-
-
-def build() -> Path:
-    """The kernel's shared library: the one kept in `$HDEX_HOME/kernels/`, else compiled there now."""
-    compiler = _compiler()
-    target = _kernel_dir() / _library_name(compiler)
-    if target.exists():
-        return target
-    # Compiled beside the target and renamed into place: a concurrent process sees the whole file or none.
-    scratch = target.with_name(f".{target.name}.{platform.node()}-{os.getpid()}")
-    print(f"[hdex] Building the decode kernel into {target.parent} (once per machine, under a minute)", flush=True)
-    command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(scratch)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise KernelUnavailable(f"{compiler} failed to run ({err})") from None
-    if done.returncode != 0:
-        scratch.unlink(missing_ok=True)
-        lines = done.stderr.splitlines()
-        first = next((line for line in lines if "error" in line), lines[-1] if lines else "no message")
-        raise KernelUnavailable(f"{compiler} could not compile {SOURCE}: {first.strip()}")
-    os.replace(scratch, target)
-    return target
-
-
-_building = threading.Lock()
-
-
-def kernel() -> str | None:
-    """Build and register the kernel once per process; its library's name (which the exported programs are
-    tied to), or None when every product is XLA's dot (said once, with the reason)."""
-    with _building:
-        return _kernel()
-
-
-@functools.cache
-def _kernel() -> str | None:
-    if os.environ.get("HDEX_MATVEC", "1") == "0":
-        return None
-    try:
-        library = build()
-        handler = ctypes.cdll.LoadLibrary(str(library)).HdexMatvec
-    except (KernelUnavailable, OSError, AttributeError) as err:
-        print(f"[hdex] the decode kernel is unavailable ({err}); using XLA's matrix products, which are slower",
-              flush=True)
-        return None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    return library.name
-
-
 # Weights the kernel reads as stored, besides QuantArray's formats.
 KERNEL_FLOATS = tuple(jnp.dtype(t) for t in (jnp.float32, jnp.float16, jnp.bfloat16))
 
@@ -151,7 +49,7 @@ def _kernel_product(x: jax.Array, values: jax.Array, scale: jax.Array, offset: j
     # -> [B, M, N] float32
     n = values.shape[1] if transposed else values.shape[2]
     out = jax.ShapeDtypeStruct((*x.shape[:2], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, values, scale, offset, transposed=transposed, format=format)
+    return jax.ffi.ffi_call(kernel_build.TARGET, out)(x, values, scale, offset, transposed=transposed, format=format)
 
 
 def _dot(x: jax.Array, w: jax.Array | QuantArray, transposed: bool, preferred_element_type=None) -> jax.Array:
@@ -170,7 +68,7 @@ def _dot(x: jax.Array, w: jax.Array | QuantArray, transposed: bool, preferred_el
 
 def _on_kernel(x: jax.Array, w: jax.Array | QuantArray, rows: int, max_rows: int) -> bool:
     stored = isinstance(w, QuantArray) or w.dtype in KERNEL_FLOATS
-    return rows <= max_rows and x.dtype in KERNEL_FLOATS and stored and kernel() is not None
+    return rows <= max_rows and x.dtype in KERNEL_FLOATS and stored and kernel_build.registered() is not None
 
 
 def _max_rows(w: jax.Array | QuantArray, transposed: bool) -> int:

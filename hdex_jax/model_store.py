@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hdex_jax import artifacts, formats, hub, inst
+from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.layout import head_layout, padded_config
@@ -159,11 +159,12 @@ class ModelStore:
             raise wrong_layout("its manifest says so")
         mesh = make_mesh(num_device, first_device)
         loaded = None
-        if programs:
-            inst_dir = self.inst_dir(num_device)
-            loaded = inst.load(inst_dir, mesh, manifest["max_length"], level, self.remedy(num_device))
+        inst_dir = self.inst_dir(num_device)
+        if programs and self.manifest(inst_dir) is not None:
+            loaded = exported_programs.load(inst_dir, self.verified(inst_dir, num_device, level), mesh,
+                                            manifest["max_length"], self.remedy(num_device))
             if loaded is not None:
-                inst.use_xla_cache(inst.xla_cache_dir(inst_dir))
+                executable_cache.use_xla_cache(executable_cache.xla_cache_dir(inst_dir))
                 loaded.prefetch()  # while the weights are read
         params = artifacts.restore_params(params_dir, param_shardings(cfg, mesh), wrong_layout)
         return Placement(params, cfg, head_layout(base, num_device), mesh, base, loaded)

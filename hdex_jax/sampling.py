@@ -150,6 +150,7 @@ def row_key_data(seed: int, sequence: int = 0) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(data), sequence)))
 
 
+@pytree.exportable
 @pytree.dataclass
 class SamplingParams:
     """Per-row sampling values as runtime arrays, one entry per row: changing them never recompiles."""

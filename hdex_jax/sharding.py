@@ -73,7 +73,7 @@ def cache_partition_specs(cfg: ModelConfig) -> Any:
 def provide_virtual_devices(count: int = VIRTUAL_CPU_DEVICES) -> None:
     """Ask JAX for `count` virtual CPU devices if its backend has not started and the user chose no count.
 
-    Called when hdex_jax is imported, so that every device count from 1 to 8 works later in the process.
+    Called by `hdex_jax.runtime.setup`, so that every device count from 1 to 8 works later in the process.
     A multi-process cluster keeps the per-process count `hdex_jax.distributed.initialize` chose.
     """
     from jax._src import xla_bridge
@@ -92,7 +92,7 @@ def ensure_devices(count: int) -> list[jax.Device]:
     if len(devices) < count:
         raise RuntimeError(
             f"{count} devices are needed but JAX has {len(devices)} ({devices[0].platform}) and its backend has "
-            f"already started, so no more can be created. Import hdex_jax (or call "
+            f"already started, so no more can be created. Call hdex_jax.runtime.setup() (or "
             f"jax.config.update('jax_num_cpu_devices', {count})) before anything else uses JAX, or set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before starting Python.")
     return devices

@@ -26,7 +26,7 @@ T = TypeVar("T")
 # Seeds are 64-bit: every integer in [0, SEED_LIMIT) is a distinct seed.
 SEED_LIMIT = 2**64
 # hdex_jax makes this many virtual CPU devices itself when the JAX backend has not started
-# (`hdex_jax.sharding.provide_virtual_devices`), so device counts up to it never need the backend.
+# (`hdex_jax.runtime.setup`), so device counts up to it never need the backend.
 VIRTUAL_CPU_DEVICES = 8
 # Values are quoted in messages up to this many characters, so a huge list does not flood the terminal.
 _QUOTE_LIMIT = 80

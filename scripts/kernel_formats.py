@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdex_jax import matvec, quant
+from hdex_jax import kernel_build, matvec, quant, runtime
 
 SHAPES = [(576, 1536, False), (1536, 576, False), (576, 960, False), (576, 49152, True)]
 FLOATS = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--megabytes", type=float, default=128)
     args = parser.parse_args()
-    print(f"kernel {matvec.kernel()}, {args.rows} row(s), medians of {args.repeats} alternating runs, "
+    runtime.setup()
+    print(f"kernel {kernel_build.registered()}, {args.rows} row(s), medians of {args.repeats} alternating runs, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print(f"{'K x N':>16} {'format':>9} {'MB':>7} {'us':>8} {'GB/s':>6} {'x f32':>6} | fastest: "
           f"{'us':>8} {'GB/s':>6} {'x f32':>6}")

@@ -90,12 +90,13 @@ def hdex_run(cfg, flat: dict, prompts: list[list[int]], text: np.ndarray, new_to
     """hdex_jax in the format of `cfg` (a `formats.compiled_config`) on one device."""
     import jax
 
-    from hdex_jax import formats
+    from hdex_jax import formats, runtime
     from hdex_jax.generation import generate_recorded, generate_tokens, place, prepare_batch
     from hdex_jax.kv_cache import init_cache
     from hdex_jax.model import decode_step, prefill
     from hdex_jax.sampling import SamplingConfig
 
+    runtime.setup()  # no entry point below: `place` and the programs are called directly
     placed = place(cfg, formats.convert_params(flat, cfg), 1)
     greedy = SamplingConfig(do_sample=False, repetition_penalty=1.0)
 

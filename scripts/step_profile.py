@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from hdex_jax import matvec
+from hdex_jax import kernel_build
 from op_cost import decode_step
 
 
@@ -51,7 +51,7 @@ def dot_signatures(hlo: str) -> dict[str, tuple[str, int]]:
     dots = {}
     pattern = r'%([\w.-]+) = (\w+\[[\d,]*\])\S* (dot|custom-call)\(([^)]*)\)(, custom_call_target="(\w+)")?'
     for name, out, op, operands, _, target in re.findall(pattern, hlo):
-        if op == "custom-call" and target != matvec.TARGET:
+        if op == "custom-call" and target != kernel_build.TARGET:
             continue
         ins = [shapes[o.strip().lstrip("%")] for o in operands.split(",")]
         mark = " kernel" if op == "custom-call" else ""

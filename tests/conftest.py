@@ -17,6 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hdex_jax import runtime  # noqa: E402  (after the environment above, which JAX reads when imported)
+
 # The cache the user had before the suite touched the environment; the suite must leave it as it was.
 USER_CACHE = Path(os.environ.get("HDEX_HOME") or Path.home() / ".cache" / "hdex_jax").expanduser()
 
@@ -54,6 +56,9 @@ def session_home(tmp_path_factory):
     (path / "kernels").mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HDEX_HOME", str(path))
+        # What the entry points do, for the tests that trace generation, the model or matvec directly; in the
+        # session's HDEX_HOME, so the kernel is built there.
+        runtime.setup()
         yield path
 
 

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdex_jax import matvec, quant
+from hdex_jax import kernel_build, matvec, quant
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.model import decode_step_fn
 from tests.helpers_tiny import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_CALL = f'custom_call_target="{matvec.TARGET}"'
+KERNEL_CALL = f'custom_call_target="{kernel_build.TARGET}"'
 
 
 def _hlo(fn, *args) -> str:
@@ -38,7 +38,7 @@ def _hlo(fn, *args) -> str:
 def test_the_kernel_builds_here() -> None:
     # The suite's machines have a C++ compiler: a kernel that silently fell back would make the tests below
     # compare XLA with itself.
-    assert matvec.kernel() is not None
+    assert kernel_build.registered() is not None
     assert list(Path(os.environ["HDEX_HOME"], "kernels").glob("matvec-*.so"))
 
 
@@ -208,7 +208,7 @@ def test_xla_dequantizes_inside_the_program_with_the_same_results(fmt: str, monk
     assert KERNEL_CALL not in long and " dot(" in long
     np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, w)), expected, rtol=0, atol=tolerance)
     short = np.asarray(jax.jit(fn)(x[:4], w))
-    monkeypatch.setattr(matvec, "kernel", lambda: None)  # what HDEX_MATVEC=0 and a missing compiler give
+    monkeypatch.setattr(kernel_build, "registered", lambda: None)  # what HDEX_MATVEC=0 and a missing compiler give
     fallback = functools.partial(matvec.matmul, transposed=True)  # a new function: not the traced one
     assert KERNEL_CALL not in _hlo(fallback, x[:4], w)
     np.testing.assert_allclose(np.asarray(jax.jit(fallback)(x[:4], w)), short, rtol=0, atol=tolerance)
@@ -239,7 +239,7 @@ def test_every_weight_of_a_decode_step_goes_through_the_kernel(tmp_path: Path) -
 
 SCRIPT = """
 import json, sys
-from hdex_jax import matvec, quant
+from hdex_jax import kernel_build, quant
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 
@@ -247,7 +247,7 @@ AutoCompiler().compile(model_id=sys.argv[1], num_device=1, max_length=64)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map={"lpu": 1})
 out = model.generate([5, 6, 7, 8], max_new_tokens=12, do_sample=False, repetition_penalty=1.0, stop=[])
 sampled = model.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=12, do_sample=True, top_k=0, top_p=0.9, seed=3)
-print("RESULT", json.dumps({"kernel": matvec.kernel(), "greedy": out, "sampled": sampled}), flush=True)
+print("RESULT", json.dumps({"kernel": kernel_build.registered(), "greedy": out, "sampled": sampled}), flush=True)
 """
 
 

@@ -6,8 +6,8 @@
 // where a plain stream reaches about 30 (docs/performance.md, "The matrix-vector kernel"). Here one row streams
 // the weight once, in contiguous pieces, one per core; several rows use register tiles over blocks of the
 // weight small enough to stay in L2 while every row passes over them. Sums are float32, with fused
-// multiply-adds where the CPU has them. It is an XLA FFI handler: `hdex_jax/matvec.py` builds, registers and
-// calls it.
+// multiply-adds where the CPU has them. It is an XLA FFI handler: `hdex_jax/kernel_build.py` builds and
+// registers it, `hdex_jax/matvec.py` calls it.
 //
 // W[b] is either [K, N] (`transposed` false: the projections, stored [in, out]; attention's values [S, hd]) or
 // [N, K] (`transposed` true: a tied LM head contracting the embedding [V, E] on E; attention's keys [S, hd]).

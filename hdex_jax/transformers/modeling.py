@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from hdex_jax import artifacts, formats, hub, scoring
+from hdex_jax import artifacts, formats, hub, runtime, scoring
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore
@@ -535,6 +535,7 @@ class AutoModelForCausalLM:
         if dtype is not None:
             dtype = formats.check_format(dtype, "auto")[0]
         store = ModelStore.open(model_id)
+        runtime.setup()
         for num_device in (lpu, gpu) if gpu else (lpu,):
             reason = store.why_compile(num_device, max_length, dtype)
             if reason is not None:

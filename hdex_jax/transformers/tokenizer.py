@@ -58,7 +58,7 @@ def compiled_tokenizer(ckpt: Path) -> Any:
 
 class Tokenizer:
     """The tokenizer of a compiled `ckpt/`, without importing transformers for `encode`, `decode` and
-    `apply_chat_template` (same results as transformers' fast tokenizer; `tests/test_inst.py`)."""
+    `apply_chat_template` (same results as transformers' fast tokenizer; `tests/test_exported_programs.py`)."""
 
     def __init__(self, ckpt: Path):
         import tokenizers

@@ -19,7 +19,7 @@ import pytest
 from jax.experimental import serialize_executable
 
 import hdex_jax.model
-from hdex_jax import artifacts, generation, hub, inst
+from hdex_jax import artifacts, executable_cache, exported_programs, generation, hub
 from hdex_jax.cli import main
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
@@ -89,8 +89,8 @@ def test_exported_programs_give_the_traced_tokens_without_tracing(model_dir, che
 
 def test_other_jax_version_is_said_once_and_traces_the_same_tokens(model_dir, checkpoint, traced, monkeypatch,
                                                                    capsys):
-    here = inst.environment()
-    monkeypatch.setattr(inst, "environment", lambda: {**here, "jax": "0.0.1"})
+    here = exported_programs.environment()
+    monkeypatch.setattr(exported_programs, "environment", lambda: {**here, "jax": "0.0.1"})
     models = [AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"lpu": 2}) for _ in range(2)]
     printed = capsys.readouterr().out
     assert printed.count("tracing the programs instead") == 1 and "0.0.1" in printed
@@ -105,7 +105,7 @@ def _run_all(model) -> dict:
 
 
 def _executables(model_dir: Path) -> list[Path]:
-    return sorted(inst.xla_cache_dir(artifacts.inst_dir(model_dir, 2)).glob("lpu2-*.xla"))
+    return sorted(executable_cache.xla_cache_dir(artifacts.inst_dir(model_dir, 2)).glob("lpu2-*.xla"))
 
 
 def test_a_process_loads_the_stored_executables_and_compiles_nothing(model_dir, checkpoint, traced):
@@ -375,7 +375,7 @@ def test_low_memory_usage_deletes_only_what_hdex_downloaded(home, tmp_path):
 
 
 def test_fast_compile_exports_the_common_buckets_and_full_compile_all(home, tmp_path):
-    fast, full = inst.buckets(4096, fast_compile=True), inst.buckets(4096, fast_compile=False)
+    fast, full = exported_programs.buckets(4096, fast_compile=True), exported_programs.buckets(4096, fast_compile=False)
     assert {(b.prompt, b.cache) for b in fast} == {(t, f * t) for t in (16, 32, 64, 128) for f in (2, 4)}
     assert set(fast) < set(full) and max(b.prompt for b in full) == 2048
     assert all(b.cache <= 4096 and b.batch == 1 for b in full)
@@ -384,7 +384,7 @@ def test_fast_compile_exports_the_common_buckets_and_full_compile_all(home, tmp_
     manifest = artifacts.read_manifest(artifacts.inst_dir(model_dir, 1))
     assert {(b["prompt"], b["cache"]) for b in manifest["buckets"]} == {(16, 32), (16, 64), (32, 64)}
     # fast_compile=False also compiled every program and stored its executable beside the model.
-    stored = sorted(p.name for p in inst.xla_cache_dir(artifacts.inst_dir(model_dir, 1)).glob("lpu1-*.xla"))
+    stored = sorted(p.name for p in executable_cache.xla_cache_dir(artifacts.inst_dir(model_dir, 1)).glob("lpu1-*.xla"))
     assert [name.rsplit("-", 1)[0] for name in stored] == sorted(f"lpu1-{Path(p).stem}" for p in manifest["programs"])
 
 
