@@ -186,7 +186,6 @@ def _pack4(ints: np.ndarray, axis: int) -> np.ndarray:
 def quantize(x: np.ndarray, fmt: str, axis: int, inputs: tuple[int, ...]) -> QuantArray:
     """Quantize a float weight (numpy) whose input axes are `inputs`, packed along `axis` (int8, int4, or any
     GGUF-kept format, with llama.cpp's quantizers for the latter)."""
-    spec = FORMATS[fmt]
     x = np.asarray(x, np.float32)
     if fmt == "int8":
         amax = np.max(np.abs(x), axis=inputs, keepdims=True)

@@ -14,7 +14,6 @@ of its tokens is the argmax of those logits.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax

@@ -288,8 +288,8 @@ def main() -> None:
     print(f"peak RSS {_peak_rss_mib():.0f} MiB")
     print(f"greedy tokens identical to transformers: {same}")
 
-    print(f"\n| engine | weights MB/token | decode tok/s | x hdex float32 | TTFT ms | TTFT x hdex float32 "
-          f"| share of the bandwidth probe |\n|---|---|---|---|---|---|---|")
+    print("\n| engine | weights MB/token | decode tok/s | x hdex float32 | TTFT ms | TTFT x hdex float32 "
+          "| share of the bandwidth probe |\n|---|---|---|---|---|---|---|")
     for key, engine in engines.items():
         share = (engine.weight_bytes + engine.kv_bytes) * tps[key] / probe
         print(f"| {engine.name} | {engine.weight_bytes / 1e6:.0f} | {tps[key]:.1f} | {tps[key] / ours_tps:.2f} "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 from bench_decode import FORMATS, reference_model, _timed
 

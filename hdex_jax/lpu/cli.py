@@ -12,7 +12,6 @@ efficiency over each; `--prompt P --output O` adds a whole generation: on LPUs, 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 

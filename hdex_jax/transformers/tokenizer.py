@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hdex_jax import artifacts, hub
+from hdex_jax import artifacts, hub, runtime
 from hdex_jax.validation import check_token
 
 # The special tokens transformers hands a chat template (its `special_tokens_map`).
@@ -31,6 +31,7 @@ class AutoTokenizer:
         import converters
 
         token = check_token("token", token)
+        runtime.quiet_transformers()  # both ways below may import transformers
         source = hub.locate(model_id)
         ckpt = artifacts.ckpt_dir(source.directory)
         if artifacts.read_manifest(ckpt) is not None:
