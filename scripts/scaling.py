@@ -163,7 +163,7 @@ def _token_hash(tokens: Sequence[int]) -> str:
 def measure(model: Any, point: Point, runs: int, preset: str) -> Row:
     """Measure `point` on `model` (already loaded on point.num_device devices)."""
     from hdex_jax.lpu import estimate
-    from hdex_jax.program_stats import param_bytes_per_device, sync_bytes_per_token
+    from hdex_jax.lpu.program_stats import param_bytes_per_device, sync_bytes_per_token
 
     text_ids = model.tokenizer.encode(PROMPT_TEXT)
     prompt = (text_ids * (point.context_len // len(text_ids) + 1))[:point.context_len]

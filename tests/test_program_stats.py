@@ -9,7 +9,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hdex_jax.lpu import estimate
-from hdex_jax.program_stats import collective_bytes, param_bytes_per_device, sync_bytes_per_token
+from hdex_jax.lpu.program_stats import collective_bytes, param_bytes_per_device, sync_bytes_per_token
 from hdex_jax.transformers import AutoModelForCausalLM
 from tests.helpers_tiny import save_tiny_checkpoint, tiny_hf_config
 
