@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from hdex_jax import rope
+from hdex_jax.activations import ACTIVATIONS
 
+# Each enumerated field's kinds are listed once, in its type; validation reads them from there.
 Norm = Literal["rmsnorm", "layernorm"]
 Positions = Literal["rope", "learned", "alibi", "none"]
-Activation = Literal["silu", "relu", "gelu", "gelu_tanh"]
 QKNorm = Literal["none", "head", "all"]
+# A key of hdex_jax.activations.ACTIVATIONS, which holds each activation's function and Hugging Face names.
+Activation = str
 
 CONFIG_FILE = "hdex_config.json"
 # The activation/KV dtypes the datapath computes in: float32 (the reference), float16 (the LPU's), bfloat16.
@@ -131,19 +135,15 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
-        if self.norm not in ("rmsnorm", "layernorm"):
-            raise ValueError(f"ModelConfig.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
-        if self.positions not in ("rope", "learned", "alibi", "none"):
-            raise ValueError(f"ModelConfig.positions must be 'rope', 'learned', 'alibi' or 'none', got "
-                             f"{self.positions!r}")
+        _check_kind("norm", self.norm, typing.get_args(Norm))
+        _check_kind("positions", self.positions, typing.get_args(Positions))
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
                              f"{self.num_layers} layers")
         if self.rope_layers and len(self.rope_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.rope_layers has {len(self.rope_layers)} entries for "
                              f"{self.num_layers} layers")
-        if self.qk_norm not in ("none", "head", "all"):
-            raise ValueError(f"ModelConfig.qk_norm must be 'none', 'head' or 'all', got {self.qk_norm!r}")
+        _check_kind("qk_norm", self.qk_norm, typing.get_args(QKNorm))
         if self.qk_norm == "all" and self.norm != "rmsnorm":
             raise ValueError("ModelConfig.qk_norm='all' (a norm over all heads) is implemented for rmsnorm only")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
@@ -151,7 +151,7 @@ class ModelConfig:
                              f"got {self.experts_per_token}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.activation not in ("silu", "relu", "gelu", "gelu_tanh"):
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not supported")
         if self.positions == "rope":
             try:
@@ -223,6 +223,13 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: this is not a converted hdex_jax checkpoint")
         return cls.from_json(path.read_text())
+
+
+def _check_kind(field: str, value: str, kinds: tuple[str, ...]) -> None:
+    """Raise naming the field and its kinds when `value` is not one of them."""
+    if value not in kinds:
+        choices = ", ".join(repr(kind) for kind in kinds[:-1]) + f" or {kinds[-1]!r}"
+        raise ValueError(f"ModelConfig.{field} must be {choices}, got {value!r}")
 
 
 def rope_scaling_items(rope_parameters: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:

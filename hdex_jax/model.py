@@ -29,19 +29,12 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from hdex_jax import quant, rope
+from hdex_jax.activations import ACTIVATIONS
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache
 from hdex_jax.matvec import batched_matmul, matmul
 from hdex_jax.params import Params
 from hdex_jax.sharding import LPU_AXIS, cache_partition_specs, make_mesh, param_partition_specs
-
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-}
-
 
 def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     """RMSNorm or LayerNorm over the last axis, computed in float32 as the references do, with whichever of
@@ -210,7 +203,7 @@ def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     top_probs, top_experts = lax.top_k(jax.nn.softmax(logits, axis=-1), K)  # [B, T, K]
     if cfg.moe_renormalize:
         top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation].fn
     if B * T * K < cfg.num_experts:
         def chosen(w: jax.Array | quant.QuantArray) -> jax.Array:
             """Only the chosen experts' matrices [B, T, K, ...] (a quantized stack's, then dequantized)."""
@@ -230,7 +223,7 @@ def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation].fn
     if cfg.gated_mlp:
         gate, up = jnp.split(_fused(x, p["gate_up"]), 2, axis=-1)  # [B, T, F/N] each
         hidden = _clip(act(gate) * up)
