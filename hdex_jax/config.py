@@ -22,6 +22,12 @@ from hdex_jax.activations import ACTIVATIONS
 Norm = Literal["rmsnorm", "layernorm"]
 Positions = Literal["rope", "learned", "alibi", "none"]
 QKNorm = Literal["none", "head", "all"]
+# The shape of a layer's residual stream and norms (`ModelConfig.layer`), one function each in hdex_jax.model:
+# "pre_norm" h + attn(ln1 h), then + mlp(ln2 h) (most families); "post_norm" the norm after each residual add
+# (OPT-350m); "sandwich" pre-norm with each sublayer's output normed too (Gemma 2, Gemma 3); "output_norm" only the
+# outputs normed (OLMo 2, EXAONE 4); "parallel" h + attn(ln1 h) + mlp(ln2 h) (GPT-NeoX, Falcon-40B);
+# "parallel_shared_norm" both sublayers reading ln1 h (GPT-J, Phi, Falcon-7B, Cohere, StableLM).
+Layer = Literal["pre_norm", "post_norm", "sandwich", "output_norm", "parallel", "parallel_shared_norm"]
 # A key of hdex_jax.activations.ACTIVATIONS, which holds each activation's function and Hugging Face names.
 Activation = str
 
@@ -144,6 +150,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_layers has {len(self.rope_layers)} entries for "
                              f"{self.num_layers} layers")
         _check_kind("qk_norm", self.qk_norm, typing.get_args(QKNorm))
+        _layer_kind(self)  # refuses a combination of the norm fields that no layer kind has
         if self.qk_norm == "all" and self.norm != "rmsnorm":
             raise ValueError("ModelConfig.qk_norm='all' (a norm over all heads) is implemented for rmsnorm only")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
@@ -179,6 +186,11 @@ class ModelConfig:
         if self.qk_norm_features:
             return self.qk_norm_features[int(kv)]
         return (self.num_kv_heads if kv else self.num_heads) * self.head_dim
+
+    @property
+    def layer(self) -> Layer:
+        """The layer's kind (see `Layer`), named by the norm fields the converters set and hdex_config.json keeps."""
+        return _layer_kind(self)
 
     @property
     def has_ln2(self) -> bool:
@@ -223,6 +235,19 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: this is not a converted hdex_jax checkpoint")
         return cls.from_json(path.read_text())
+
+
+def _layer_kind(cfg: ModelConfig) -> Layer:
+    """`cfg.layer` from the norm fields; `shared_norm` matters only to a parallel layer."""
+    inputs, outputs = cfg.input_norms, cfg.post_norms
+    if cfg.parallel_residual and cfg.pre_norm and inputs and not outputs:
+        return "parallel_shared_norm" if cfg.shared_norm else "parallel"
+    if not cfg.parallel_residual and cfg.pre_norm and (inputs or outputs):
+        return ("sandwich" if inputs else "output_norm") if outputs else "pre_norm"
+    if not cfg.parallel_residual and not cfg.pre_norm and inputs and not outputs:
+        return "post_norm"
+    raise ValueError(f"ModelConfig: no layer kind has pre_norm={cfg.pre_norm}, input_norms={inputs}, "
+                     f"post_norms={outputs}, parallel_residual={cfg.parallel_residual}")
 
 
 def _check_kind(field: str, value: str, kinds: tuple[str, ...]) -> None:
