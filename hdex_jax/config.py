@@ -54,19 +54,14 @@ class ModelConfig:
     intermediate_size: int
     max_position_embeddings: int
     embed_dim: int
-    # Norms: kind, epsilon, and whether they sit before the sublayer (pre-LN) or after the residual add.
+    # Norms: kind, epsilon, and whether a norm precedes the LM head.
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-6
-    pre_norm: bool = True
     final_norm: bool = True
     # Whether norms carry a learned scale, and (LayerNorm only) a learned bias: OLMo's LayerNorm has neither,
     # MPT's no bias.
     norm_scale: bool = True
     norm_bias: bool = True
-    # Gemma 2: a norm on each sublayer's output too, before it joins the residual stream.
-    post_norms: bool = False
-    # Whether the sublayers' inputs are normed (ln1, ln2); OLMo 2 and EXAONE 4 norm only their outputs (post_norms).
-    input_norms: bool = True
     # A norm of q and k (kind `norm`) before RoPE: "head" normalises each head over head_dim (Qwen3, Gemma 3,
     # EXAONE 4, Cohere), "all" a token's q (and its k) over all heads of the layer at once (OLMo 2). Either way
     # the learned scales are per head ([heads, head_dim]).
@@ -81,7 +76,14 @@ class ModelConfig:
     embed_norm: bool = False
     # Gemma: the embedding is multiplied by this (sqrt(hidden_size)) before the first layer.
     embed_scale: float | None = None
-    # Parallel residual (GPT-J, GPT-NeoX, Falcon, Phi): h + attn(ln1(h)) + mlp(ln2(h)), and with
+    # The layer's kind (`layer`, see `Layer`), as converters set it and hdex_config.json keeps it: whether the
+    # norms sit before the sublayers (pre-LN) or after the residual add (OPT-350m);
+    pre_norm: bool = True
+    # whether the sublayers' inputs are normed (ln1, ln2): OLMo 2 and EXAONE 4 norm only their outputs;
+    input_norms: bool = True
+    # Gemma 2, Gemma 3, OLMo 2, EXAONE 4: a norm on each sublayer's output, before it joins the residual stream;
+    post_norms: bool = False
+    # parallel residual (GPT-J, GPT-NeoX, Falcon, Phi): h + attn(ln1(h)) + mlp(ln2(h)), and with
     # `shared_norm` (GPT-J, Phi, Falcon-7B) both sublayers read ln1(h) and there is no ln2.
     parallel_residual: bool = False
     shared_norm: bool = False
