@@ -210,9 +210,8 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from converters.gguf_arches import ARCHITECTURES
     from converters.gguf_file import SUPPORTED_ARCHITECTURES
-    from converters.registry import all_families
+    from converters.registry import GGUF_ARCHITECTURES, all_families
 
     families = all_families()
     if args.markdown:
@@ -231,7 +230,7 @@ def _models(args: argparse.Namespace) -> int:
     print("GGUF architectures (llama.cpp files; Q8_0, Q4_0 and Q4_1 tensors kept as stored, other quantized "
           "types dequantized):")
     for arch in SUPPORTED_ARCHITECTURES:
-        limits = ARCHITECTURES[arch].limits
+        limits = GGUF_ARCHITECTURES[arch].limits
         print(f"  {arch}" + (f"  (limits: {limits})" if limits else ""))
     print(f"Default model: {hub.DEFAULT_MODEL} (GGUF from the PyPI wheel {hub.DEFAULT_WHEEL})")
     compiled = _compiled_models()
