@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -143,15 +142,15 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
-        _check_kind("norm", self.norm, typing.get_args(Norm))
-        _check_kind("positions", self.positions, typing.get_args(Positions))
+        _check_kind("norm", self.norm, get_args(Norm))
+        _check_kind("positions", self.positions, get_args(Positions))
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
                              f"{self.num_layers} layers")
         if self.rope_layers and len(self.rope_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.rope_layers has {len(self.rope_layers)} entries for "
                              f"{self.num_layers} layers")
-        _check_kind("qk_norm", self.qk_norm, typing.get_args(QKNorm))
+        _check_kind("qk_norm", self.qk_norm, get_args(QKNorm))
         _layer_kind(self)  # refuses a combination of the norm fields that no layer kind has
         if self.qk_norm == "all" and self.norm != "rmsnorm":
             raise ValueError("ModelConfig.qk_norm='all' (a norm over all heads) is implemented for rmsnorm only")

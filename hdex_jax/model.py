@@ -36,6 +36,7 @@ from hdex_jax.matvec import batched_matmul, matmul
 from hdex_jax.params import Params
 from hdex_jax.sharding import LPU_AXIS, cache_partition_specs, make_mesh, param_partition_specs
 
+
 def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     """RMSNorm or LayerNorm over the last axis, computed in float32 as the references do, with whichever of
     scale and bias the family learns (`p` is empty for OLMo's non-parametric LayerNorm)."""

@@ -39,6 +39,7 @@ from hdex_jax.validation import (
     quote,
 )
 
+
 def parse_device_map(device_map: dict[str, int] | None) -> tuple[int, int]:
     """(gpu, lpu) device counts of a HyperDex device_map such as {"lpu": 2} or {"gpu": 1, "lpu": 2}.
 
