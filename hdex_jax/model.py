@@ -276,6 +276,7 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     return local[..., : cfg.vocab_size]
 
 
+# A layer's attention or MLP as its kind's function calls it: the sublayer's input -> its output [B, T, D].
 Sublayer = Callable[[jax.Array], jax.Array]
 
 
@@ -287,30 +288,36 @@ def _add(h: jax.Array, out: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def _pre_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """h + attn(ln1 h), then + mlp(ln2 h): most families."""
     h = _add(h, attend(_norm(h, lp.get("ln1", {}), cfg)), cfg)
     return _add(h, ffn(_norm(h, lp.get("ln2", {}), cfg)), cfg)
 
 
 def _post_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """The norm after each residual add: OPT-350m."""
     h = _norm(_add(h, attend(h), cfg), lp.get("ln1", {}), cfg)
     return _norm(_add(h, ffn(h), cfg), lp.get("ln2", {}), cfg)
 
 
 def _sandwich(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """Pre-norm with each sublayer's output normed too before the add: Gemma 2, Gemma 3."""
     h = _add(h, _norm(attend(_norm(h, lp.get("ln1", {}), cfg)), lp.get("ln1_post", {}), cfg), cfg)
     return _add(h, _norm(ffn(_norm(h, lp.get("ln2", {}), cfg)), lp.get("ln2_post", {}), cfg), cfg)
 
 
 def _output_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """Only each sublayer's output normed before the add: OLMo 2, EXAONE 4."""
     h = _add(h, _norm(attend(h), lp.get("ln1_post", {}), cfg), cfg)
     return _add(h, _norm(ffn(h), lp.get("ln2_post", {}), cfg), cfg)
 
 
 def _parallel(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """h + attn(ln1 h) + mlp(ln2 h): GPT-NeoX, Falcon-40B."""
     return _clip(_clip(h + attend(_norm(h, lp.get("ln1", {}), cfg))) + ffn(_norm(h, lp.get("ln2", {}), cfg)))
 
 
 def _parallel_shared_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """h + attn(ln1 h) + mlp(ln1 h): GPT-J, Phi, Falcon-7B, Cohere, StableLM."""
     x = _norm(h, lp.get("ln1", {}), cfg)
     return _clip(_clip(h + attend(x)) + ffn(x))
 
