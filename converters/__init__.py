@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from converters import gguf_file
 from converters.errors import CheckpointError, UnsupportedModelError

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from converters.gguf_rules import GGUFArch
 from converters.keymap import Derived, Rule
 from hdex_jax.config import ModelConfig
 
@@ -22,6 +23,8 @@ class Family:
         config_from_hf: config.json dict and its path (for errors) -> ModelConfig.
         key_map: ModelConfig -> the rules that map checkpoint tensors to canonical params.
         limits: what of the family is refused (with a clear error) or untested.
+        gguf: the GGUF architectures (llama.cpp's `general.architecture`) it reads, by name, each with its fixed
+            fields, tensor-name map and limits.
     """
 
     model_types: tuple[str, ...]
@@ -30,3 +33,4 @@ class Family:
     config_from_hf: Callable[[Mapping[str, Any], str], ModelConfig]
     key_map: Callable[[ModelConfig], list[Rule | Derived]]
     limits: str = ""
+    gguf: Mapping[str, GGUFArch] = dataclasses.field(default_factory=dict)

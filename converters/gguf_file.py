@@ -1,10 +1,10 @@
-"""GGUF files (llama.cpp): config from metadata, tensors dequantized to float32, for the architectures declared
-in converters/gguf_arches.py (llama, qwen2, qwen3, phi3, gemma, gemma2, gemma3, olmo2, granite, command-r,
-starcoder2, gpt2, falcon).
+"""GGUF files (llama.cpp): config from metadata, tensors dequantized to float32, for the architectures the families
+declare (`Family.gguf`, found through converters/registry.py: llama, qwen2, qwen3, phi3, gemma, gemma2, gemma3,
+olmo2, granite, command-r, starcoder2, gpt2, falcon).
 
 What every architecture shares is read here: sizes, the norm epsilon, rope (theta, scaling, rotary dimension),
 special token ids, and which optional tensors the file holds (biases, a separate LM head). The per-architecture
-facts (fixed fields, tensor names, layout transforms) are declarations in gguf_arches.
+facts (fixed fields, tensor names, layout transforms) are each family's `GGUFArch` (converters/gguf_rules.py).
 
 Rope scaling, as llama.cpp's convert_hf_to_gguf.py writes it, becomes the same ModelConfig.rope_scaling the
 Hugging Face checkpoint has (hdex_jax/rope.py):
@@ -28,14 +28,15 @@ import gguf
 import numpy as np
 
 from converters.errors import CheckpointError, UnsupportedModelError
-from converters.gguf_arches import ARCHITECTURES, GGUFMeta
+from converters.gguf_rules import GGUFMeta
 from converters.keymap import Rule, ignore
+from converters.registry import GGUF_ARCHITECTURES
 from hdex_jax import quant
 from hdex_jax.config import ModelConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "GGUFSource", "config_from_gguf", "load_gguf", "open_reader"]
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(GGUF_ARCHITECTURES))
 # <arch>.rope.scaling.type values read; "none" is no scaling.
 _ROPE_SCALING_KINDS = ("none", "linear", "yarn", "longrope")
 # llama.cpp's default when a file leaves rope.freq_base out (gemma, falcon and gpt2-style writers do).
@@ -63,12 +64,12 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
 
 
 def _metadata(reader: gguf.GGUFReader, path: Path) -> GGUFMeta:
-    """The file's metadata, or UnsupportedModelError for an architecture not declared in gguf_arches."""
+    """The file's metadata, or UnsupportedModelError for an architecture no family declares."""
     field = reader.get_field("general.architecture")
     if field is None:
         raise CheckpointError(f"{path} has no metadata key 'general.architecture', which a GGUF file needs")
     arch = field.contents()
-    if arch not in ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
                                     f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     return GGUFMeta(reader, arch, path)
@@ -127,7 +128,7 @@ def _rope(meta: GGUFMeta, head_dim: int, permuted: bool) -> dict[str, Any]:
 def config_from_gguf(reader: gguf.GGUFReader, path: str | Path) -> ModelConfig:
     """ModelConfig from a GGUF file's metadata and tensor names."""
     meta = _metadata(reader, Path(path))
-    arch = ARCHITECTURES[meta.arch]
+    arch = GGUF_ARCHITECTURES[meta.arch]
     hidden = int(meta.get("embedding_length", required=True))
     heads = int(meta.get("attention.head_count", required=True))
     head_dim = int(meta.get("attention.key_length") or hidden // heads)
@@ -217,4 +218,4 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, GGUFSource, list[Rule]]:
     reader = open_reader(path)
     cfg = config_from_gguf(reader, path)
     rope_rules = [ignore(re.escape(name)) for name in ROPE_TENSORS]  # read into cfg.rope_scaling
-    return cfg, GGUFSource(reader, path), ARCHITECTURES[cfg.model_type].key_map(cfg) + rope_rules
+    return cfg, GGUFSource(reader, path), GGUF_ARCHITECTURES[cfg.model_type].key_map(cfg) + rope_rules

@@ -12,20 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from converters.errors import CheckpointError
+from hdex_jax.activations import ACTIVATIONS
 from hdex_jax.config import Activation, eos_ids
 
 CONFIG_JSON = "config.json"
 
-# HF `hidden_act` / `activation_function` names -> ModelConfig.activation. "gelu_new" and
-# "gelu_pytorch_tanh" are both the tanh approximation of GELU.
-_ACTIVATIONS: dict[str, Activation] = {
-    "silu": "silu",
-    "swish": "silu",
-    "relu": "relu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-}
+# HF `hidden_act` / `activation_function` names -> ModelConfig.activation.
+_HF_ACTIVATIONS: dict[str, Activation] = {
+    hf_name: name for name, kind in ACTIVATIONS.items() for hf_name in kind.hf_names}
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -54,9 +48,9 @@ def require(hf: Mapping[str, Any], key: str, source: str) -> Any:
 
 def activation(name: str, key: str, source: str) -> Activation:
     """Map an HF activation name to ModelConfig's, or raise naming the key, the value and the file."""
-    if name not in _ACTIVATIONS:
-        raise CheckpointError(f"{source}: {key}={name!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
-    return _ACTIVATIONS[name]
+    if name not in _HF_ACTIVATIONS:
+        raise CheckpointError(f"{source}: {key}={name!r} is not supported (supported: {sorted(_HF_ACTIVATIONS)})")
+    return _HF_ACTIVATIONS[name]
 
 
 def hf_sizes(hf: Mapping[str, Any], source: str, **given: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""model_type -> the `Family` that converts it, found in the modules of `converters.families`."""
+"""The one registry of the families in the modules of `converters.families`: model_type -> the `Family` that
+converts it, and GGUF architecture -> the `GGUFArch` a family declares for it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pkgutil
 from converters import families
 from converters.errors import UnsupportedModelError
 from converters.family import Family
+from converters.gguf_rules import GGUFArch
 
 
-def _discover() -> dict[str, Family]:
+def _discover() -> tuple[dict[str, Family], dict[str, GGUFArch]]:
     found: dict[str, Family] = {}
+    architectures: dict[str, GGUFArch] = {}
     for module_info in sorted(pkgutil.iter_modules(families.__path__), key=lambda m: m.name):
         family = getattr(importlib.import_module(f"{families.__name__}.{module_info.name}"), "FAMILY", None)
         if not isinstance(family, Family):
@@ -20,10 +23,14 @@ def _discover() -> dict[str, Family]:
             if model_type in found:
                 raise RuntimeError(f"model_type {model_type!r} is declared by two families")
             found[model_type] = family
-    return found
+        for arch, form in family.gguf.items():
+            if arch in architectures:
+                raise RuntimeError(f"GGUF architecture {arch!r} is declared by two families")
+            architectures[arch] = form
+    return found, architectures
 
 
-_FAMILIES = _discover()
+_FAMILIES, GGUF_ARCHITECTURES = _discover()
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 

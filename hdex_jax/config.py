@@ -10,16 +10,25 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from hdex_jax import rope
+from hdex_jax.activations import ACTIVATIONS
 
+# Each enumerated field's kinds are listed once, in its type; validation reads them from there.
 Norm = Literal["rmsnorm", "layernorm"]
 Positions = Literal["rope", "learned", "alibi", "none"]
-Activation = Literal["silu", "relu", "gelu", "gelu_tanh"]
 QKNorm = Literal["none", "head", "all"]
+# The shape of a layer's residual stream and norms (`ModelConfig.layer`), one function each in hdex_jax.model:
+# "pre_norm" h + attn(ln1 h), then + mlp(ln2 h) (most families); "post_norm" the norm after each residual add
+# (OPT-350m); "sandwich" pre-norm with each sublayer's output normed too (Gemma 2, Gemma 3); "output_norm" only the
+# outputs normed (OLMo 2, EXAONE 4); "parallel" h + attn(ln1 h) + mlp(ln2 h) (GPT-NeoX, Falcon-40B);
+# "parallel_shared_norm" both sublayers reading ln1 h (GPT-J, Phi, Falcon-7B, Cohere, StableLM).
+Layer = Literal["pre_norm", "post_norm", "sandwich", "output_norm", "parallel", "parallel_shared_norm"]
+# A key of hdex_jax.activations.ACTIVATIONS, which holds each activation's function and Hugging Face names.
+Activation = str
 
 CONFIG_FILE = "hdex_config.json"
 # The activation/KV dtypes the datapath computes in: float32 (the reference), float16 (the LPU's), bfloat16.
@@ -44,19 +53,14 @@ class ModelConfig:
     intermediate_size: int
     max_position_embeddings: int
     embed_dim: int
-    # Norms: kind, epsilon, and whether they sit before the sublayer (pre-LN) or after the residual add.
+    # Norms: kind, epsilon, and whether a norm precedes the LM head.
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-6
-    pre_norm: bool = True
     final_norm: bool = True
     # Whether norms carry a learned scale, and (LayerNorm only) a learned bias: OLMo's LayerNorm has neither,
     # MPT's no bias.
     norm_scale: bool = True
     norm_bias: bool = True
-    # Gemma 2: a norm on each sublayer's output too, before it joins the residual stream.
-    post_norms: bool = False
-    # Whether the sublayers' inputs are normed (ln1, ln2); OLMo 2 and EXAONE 4 norm only their outputs (post_norms).
-    input_norms: bool = True
     # A norm of q and k (kind `norm`) before RoPE: "head" normalises each head over head_dim (Qwen3, Gemma 3,
     # EXAONE 4, Cohere), "all" a token's q (and its k) over all heads of the layer at once (OLMo 2). Either way
     # the learned scales are per head ([heads, head_dim]).
@@ -71,7 +75,14 @@ class ModelConfig:
     embed_norm: bool = False
     # Gemma: the embedding is multiplied by this (sqrt(hidden_size)) before the first layer.
     embed_scale: float | None = None
-    # Parallel residual (GPT-J, GPT-NeoX, Falcon, Phi): h + attn(ln1(h)) + mlp(ln2(h)), and with
+    # The layer's kind (`layer`, see `Layer`), as converters set it and hdex_config.json keeps it: whether the
+    # norms sit before the sublayers (pre-LN) or after the residual add (OPT-350m);
+    pre_norm: bool = True
+    # whether the sublayers' inputs are normed (ln1, ln2): OLMo 2 and EXAONE 4 norm only their outputs;
+    input_norms: bool = True
+    # Gemma 2, Gemma 3, OLMo 2, EXAONE 4: a norm on each sublayer's output, before it joins the residual stream;
+    post_norms: bool = False
+    # parallel residual (GPT-J, GPT-NeoX, Falcon, Phi): h + attn(ln1(h)) + mlp(ln2(h)), and with
     # `shared_norm` (GPT-J, Phi, Falcon-7B) both sublayers read ln1(h) and there is no ln2.
     parallel_residual: bool = False
     shared_norm: bool = False
@@ -131,19 +142,16 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
-        if self.norm not in ("rmsnorm", "layernorm"):
-            raise ValueError(f"ModelConfig.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
-        if self.positions not in ("rope", "learned", "alibi", "none"):
-            raise ValueError(f"ModelConfig.positions must be 'rope', 'learned', 'alibi' or 'none', got "
-                             f"{self.positions!r}")
+        _check_kind("norm", self.norm, get_args(Norm))
+        _check_kind("positions", self.positions, get_args(Positions))
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
                              f"{self.num_layers} layers")
         if self.rope_layers and len(self.rope_layers) != self.num_layers:
             raise ValueError(f"ModelConfig.rope_layers has {len(self.rope_layers)} entries for "
                              f"{self.num_layers} layers")
-        if self.qk_norm not in ("none", "head", "all"):
-            raise ValueError(f"ModelConfig.qk_norm must be 'none', 'head' or 'all', got {self.qk_norm!r}")
+        _check_kind("qk_norm", self.qk_norm, get_args(QKNorm))
+        _layer_kind(self)  # refuses a combination of the norm fields that no layer kind has
         if self.qk_norm == "all" and self.norm != "rmsnorm":
             raise ValueError("ModelConfig.qk_norm='all' (a norm over all heads) is implemented for rmsnorm only")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
@@ -151,7 +159,7 @@ class ModelConfig:
                              f"got {self.experts_per_token}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.activation not in ("silu", "relu", "gelu", "gelu_tanh"):
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not supported")
         if self.positions == "rope":
             try:
@@ -179,6 +187,11 @@ class ModelConfig:
         if self.qk_norm_features:
             return self.qk_norm_features[int(kv)]
         return (self.num_kv_heads if kv else self.num_heads) * self.head_dim
+
+    @property
+    def layer(self) -> Layer:
+        """The layer's kind (see `Layer`), named by the norm fields the converters set and hdex_config.json keeps."""
+        return _layer_kind(self)
 
     @property
     def has_ln2(self) -> bool:
@@ -223,6 +236,26 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: this is not a converted hdex_jax checkpoint")
         return cls.from_json(path.read_text())
+
+
+def _layer_kind(cfg: ModelConfig) -> Layer:
+    """`cfg.layer` from the norm fields; `shared_norm` matters only to a parallel layer."""
+    inputs, outputs = cfg.input_norms, cfg.post_norms
+    if cfg.parallel_residual and cfg.pre_norm and inputs and not outputs:
+        return "parallel_shared_norm" if cfg.shared_norm else "parallel"
+    if not cfg.parallel_residual and cfg.pre_norm and (inputs or outputs):
+        return ("sandwich" if inputs else "output_norm") if outputs else "pre_norm"
+    if not cfg.parallel_residual and not cfg.pre_norm and inputs and not outputs:
+        return "post_norm"
+    raise ValueError(f"ModelConfig: no layer kind has pre_norm={cfg.pre_norm}, input_norms={inputs}, "
+                     f"post_norms={outputs}, parallel_residual={cfg.parallel_residual}")
+
+
+def _check_kind(field: str, value: str, kinds: tuple[str, ...]) -> None:
+    """Raise naming the field and its kinds when `value` is not one of them."""
+    if value not in kinds:
+        choices = ", ".join(repr(kind) for kind in kinds[:-1]) + f" or {kinds[-1]!r}"
+        raise ValueError(f"ModelConfig.{field} must be {choices}, got {value!r}")
 
 
 def rope_scaling_items(rope_parameters: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:

@@ -29,18 +29,12 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from hdex_jax import quant, rope
+from hdex_jax.activations import ACTIVATIONS
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache
 from hdex_jax.matvec import batched_matmul, matmul
 from hdex_jax.params import Params
 from hdex_jax.sharding import LPU_AXIS, cache_partition_specs, make_mesh, param_partition_specs
-
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-}
 
 
 def _norm(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
@@ -210,7 +204,7 @@ def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     top_probs, top_experts = lax.top_k(jax.nn.softmax(logits, axis=-1), K)  # [B, T, K]
     if cfg.moe_renormalize:
         top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation].fn
     if B * T * K < cfg.num_experts:
         def chosen(w: jax.Array | quant.QuantArray) -> jax.Array:
             """Only the chosen experts' matrices [B, T, K, ...] (a quantized stack's, then dequantized)."""
@@ -230,7 +224,7 @@ def _moe(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def _mlp(x: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation].fn
     if cfg.gated_mlp:
         gate, up = jnp.split(_fused(x, p["gate_up"]), 2, axis=-1)  # [B, T, F/N] each
         hidden = _clip(act(gate) * up)
@@ -282,48 +276,94 @@ def _lm_head(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     return local[..., : cfg.vocab_size]
 
 
+# A layer's attention or MLP as its kind's function calls it: the sublayer's input -> its output [B, T, D].
+Sublayer = Callable[[jax.Array], jax.Array]
+
+
+def _add(h: jax.Array, out: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The residual add of a sequential layer's sublayer output, scaled first for Granite."""
+    if cfg.residual_scale is not None:
+        out = out * cfg.residual_scale
+    return _clip(h + out)
+
+
+def _pre_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """h + attn(ln1 h), then + mlp(ln2 h): most families."""
+    h = _add(h, attend(_norm(h, lp.get("ln1", {}), cfg)), cfg)
+    return _add(h, ffn(_norm(h, lp.get("ln2", {}), cfg)), cfg)
+
+
+def _post_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """The norm after each residual add: OPT-350m."""
+    h = _norm(_add(h, attend(h), cfg), lp.get("ln1", {}), cfg)
+    return _norm(_add(h, ffn(h), cfg), lp.get("ln2", {}), cfg)
+
+
+def _sandwich(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """Pre-norm with each sublayer's output normed too before the add: Gemma 2, Gemma 3."""
+    h = _add(h, _norm(attend(_norm(h, lp.get("ln1", {}), cfg)), lp.get("ln1_post", {}), cfg), cfg)
+    return _add(h, _norm(ffn(_norm(h, lp.get("ln2", {}), cfg)), lp.get("ln2_post", {}), cfg), cfg)
+
+
+def _output_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """Only each sublayer's output normed before the add: OLMo 2, EXAONE 4."""
+    h = _add(h, _norm(attend(h), lp.get("ln1_post", {}), cfg), cfg)
+    return _add(h, _norm(ffn(h), lp.get("ln2_post", {}), cfg), cfg)
+
+
+def _parallel(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """h + attn(ln1 h) + mlp(ln2 h): GPT-NeoX, Falcon-40B."""
+    return _clip(_clip(h + attend(_norm(h, lp.get("ln1", {}), cfg))) + ffn(_norm(h, lp.get("ln2", {}), cfg)))
+
+
+def _parallel_shared_norm(h: jax.Array, lp: Params, attend: Sublayer, ffn: Sublayer, cfg: ModelConfig) -> jax.Array:
+    """h + attn(ln1 h) + mlp(ln1 h): GPT-J, Phi, Falcon-7B, Cohere, StableLM."""
+    x = _norm(h, lp.get("ln1", {}), cfg)
+    return _clip(_clip(h + attend(x)) + ffn(x))
+
+
+# ModelConfig.layer -> the layer's residual stream and norms around its attention and MLP (hdex_jax.config.Layer).
+_LAYERS: dict[str, Callable[[jax.Array, Params, Sublayer, Sublayer, ModelConfig], jax.Array]] = {
+    "pre_norm": _pre_norm,
+    "post_norm": _post_norm,
+    "sandwich": _sandwich,
+    "output_norm": _output_norm,
+    "parallel": _parallel,
+    "parallel_shared_norm": _parallel_shared_norm,
+}
+
+
 def _layer(h: jax.Array, lp: Params, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
            tables: tuple[jax.Array, jax.Array] | None, masks: tuple[jax.Array, jax.Array], alibi: jax.Array | None,
            cfg: ModelConfig, scored: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer over T tokens; writes their keys/values at slots [start, start + T) of its cache.
-
-    Sequential pre-LN (h + attn(ln1 h), then + mlp(ln2 h)), post-LN (OPT-350m), or parallel
-    (h + attn(ln1 h) + mlp(ln2 h), ln2 = ln1 with `shared_norm`); Gemma 2 also norms each sublayer's output,
-    OLMo 2 only its output; Granite scales it. `tables` is None for a layer without RoPE.
+    """One decoder layer over T tokens, of the kind `cfg.layer`; writes their keys/values at slots
+    [start, start + T) of its cache. `tables` is None for a layer without RoPE.
     """
     # h: [B, T, D]; k_cache, v_cache: [B, KV, S, hd]; masks: [B, T, S] over the cache, [B, T, T] in the block
-    normed_inputs = cfg.pre_norm and cfg.input_norms
-    x = _norm(h, lp.get("ln1", {}), cfg) if normed_inputs else h
-    with jax.named_scope("qkv"):
-        q, k, v = _split_heads(_fused(x, lp["attn"]["qkv"]), cfg)  # [B, T, H/N, hd], [B, T, KV/N, hd] x 2
-        if cfg.qk_norm != "none":
-            q, k = _qk_norm(q, lp["attn"]["q_norm"], cfg, kv=False), _qk_norm(k, lp["attn"]["k_norm"], cfg, kv=True)
-        q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
-    with jax.named_scope("attention"):
-        attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg, scored)  # [B, T, H, hd]
-        attn = _row_parallel(attn, lp["attn"]["o"])  # [B, T, D]
-        # Written after attention has read the cache: the update is then done in place (with
-        # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
-        k_cache = lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))
-        v_cache = lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
-    if cfg.post_norms:
-        attn = _norm(attn, lp.get("ln1_post", {}), cfg)
-    if cfg.parallel_residual:
-        mlp_in = x if cfg.shared_norm else _norm(h, lp.get("ln2", {}), cfg)
+    caches = []
+
+    def attend(x: jax.Array) -> jax.Array:
+        with jax.named_scope("qkv"):
+            q, k, v = _split_heads(_fused(x, lp["attn"]["qkv"]), cfg)  # [B, T, H/N, hd], [B, T, KV/N, hd] x 2
+            if cfg.qk_norm != "none":
+                q = _qk_norm(q, lp["attn"]["q_norm"], cfg, kv=False)
+                k = _qk_norm(k, lp["attn"]["k_norm"], cfg, kv=True)
+            q, k = _rope(q, tables, cfg), _rope(k, tables, cfg)
+        with jax.named_scope("attention"):
+            attn = _attention(q, k_cache, v_cache, k, v, masks, alibi, cfg, scored)  # [B, T, H, hd]
+            attn = _row_parallel(attn, lp["attn"]["o"])  # [B, T, D]
+            # Written after attention has read the cache: the update is then done in place (with
+            # COMPILER_OPTIONS), where updating first and reading the result made XLA copy the cache every step.
+            caches.extend(lax.dynamic_update_slice(cache, new.transpose(0, 2, 1, 3), (0, 0, start, 0))
+                          for cache, new in ((k_cache, k), (v_cache, v)))
+        return attn
+
+    def ffn(x: jax.Array) -> jax.Array:
         with jax.named_scope("ffn"):
-            return _clip(_clip(h + attn) + _ffn(mlp_in, lp, cfg)), k_cache, v_cache
-    if cfg.residual_scale is not None:
-        attn = attn * cfg.residual_scale
-    h = _clip(h + attn) if cfg.pre_norm else _norm(_clip(h + attn), lp.get("ln1", {}), cfg)
-    with jax.named_scope("ffn"):
-        x = _norm(h, lp.get("ln2", {}), cfg) if normed_inputs else h
-        out = _ffn(x, lp, cfg)
-    if cfg.post_norms:
-        out = _norm(out, lp.get("ln2_post", {}), cfg)
-    if cfg.residual_scale is not None:
-        out = out * cfg.residual_scale
-    h = _clip(h + out) if cfg.pre_norm else _norm(_clip(h + out), lp.get("ln2", {}), cfg)
-    return h, k_cache, v_cache
+            return _ffn(x, lp, cfg)
+
+    h = _LAYERS[cfg.layer](h, lp, attend, ffn, cfg)
+    return h, *caches
 
 
 def _ffn(x: jax.Array, lp: Params, cfg: ModelConfig) -> jax.Array:

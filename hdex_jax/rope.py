@@ -22,8 +22,9 @@ A decode step therefore uses the length it has reached, without any recompilatio
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -33,19 +34,6 @@ import numpy as np
 if TYPE_CHECKING:
     from hdex_jax.config import ModelConfig
 
-# Scaling kinds beyond the default rope, and the keys each one needs.
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "yarn": ("original_max_position_embeddings",),
-    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "freq_factors": ("factors",),
-}
-SCALING_KINDS: tuple[str, ...] = tuple(REQUIRED_KEYS)
-# Of these, the kinds whose frequencies depend on the sequence length.
-LENGTH_DEPENDENT: tuple[str, ...] = ("dynamic", "longrope")
-
 
 def check_scaling(scaling: Mapping[str, Any], rope_dim: int | None = None) -> None:
     """Raise ValueError naming the kind or key when `scaling` (ModelConfig.rope_scaling as a dict) is unusable;
@@ -53,14 +41,14 @@ def check_scaling(scaling: Mapping[str, Any], rope_dim: int | None = None) -> No
     kind = scaling.get("rope_type", "default")
     if kind == "default":
         return
-    if kind not in REQUIRED_KEYS:
+    if kind not in _KINDS:
         raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, "
                          f"{', '.join(SCALING_KINDS)})")
-    missing = [key for key in REQUIRED_KEYS[kind] if scaling.get(key) is None]
+    missing = [key for key in _KINDS[kind].required if scaling.get(key) is None]
     if missing:
         raise ValueError(f"rope scaling {kind!r} needs {', '.join(missing)}")
     for key in ("short_factor", "long_factor", "factors"):
-        if rope_dim is not None and key in REQUIRED_KEYS[kind] and len(scaling[key]) != rope_dim // 2:
+        if rope_dim is not None and key in _KINDS[kind].required and len(scaling[key]) != rope_dim // 2:
             raise ValueError(f"rope scaling {kind!r}: {key} has {len(scaling[key])} entries, the rotary dimension "
                              f"{rope_dim} needs {rope_dim // 2}")
 
@@ -125,30 +113,49 @@ def _longrope(cfg: ModelConfig, inv_freq: np.ndarray, key: str) -> np.ndarray:
     return inv_freq / np.asarray(dict(cfg.rope_scaling)[key], np.float64)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """One scaling kind: the keys it needs and its inverse frequencies from the unscaled ones (for a kind that
+    depends on the sequence length, those of a sequence within the original length)."""
+
+    required: tuple[str, ...]
+    inv_freq: Callable[[ModelConfig, np.ndarray], np.ndarray]
+    length_dependent: bool = False
+
+
+# Scaling kinds beyond the default rope.
+_KINDS: dict[str, _Kind] = {
+    "linear": _Kind(("factor",), lambda cfg, inv: inv / float(dict(cfg.rope_scaling)["factor"])),
+    # Unscaled within the original length; `_runtime_inv_freq` grows theta beyond it.
+    "dynamic": _Kind(("factor",), lambda cfg, inv: inv, length_dependent=True),
+    "yarn": _Kind(("original_max_position_embeddings",), _yarn),
+    # The short factors within the original length; `_runtime_inv_freq` switches to the long ones beyond it.
+    "longrope": _Kind(("short_factor", "long_factor", "original_max_position_embeddings"),
+                      lambda cfg, inv: _longrope(cfg, inv, "short_factor"), length_dependent=True),
+    "llama3": _Kind(("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), _llama3),
+    "freq_factors": _Kind(("factors",), lambda cfg, inv: inv / np.asarray(dict(cfg.rope_scaling)["factors"],
+                                                                           np.float64)),
+}
+SCALING_KINDS: tuple[str, ...] = tuple(_KINDS)
+
+
+def _kind(cfg: ModelConfig) -> str:
+    return dict(cfg.rope_scaling).get("rope_type", "default")
+
+
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies `[rope_dim // 2]` float64 with the configured scaling applied; for the kinds that depend
     on the sequence length, those of a sequence within the original length (dynamic: unscaled; longrope: the short
     factors)."""
     base = _base_inv_freq(cfg.rope_theta, cfg.rope_dim)
-    scaling = dict(cfg.rope_scaling)
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        return base / float(scaling["factor"])
-    if kind == "llama3":
-        return _llama3(cfg, base)
-    if kind == "yarn":
-        return _yarn(cfg, base)
-    if kind == "longrope":
-        return _longrope(cfg, base, "short_factor")
-    if kind == "freq_factors":
-        return base / np.asarray(scaling["factors"], np.float64)
-    return base  # default, and dynamic within the original length
+    kind = _kind(cfg)
+    return base if kind == "default" else _KINDS[kind].inv_freq(cfg, base)
 
 
 def attention_factor(cfg: ModelConfig) -> float:
     """The factor transformers multiplies cos and sin by (`attention_scaling`): 1 but for yarn and longrope."""
     scaling = dict(cfg.rope_scaling)
-    kind = scaling.get("rope_type", "default")
+    kind = _kind(cfg)
     if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
@@ -165,9 +172,9 @@ def attention_factor(cfg: ModelConfig) -> float:
 def _runtime_inv_freq(positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Inverse frequencies `[rope_dim // 2]` float32 for a forward pass over `positions` [B, T]."""
     scaling = dict(cfg.rope_scaling)
-    kind = scaling.get("rope_type", "default")
+    kind = _kind(cfg)
     inv = jnp.asarray(inv_freq(cfg), jnp.float32)  # [rd/2]
-    if kind not in LENGTH_DEPENDENT:
+    if kind == "default" or not _KINDS[kind].length_dependent:
         return inv
     seq_len = jnp.max(positions) + 1  # over the whole batch, as transformers' max(position_ids) + 1
     if kind == "longrope":

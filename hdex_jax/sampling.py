@@ -32,7 +32,7 @@ streaming.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +62,51 @@ _TAIL_MARGIN = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
+class Setting:
+    """One sampling value, declared once for every entry point that takes it: `generate` and `generate_yield`
+    (keyword arguments), the flags of `hdex generate`, `SamplingConfig`, `process_logits` and `sample`.
+
+    Attributes:
+        name: the keyword argument; the flag is `--` and the name with dashes.
+        default: HyperDex's default, that of `generate` and of `hdex generate` (where a bool is a switch, off
+            unless given).
+        off: the value that leaves the scores as they are, transformers' default and `SamplingConfig`'s.
+        check: the `hdex_jax.validation` check, given the name to report and the value.
+        help: the flag's help; `{name}` stands for a setting's default.
+        when_sampling: checked only when sampling: greedy decoding ignores the value (any number), as
+            transformers does.
+    """
+
+    name: str
+    default: Any
+    off: Any
+    check: Callable[[str, Any], Any]
+    help: str
+    when_sampling: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The `hdex generate` flag."""
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("do_sample", True, False, check_bool,
+            "sample instead of greedy decoding; with HyperDex's default --top-k {top_k} sampling still picks the top "
+            "token: raise --top-k (or 0, off) to sample"),
+    Setting("top_p", 0.7, 1.0, check_top_p, "nucleus sampling mass, 1.0 = off (default: {top_p})"),
+    Setting("top_k", 1, 0, check_top_k, "keep the k most likely tokens, 0 = off (default: {top_k}, HyperDex's)"),
+    Setting("temperature", 1.0, 1.0, check_temperature, "sampling temperature (default: {temperature})",
+            when_sampling=True),
+    Setting("repetition_penalty", 1.2, 1.0, check_repetition_penalty,
+            "penalty of tokens already present, 1.0 = off (default: {repetition_penalty})"),
+)
+# HyperDex's defaults, and the values that switch each processor off, by name.
+DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in SETTINGS}
+OFF: dict[str, Any] = {setting.name: setting.off for setting in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """One row's sampling values, checked by `hdex_jax.validation`; `SamplingParams` stacks them into runtime arrays.
 
@@ -69,22 +114,18 @@ class SamplingConfig:
     a float is wanted, `top_k=0` and `top_p=1` for "off", and any temperature when `do_sample` is False.
     """
 
-    do_sample: bool = False
-    repetition_penalty: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
+    do_sample: bool = OFF["do_sample"]
+    repetition_penalty: float = OFF["repetition_penalty"]
+    temperature: float = OFF["temperature"]
+    top_k: int = OFF["top_k"]
+    top_p: float = OFF["top_p"]
     min_tokens_to_keep: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: store the checked, normalised (plain Python) values
-        set_(self, "do_sample", check_bool("do_sample", self.do_sample))
-        set_(self, "repetition_penalty", check_repetition_penalty("repetition_penalty", self.repetition_penalty))
-        # Greedy decoding ignores the temperature, as transformers does (temperature=0 is allowed there).
-        check = check_temperature if self.do_sample else check_float
-        set_(self, "temperature", check("temperature", self.temperature))
-        set_(self, "top_k", check_top_k("top_k", self.top_k))
-        set_(self, "top_p", check_top_p("top_p", self.top_p))
+        for setting in SETTINGS:  # do_sample first: the others' checks depend on it
+            check = setting.check if self.do_sample or not setting.when_sampling else check_float
+            set_(self, setting.name, check(setting.name, getattr(self, setting.name)))
         set_(self, "min_tokens_to_keep", check_int("min_tokens_to_keep", self.min_tokens_to_keep, minimum=1))
 
 
@@ -333,54 +374,39 @@ _apply_processors_jit = jax.jit(apply_processors, static_argnames="candidates")
 _next_tokens_jit = jax.jit(next_tokens, static_argnames="candidates")
 
 
-def process_logits(
-    logits: Any,
-    input_ids: Any,
-    *,
-    repetition_penalty: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_tokens_to_keep: int = 1,
-    attention_mask: Any = None,
-) -> jax.Array:
+def _single_config(logits: Any, input_ids: Any, attention_mask: Any, config: SamplingConfig
+                   ) -> tuple[jax.Array, jax.Array, bool, SamplingParams]:
+    """The batch (`_as_batch`) and `config` for every row of it, as runtime arrays."""
+    logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
+    return logits, seen, single, SamplingParams.from_configs([config] * logits.shape[0])
+
+
+def process_logits(logits: Any, input_ids: Any, *, attention_mask: Any = None, **values: Any) -> jax.Array:
     """One-step analog of transformers' logits processor list built from these arguments.
 
-    All warpers are applied, i.e. as with `do_sample=True`. Accepts numpy/jax/list inputs: logits [B, V]
-    (or [V], treated as a batch of one and returned as [V]); input_ids [B, S] (may be None when there is
-    no penalty); attention_mask [B, S] with 0 for left padding. Returns float32 with removed entries at -inf.
+    `values` are `SamplingConfig`'s (`repetition_penalty`, `temperature`, `top_k`, `top_p`, `min_tokens_to_keep`;
+    each off unless given) and all warpers are applied, i.e. as with `do_sample=True`. Accepts numpy/jax/list
+    inputs: logits [B, V] (or [V], treated as a batch of one and returned as [V]); input_ids [B, S] (may be None
+    when there is no penalty); attention_mask [B, S] with 0 for left padding. Returns float32 with removed entries
+    at -inf.
     """
-    config = SamplingConfig(do_sample=True, repetition_penalty=repetition_penalty, temperature=temperature,
-                            top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
-    logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
-    params = SamplingParams.from_configs([config] * logits.shape[0])
+    config = SamplingConfig(do_sample=True, **values)
+    logits, seen, single, params = _single_config(logits, input_ids, attention_mask, config)
     out = _apply_processors_jit(logits, seen, params)  # [B, V]
     return out[0] if single else out
 
 
-def sample(
-    logits: Any,
-    input_ids: Any = None,
-    *,
-    seed: int | Sequence[int] = 0,
-    step: int = 0,
-    do_sample: bool = True,
-    repetition_penalty: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_tokens_to_keep: int = 1,
-    attention_mask: Any = None,
-) -> jax.Array:
+def sample(logits: Any, input_ids: Any = None, *, seed: int | Sequence[int] = 0, step: int = 0,
+           attention_mask: Any = None, **values: Any) -> jax.Array:
     """Pick next tokens from [B, V] logits (or [V], giving a scalar) with HF semantics.
 
-    `seed` is one seed for every row or one per row; row r draws with `fold_in(key(seed_r), step)`, so a row
-    gives the same token whatever the rest of the batch. Returns int32 tokens [B].
+    `values` are `SamplingConfig`'s (`do_sample`, True unless given; `repetition_penalty`, `temperature`, `top_k`,
+    `top_p`, `min_tokens_to_keep`, each off unless given). `seed` is one seed for every row or one per row; row r
+    draws with `fold_in(key(seed_r), step)`, so a row gives the same token whatever the rest of the batch. Returns
+    int32 tokens [B].
     """
-    config = SamplingConfig(do_sample=do_sample, repetition_penalty=repetition_penalty, temperature=temperature,
-                            top_k=top_k, top_p=top_p, min_tokens_to_keep=min_tokens_to_keep)
-    logits, seen, single = _as_batch(logits, input_ids, attention_mask)  # [B, V], [B, V]
+    config = SamplingConfig(**{"do_sample": True, **values})
+    logits, seen, single, params = _single_config(logits, input_ids, attention_mask, config)
     key_data = np.stack([seed_key_data(s) for s in per_row("seed", seed, logits.shape[0])])  # [B, 2]
-    params = SamplingParams.from_configs([config] * logits.shape[0])
     tokens = _next_tokens_jit(logits, seen, params, key_data, jnp.asarray(step, jnp.int32))  # [B]
     return tokens[0] if single else tokens

@@ -43,8 +43,8 @@ from converters import (
     load_checkpoint,
     load_config,
 )
-from converters.gguf_arches import ARCHITECTURES
 from converters.gguf_file import SUPPORTED_ARCHITECTURES
+from converters.registry import GGUF_ARCHITECTURES as ARCHITECTURES
 from hdex_jax.config import ModelConfig
 from tests.family_parity import Reference, save_random_model
 from tests.helpers_tiny import llamacpp_permute

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import gguf_rules
 from converters.families import llama
 from converters.families.gptj import rotary_permutation
 from converters.family import Family
@@ -75,6 +76,19 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     ]
 
 
+def _gguf_fields(meta: gguf_rules.GGUFMeta) -> dict[str, Any]:
+    return {"logit_scale": float(meta.get("logit_scale", 1.0)),
+            "qk_norm": "head" if meta.has("blk.0.attn_q_norm.weight") else "none"}
+
+
+def _gguf_rules(cfg: ModelConfig) -> list[Rule]:
+    """command-r: q/k are written as Hugging Face has them (llama.cpp's "normal" rope turns adjacent pairs, as
+    Cohere does), so they are reordered for rotate-half as `key_map` does."""
+    qk_norms = gguf_rules.qk_norms(to_rotate_half) if cfg.qk_norm != "none" else []
+    return [*gguf_rules.embeddings(lm_head=False), *gguf_rules.layer_norm("attn_norm", "layers/ln1"),
+            *gguf_rules.attention(then=to_rotate_half), *qk_norms, *gguf_rules.mlp(gated=True)]
+
+
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="CohereForAI/c4ai-command-r7b-12-2024",
@@ -84,4 +98,10 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits=llama.FAMILY.limits + "; Cohere 2 (cohere2, sliding layers) is not read",
+    # GGUF: the LayerNorms have no bias, the head is tied, the logits are multiplied by `logit_scale`.
+    gguf={"command-r": gguf_rules.GGUFArch(
+        fixed={"norm": "layernorm", "norm_bias": False, "positions": "rope", "activation": "silu",
+               "gated_mlp": True, "parallel_residual": True, "shared_norm": True},
+        key_map=_gguf_rules,
+        from_file=_gguf_fields)},
 )

@@ -27,6 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from converters import gguf_rules
 from converters.errors import CheckpointError
 from converters.families._rotary import hf_rope
 from converters.families.bloom import bloom_alibi_slopes, grouped_qkv, grouped_qkv_bias
@@ -125,6 +126,24 @@ def key_map(cfg: ModelConfig) -> list[Rule | Derived]:
     return rules
 
 
+def _gguf_rules(cfg: ModelConfig) -> list[Rule]:
+    """Falcon GGUF: one norm shared by the parallel attention and MLP, or (Falcon-40B) `attn_norm_2` before the
+    attention and `attn_norm` before the MLP. The convert script renames Falcon-40B's `ln_attn` to `attn_norm_2` and
+    `ln_mlp` to `attn_norm` (llama.cpp's attention reads `attn_norm_2`, its MLP `attn_norm`), and reorders
+    `query_key_value` from per-KV-group `[q.., k, v]` to all q rows, then all k, then all v ("jploski" layout)."""
+    norms = gguf_rules.layer_norm("attn_norm", "layers/ln1") if cfg.shared_norm else \
+        [*gguf_rules.layer_norm("attn_norm_2", "layers/ln1"), *gguf_rules.layer_norm("attn_norm", "layers/ln2")]
+    return [*gguf_rules.embeddings(), *norms, *gguf_rules.fused_attention(), *gguf_rules.mlp(gated=False)]
+
+
+def _gguf_fields(meta: gguf_rules.GGUFMeta) -> dict[str, Any]:
+    layout = meta.get("tensor_data_layout")
+    if layout not in (None, "jploski"):
+        raise CheckpointError(f"{meta.path}: falcon.tensor_data_layout={layout!r} is not supported (supported: "
+                              f"'jploski', the q/k/v order llama.cpp's convert script writes)")
+    return {"shared_norm": not meta.has("blk.0.attn_norm_2.weight")}
+
+
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="tiiuae/falcon-7b",
@@ -137,4 +156,10 @@ FAMILY = Family(
            "new_decoder_architecture with parallel_attn=false and apply_residual_connection_post_layernorm=true; "
            "with ALiBi transformers rounds slope x position to bfloat16 and hdex_jax does not (identical up to 8 "
            "heads and 256 positions)",
+    gguf={"falcon": gguf_rules.GGUFArch(
+        fixed={"norm": "layernorm", "positions": "rope", "activation": "gelu", "gated_mlp": False,
+               "parallel_residual": True},
+        key_map=_gguf_rules,
+        from_file=_gguf_fields,
+        limits="only the rope Falcons llama.cpp converts (7B/40B/180B style); Falcon-RW (ALiBi) has no GGUF form")},
 )

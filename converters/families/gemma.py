@@ -13,6 +13,10 @@
   hidden_size / num_attention_heads; the LM head is tied to the embedding by default.
 
 `gemma2.py` reads Gemma 2 with the helpers here.
+
+GGUF (gemma, gemma2, gemma3): llama.cpp's convert script stores RMSNorm weights plus one, which is the canonical
+`x * scale` already, so they are kept (transformers' gemma2 loader subtracts 1 to get HF weights back; it does not
+read gemma files at all). It writes no LM head: the embedding is tied.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import gguf_rules
 from converters.errors import CheckpointError
 from converters.families._rotary import hf_rope
 from converters.family import Family
@@ -35,6 +40,10 @@ MODEL_TYPES = ("gemma",)
 # GemmaConfig's and Gemma2Config's defaults, which transformers uses when config.json leaves a key out.
 DEFAULT_HEAD_DIM = 256
 DEFAULT_RMS_NORM_EPS = 1e-6
+
+
+# The fixed fields of every Gemma GGUF architecture.
+GGUF_FIXED = {**gguf_rules.ROPE_SILU, "activation": "gelu_tanh"}
 
 
 def one_plus(x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -115,6 +124,20 @@ def gemma_rules(cfg: ModelConfig, norms: Mapping[str, str]) -> list[Rule]:
     ]
 
 
+def gguf_fields(meta: gguf_rules.GGUFMeta) -> dict[str, Any]:
+    # Gemma multiplies embeddings by sqrt(hidden_size); llama.cpp hard-codes the same.
+    return {"embed_scale": float(meta.get("embedding_length", required=True)) ** 0.5}
+
+
+def gguf_query_scale(meta: gguf_rules.GGUFMeta, large_layers: int) -> float | None:
+    """Gemma 2's and 3's query scale, which GGUF files do not store: as llama.cpp assumes, (hidden / heads) ** -0.5
+    for the one size with `large_layers` layers (the 27B models), head_dim ** -0.5 (None) for the others."""
+    hidden = int(meta.get("embedding_length", required=True))
+    heads = int(meta.get("attention.head_count", required=True))
+    layers = int(meta.get("block_count", required=True))
+    return (hidden / heads) ** -0.5 if layers == large_layers else None
+
+
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Gemma -> canonical names; every RMSNorm weight becomes `1 + w`."""
     return gemma_rules(cfg, {"input_layernorm": "ln1", "post_attention_layernorm": "ln2"})
@@ -130,4 +153,9 @@ FAMILY = Family(
     key_map=key_map,
     limits=("use_bidirectional_attention, and hidden_act / hidden_activation that disagree are refused; "
             "rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)"),
+    gguf={"gemma": gguf_rules.GGUFArch(
+        fixed=GGUF_FIXED,
+        key_map=gguf_rules.rules(gguf_rules.embeddings(lm_head=False), gguf_rules.sequential_norms(),
+                                 gguf_rules.attention(), gguf_rules.mlp(gated=True)),
+        from_file=gguf_fields)},
 )

@@ -17,16 +17,18 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from converters import gguf_rules
 from converters.errors import CheckpointError
 from converters.family import Family
-from converters.families.gemma import gemma_config, gemma_rules
+from converters.families.gemma import GGUF_FIXED, gemma_config, gemma_rules, gguf_fields, gguf_query_scale
 from converters.hf_config import activation
 from converters.keymap import Rule
 from hdex_jax.config import ModelConfig
 
 MODEL_TYPES = ("gemma2",)
 
-# Gemma2Config's defaults, which transformers uses when config.json leaves a key out.
+# Gemma2Config's defaults, which transformers uses when config.json leaves a key out; llama.cpp assumes the same
+# soft-caps and window when a GGUF file leaves them out.
 DEFAULT_QUERY_PRE_ATTN_SCALAR = 256
 DEFAULT_SLIDING_WINDOW = 4096
 DEFAULT_ATTN_SOFTCAP = 50.0
@@ -34,6 +36,8 @@ DEFAULT_FINAL_SOFTCAP = 30.0
 DEFAULT_ACTIVATION = "gelu_pytorch_tanh"
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
+# Gemma-2-27B's layer count: the one size whose query scale is (hidden / heads) ** -0.5 instead of head_dim ** -0.5.
+_27B_LAYERS = 46
 
 
 def _softcap(hf: Mapping[str, Any], key: str, default: float) -> float | None:
@@ -88,6 +92,20 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     })
 
 
+def _gguf_fields(meta: gguf_rules.GGUFMeta) -> dict[str, Any]:
+    """Gemma 2 GGUF: the embedding scale, soft-caps, a sliding window on even layers (layers 0, 2, ...) and the
+    query scale (`gguf_query_scale`)."""
+    layers = int(meta.get("block_count", required=True))
+    return {
+        **gguf_fields(meta),
+        "attn_softcap": float(meta.get("attn_logit_softcapping", DEFAULT_ATTN_SOFTCAP)),
+        "final_softcap": float(meta.get("final_logit_softcapping", DEFAULT_FINAL_SOFTCAP)),
+        "sliding_window": int(meta.get("attention.sliding_window", DEFAULT_SLIDING_WINDOW)),
+        "sliding_layers": tuple(i % 2 == 0 for i in range(layers)),
+        "attention_scale": gguf_query_scale(meta, _27B_LAYERS),
+    }
+
+
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="google/gemma-2-2b-it",
@@ -98,4 +116,11 @@ FAMILY = Family(
     key_map=key_map,
     limits=("use_bidirectional_attention and layer types other than sliding/full are refused; "
             "rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)"),
+    gguf={"gemma2": gguf_rules.GGUFArch(
+        fixed={**GGUF_FIXED, "post_norms": True},
+        key_map=gguf_rules.rules(gguf_rules.embeddings(lm_head=False), gguf_rules.sequential_norms(),
+                                 gguf_rules.attention(), gguf_rules.mlp(gated=True), gguf_rules.post_norms()),
+        from_file=_gguf_fields,
+        limits="the query scale is not in GGUF files: head_dim ** -0.5, or (hidden / heads) ** -0.5 for 46 layers "
+               "(Gemma-2-27B), as llama.cpp assumes")},
 )

@@ -17,10 +17,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from converters import gguf_rules
 from converters.errors import CheckpointError
 from converters.families import gemma2
 from converters.families._rotary import rope_scaling
-from converters.families.gemma import gemma_config, one_plus
+from converters.families.gemma import GGUF_FIXED, gemma_config, gguf_fields, gguf_query_scale, one_plus
 from converters.family import Family
 from converters.hf_config import activation
 from converters.keymap import Rule, qk_norms
@@ -28,11 +29,14 @@ from hdex_jax.config import ModelConfig, rope_scaling_items
 
 MODEL_TYPES = ("gemma3_text",)
 
-# Gemma3TextConfig's defaults, which transformers uses when config.json leaves a key out.
+# Gemma3TextConfig's defaults, which transformers uses when config.json leaves a key out; llama.cpp assumes the
+# same layer pattern and sliding layers' theta when a GGUF file leaves them out.
 DEFAULT_GLOBAL_THETA = 1e6
 DEFAULT_LOCAL_THETA = 1e4
 DEFAULT_SLIDING_PATTERN = 6
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "rope_local_base_freq")
+# Gemma-3-27B's layer count: the one size whose query scale is (hidden / heads) ** -0.5 instead of head_dim ** -0.5.
+_27B_LAYERS = 62
 
 
 def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, tuple[tuple[str, Any], ...], float]:
@@ -84,6 +88,23 @@ def key_map(cfg: ModelConfig) -> list[Rule]:
     return [*gemma2.key_map(cfg), *qk_norms(r"model\.layers\.(?P<layer>\d+)\.", one_plus)]
 
 
+def _gguf_fields(meta: gguf_rules.GGUFMeta) -> dict[str, Any]:
+    """Gemma 3 GGUF: the embedding scale, the sliding layers (`attention.sliding_window_pattern`, a count or one flag
+    per layer, else every sixth layer global) and their theta, the query scale (`gguf_query_scale`)."""
+    layers = int(meta.get("block_count", required=True))
+    pattern = meta.get("attention.sliding_window_pattern", DEFAULT_SLIDING_PATTERN)
+    sliding = tuple(bool(p) for p in pattern) if isinstance(pattern, list) else \
+        tuple((i + 1) % int(pattern) != 0 for i in range(layers))
+    window = meta.get("attention.sliding_window")
+    return {
+        **gguf_fields(meta),
+        "sliding_window": int(window) if window and any(sliding) else None,
+        "sliding_layers": sliding if window and any(sliding) else (),
+        "rope_local_theta": float(meta.get("rope.freq_base_swa", DEFAULT_LOCAL_THETA)),
+        "attention_scale": gguf_query_scale(meta, _27B_LAYERS),
+    }
+
+
 FAMILY = Family(
     model_types=MODEL_TYPES,
     example="google/gemma-3-1b-it",
@@ -94,4 +115,14 @@ FAMILY = Family(
     key_map=key_map,
     limits=("scaling of the sliding layers' RoPE, use_bidirectional_attention and layer types other than "
             "sliding/full are refused; the multimodal `gemma3` checkpoints are not read (text only)"),
+    # GGUF: norms plus one like gemma2's, the q/k norms (`attn_q_norm`, `attn_k_norm`, one `[head_dim]` each)
+    # included.
+    gguf={"gemma3": gguf_rules.GGUFArch(
+        fixed={**GGUF_FIXED, "post_norms": True, "qk_norm": "head"},
+        key_map=gguf_rules.rules(gguf_rules.embeddings(lm_head=False), gguf_rules.sequential_norms(),
+                                 gguf_rules.attention(), gguf_rules.qk_norms(), gguf_rules.mlp(gated=True),
+                                 gguf_rules.post_norms()),
+        from_file=_gguf_fields,
+        limits="the layer pattern, the sliding layers' theta and the query scale are llama.cpp's fixed values "
+               "unless the file gives them (see converters/families/gemma3.py)")},
 )

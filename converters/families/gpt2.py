@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import gguf_rules
 from converters.errors import CheckpointError
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
@@ -131,4 +132,10 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="scale_attn_by_inverse_layer_idx and add_cross_attention are refused",
+    # GGUF: the convert script transposes the Conv1D weights, so `attn_qkv` is `[3D, D]`, q/k/v stacked on rows.
+    gguf={"gpt2": gguf_rules.GGUFArch(
+        fixed={"norm": "layernorm", "positions": "learned", "activation": "gelu_tanh", "gated_mlp": False},
+        key_map=gguf_rules.rules(gguf_rules.embeddings(), [Rule(r"position_embd\.weight", "pos_embed", keep)],
+                                 gguf_rules.sequential_norms(), gguf_rules.fused_attention(),
+                                 gguf_rules.mlp(gated=False)))},
 )

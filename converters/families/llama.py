@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from converters import gguf_rules
 from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes, require
@@ -97,4 +98,18 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
+    gguf={
+        "llama": gguf_rules.GGUFArch(
+            fixed=gguf_rules.ROPE_SILU,
+            key_map=gguf_rules.rules(gguf_rules.embeddings(), gguf_rules.sequential_norms(),
+                                     gguf_rules.attention(permuted=True), gguf_rules.mlp(gated=True)),
+            permuted_qk=True,
+            limits="rope scaling: linear, yarn and rope_freqs (llama3); a rope_freqs tensor with another scaling "
+                   "is refused"),
+        "qwen2": gguf_rules.GGUFArch(
+            fixed=gguf_rules.ROPE_SILU,
+            key_map=gguf_rules.rules(gguf_rules.embeddings(), gguf_rules.sequential_norms(), gguf_rules.attention(),
+                                     gguf_rules.mlp(gated=True)),
+            limits="rope scaling: linear and yarn"),
+    },
 )

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import gguf_rules
 from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
@@ -79,6 +80,12 @@ def split_gate_up(x: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarr
     return transpose(gate, cfg), transpose(up, cfg)
 
 
+def _gguf_fields(meta: gguf_rules.GGUFMeta) -> dict[str, Any]:
+    # llama.cpp writes Phi-3's sliding_window (0 when the model has none, as Phi-4); transformers' Phi-3 attends
+    # within it, so it is kept (llama.cpp itself currently ignores it).
+    return {"sliding_window": int(meta.get("attention.sliding_window", 0)) or None}
+
+
 def key_map(cfg: ModelConfig) -> list[Rule]:
     """HF tensor names of Phi-3 -> canonical names."""
     layer = r"model\.layers\.(?P<layer>\d+)\."
@@ -104,4 +111,14 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="rope scaling other than longrope (su, yarn read as longrope, as Phi3Config does) is refused",
+    # llama.cpp writes `attn_qkv` as q, k, v stacked on rows and `ffn_up` as gate_up_proj, gate rows first.
+    gguf={"phi3": gguf_rules.GGUFArch(
+        fixed=gguf_rules.ROPE_SILU,
+        key_map=gguf_rules.rules(gguf_rules.embeddings(), gguf_rules.sequential_norms(), gguf_rules.fused_attention(),
+                                 gguf_rules.layer_linear("ffn_up", ("layers/mlp/gate", "layers/mlp/up"), split_gate_up,
+                                                         keep),
+                                 gguf_rules.layer_linear("ffn_down", "layers/mlp/down", transpose, keep)),
+        from_file=_gguf_fields,
+        limits="longrope scaling from the rope_factors_long/short tensors, switched at the original length as "
+               "transformers does (llama.cpp picks them by its context size)")},
 )

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from converters import gguf_rules
 from converters.families import llama
 from converters.family import Family
 from converters.keymap import Rule, qk_norms
@@ -40,4 +41,9 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits=llama.FAMILY.limits,
+    # GGUF: the q/k norms as Hugging Face stores them (`[head_dim]`).
+    gguf={"qwen3": gguf_rules.GGUFArch(
+        fixed={**gguf_rules.ROPE_SILU, "qk_norm": "head"},
+        key_map=gguf_rules.rules(gguf_rules.embeddings(), gguf_rules.sequential_norms(), gguf_rules.attention(),
+                                 gguf_rules.qk_norms(), gguf_rules.mlp(gated=True)))},
 )

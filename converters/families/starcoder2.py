@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from converters import gguf_rules
 from converters.families._rotary import hf_rope
 from converters.family import Family
 from converters.hf_config import activation, hf_sizes
@@ -70,4 +71,8 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     key_map=key_map,
     limits="rope scaling: linear, dynamic, yarn, llama3 and longrope (other types refused, naming them)",
+    gguf={"starcoder2": gguf_rules.GGUFArch(
+        fixed={"norm": "layernorm", "positions": "rope", "activation": "gelu_tanh", "gated_mlp": False},
+        key_map=gguf_rules.rules(gguf_rules.embeddings(), gguf_rules.sequential_norms(), gguf_rules.attention(),
+                                 gguf_rules.mlp(gated=False)))},
 )

@@ -35,18 +35,9 @@ class GpuEstimate(StepFigures):
     gpu: str
     num_device: int
     context_len: int
-    batch: int
     dtype: str
-    ms_per_token: float  # the sum of `stages`
     stages: dict[str, float]  # critical-path milliseconds: weights, kv_cache, kernels, allreduce
     kernels: int  # kernels per step on one GPU
-    weight_stream_bytes: int
-    kv_stream_bytes: int
-    device_weight_bytes: int
-    device_kv_cache_bytes: int
-    memory_bandwidth_gbs: float
-    memory_capacity_gb: float
-    power_w: float  # wall power of the server of `num_device` GPUs during the step (`hdex_jax.lpu.energy`)
 
 
 def achieved_bandwidth_gbs(gpu: str | Gpu, matrix_bytes: float) -> float:

@@ -67,18 +67,20 @@ class SyncCost:
     baseline_ms: float  # the GPU-style ring collective, all exposed, per token
 
 
+@dataclasses.dataclass(frozen=True)
 class StepFigures:
-    """Figures derived from the fields of a decode-step estimate, LPU (`Estimate`) or GPU (`GpuEstimate`)."""
+    """The fields every decode-step estimate has, LPU (`Estimate`) or GPU (`GpuEstimate`), and the figures derived
+    from them."""
 
     batch: int
-    ms_per_token: float
-    weight_stream_bytes: int
-    kv_stream_bytes: int
-    device_weight_bytes: int
-    device_kv_cache_bytes: int
+    ms_per_token: float  # latency of one decode step: the sum of the estimate's `stages`
+    weight_stream_bytes: int  # weight bytes one device reads per step (lookup tables: only their rows)
+    kv_stream_bytes: int  # KV bytes one device reads and writes per step
+    device_weight_bytes: int  # weights stored on one device
+    device_kv_cache_bytes: int  # KV cache stored on one device at this context
     memory_bandwidth_gbs: float
     memory_capacity_gb: float
-    power_w: float
+    power_w: float  # wall power of the server of `num_device` devices during the step (`hdex_jax.lpu.energy`)
 
     @property
     def streamed_bytes(self) -> int:
@@ -117,20 +119,11 @@ class Estimate(StepFigures):
     preset: str
     num_device: int
     context_len: int
-    batch: int
     dtype: str  # the storage format's name: a float dtype, or the quantized format of the matrices
-    ms_per_token: float  # latency of one decode step: the sum of `stages`
     stages: dict[str, float]  # critical-path milliseconds: weights, kv_cache, vector, pipeline, esl_sync
     syncs: tuple[SyncCost, ...]  # each ESL sync, overlapped part separated from the exposed part
     baseline_ms_per_token: float  # the same step with ring all-reduces that do not overlap compute
     weight_bytes: int  # all declared weights of the padded model, in `dtype`
-    device_weight_bytes: int  # weights stored on one device
-    device_kv_cache_bytes: int  # KV cache stored on one device at this context
-    weight_stream_bytes: int  # weight bytes one device reads per step (lookup tables: only their rows)
-    kv_stream_bytes: int  # KV bytes one device reads and writes per step
-    memory_bandwidth_gbs: float
-    memory_capacity_gb: float
-    power_w: float  # wall power of the server of `num_device` LPUs during the step (`hdex_jax.lpu.energy`)
 
     @property
     def sync_exposed_ms(self) -> float:

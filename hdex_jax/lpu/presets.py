@@ -20,8 +20,21 @@ To model other hardware, copy a preset and change it:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from hdex_jax.validation import quote
+
+
+def _check_numbers(preset: Hardware | Gpu, fractions: tuple[str, ...]) -> None:
+    """Raise naming the field unless every field but the name is positive, and `fractions` at most 1."""
+    kind = type(preset).__name__
+    for field in dataclasses.fields(preset):
+        value = getattr(preset, field.name)
+        if field.name != "name" and (isinstance(value, bool) or not value > 0):
+            raise ValueError(f"{kind}.{field.name} must be positive, got {value!r}")
+    for name in fractions:
+        if getattr(preset, name) > 1:
+            raise ValueError(f"{kind}.{name} is a fraction of the peak, got {getattr(preset, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +78,7 @@ class Hardware:
     board_static_w: float
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "name" and (isinstance(value, bool) or not value > 0):
-                raise ValueError(f"Hardware.{field.name} must be positive, got {value!r}")
-        if self.stream_efficiency > 1:
-            raise ValueError(f"Hardware.stream_efficiency is a fraction of the peak, got {self.stream_efficiency}")
+        _check_numbers(self, fractions=("stream_efficiency",))
 
 
 ASIC = Hardware(
@@ -114,37 +122,26 @@ ASIC = Hardware(
     board_static_w=40.0,
 )
 
-FPGA_U55C = Hardware(
+# [assumption] Otherwise the ASIC's streamlined datapath and RTL: the same stream_efficiency, vector_lanes and
+# op_latency_cycles (the same cycle counts, at a lower clock). Values grouped by source, as the GPU presets are.
+FPGA_U55C = dataclasses.replace(
+    ASIC,
     name="fpga-u55c",
-    # [datasheet] AMD/Xilinx Alveo U55C: 16 GB HBM2, 460 GB/s. [paper] The LPU prototype runs on this card.
-    memory_bandwidth_gbs=460.0,
-    memory_capacity_gb=16.0,
-    # [assumption] Same streamlined datapath as the ASIC, so the same efficiency.
-    stream_efficiency=0.90,
+    # [datasheet] AMD/Xilinx Alveo U55C: 16 GB HBM2 at 460 GB/s; QSFP28 ports at 100 Gb/s = 12.5 GB/s per
+    # direction, which ESL uses; a PCIe Gen3 x16 host interface, about 16 GB/s per direction. [paper] The LPU
+    # prototype runs on this card.
+    memory_bandwidth_gbs=460.0, memory_capacity_gb=16.0, esl_bandwidth_gbs=12.5, host_link_gbs=16.0,
     # [paper] 220 MHz kernel clock on the U55C.
     clock_mhz=220.0,
     # [derived] [paper: compute balanced to memory bandwidth] 460 GB/s / 2 bytes / 220 MHz = 1045 fp16
     # weights per cycle: 1024 MACs keep up with the 90% of it that is sustained.
     macs_per_cycle=1024,
-    # [assumption] Same RTL as the ASIC.
-    vector_lanes=64,
-    # [assumption] Same RTL as the ASIC, so the same cycle counts (at a lower clock).
-    op_latency_cycles=1080,
-    # [datasheet] The U55C's QSFP28 ports run at 100 Gb/s = 12.5 GB/s per direction; ESL uses them.
-    esl_bandwidth_gbs=12.5,
-    # [assumption] One hop through two 100G MACs and a cable.
-    esl_hop_latency_us=1.0,
-    # [assumption] A host-driven ring all-reduce over the same 100G links.
-    baseline_alpha_us=2.0,
-    baseline_link_gbs=12.5,
-    # [datasheet] The U55C's PCIe Gen3 x16 host interface: about 16 GB/s per direction.
-    host_link_gbs=16.0,
-    # [assumption] FPGA fabric, clocking and transceivers running the LPU at 220 MHz.
-    core_power_w=50.0,
-    # [assumption] HBM2 access energy including PHY and controller.
-    memory_pj_per_bit=4.0,
-    # [assumption] Static power of the card (HBM2, regulators, QSFP cages); the U55C's maximum is 150 W.
-    board_static_w=25.0,
+    # [assumption] One ESL hop through two 100G MACs and a cable; the baseline, a host-driven ring all-reduce over
+    # the same 100G links.
+    esl_hop_latency_us=1.0, baseline_alpha_us=2.0, baseline_link_gbs=12.5,
+    # [assumption] FPGA fabric, clocking and transceivers running the LPU at 220 MHz; HBM2 access energy including
+    # PHY and controller; static power of the card (HBM2, regulators, QSFP cages), whose maximum is 150 W.
+    core_power_w=50.0, memory_pj_per_bit=4.0, board_static_w=25.0,
 )
 
 PRESETS: dict[str, Hardware] = {hw.name: hw for hw in (ASIC, FPGA_U55C)}
@@ -181,13 +178,7 @@ class Gpu:
     prefill_mfu: float
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "name" and (isinstance(value, bool) or not value > 0):
-                raise ValueError(f"Gpu.{field.name} must be positive, got {value!r}")
-        for name in ("stream_efficiency", "prefill_mfu"):
-            if getattr(self, name) > 1:
-                raise ValueError(f"Gpu.{name} is a fraction of the peak, got {getattr(self, name)}")
+        _check_numbers(self, fractions=("stream_efficiency", "prefill_mfu"))
 
 
 # [calibrated] The batch-1 software of the GPUs: fitted to gpt-fast's published A100 decode measurements
@@ -234,25 +225,25 @@ GPU_PRESETS: dict[str, Gpu] = {gpu.name: gpu for gpu in (H100_SXM, L4, A100_SXM)
 
 def get_gpu(gpu: str | Gpu) -> Gpu:
     """`gpu` itself when it is a `Gpu`, else the GPU preset of that name."""
-    if isinstance(gpu, Gpu):
-        return gpu
-    if not isinstance(gpu, str):
-        raise TypeError(f"gpu must be the name of a GPU preset ({', '.join(GPU_PRESETS)}) or a hdex_jax.lpu.Gpu, "
-                        f"got {quote(gpu)} ({type(gpu).__name__})")
-    if gpu not in GPU_PRESETS:
-        raise ValueError(f"unknown GPU preset {gpu!r}; known GPU presets: {', '.join(GPU_PRESETS)} "
-                         f"(or pass a hdex_jax.lpu.Gpu)")
-    return GPU_PRESETS[gpu]
+    return _preset("gpu", gpu, GPU_PRESETS, "a", "GPU")
 
 
 def get_preset(preset: str | Hardware) -> Hardware:
     """`preset` itself when it is a `Hardware`, else the preset of that name."""
-    if isinstance(preset, Hardware):
-        return preset
-    if not isinstance(preset, str):
-        raise TypeError(f"preset must be the name of an LPU preset ({', '.join(sorted(PRESETS))}) or a "
-                        f"hdex_jax.lpu.Hardware, got {quote(preset)} ({type(preset).__name__})")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown LPU preset {preset!r}; known presets: {', '.join(sorted(PRESETS))} "
-                         f"(or pass a hdex_jax.lpu.Hardware)")
-    return PRESETS[preset]
+    return _preset("preset", preset, PRESETS, "an", "LPU")
+
+
+def _preset(argument: str, value: Any, presets: dict[str, Any], article: str, kind: str) -> Any:
+    """`value` itself when it is of the presets' class, else the preset of that name; errors name `argument` and
+    the presets of `kind` ("LPU", "GPU", after `article`)."""
+    cls = type(next(iter(presets.values())))
+    if isinstance(value, cls):
+        return value
+    known = ", ".join(presets)
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be the name of {article} {kind} preset ({known}) or a "
+                        f"hdex_jax.lpu.{cls.__name__}, got {quote(value)} ({type(value).__name__})")
+    if value not in presets:
+        raise ValueError(f"unknown {kind} preset {value!r}; known {kind} presets: {known} "
+                         f"(or pass a hdex_jax.lpu.{cls.__name__})")
+    return presets[value]

@@ -18,7 +18,7 @@ from hdex_jax import artifacts, formats, hub, runtime, scoring
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Batch, Placement, generate_recorded, generate_tokens, prepare_batch, stream_tokens
 from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore
-from hdex_jax.sampling import SamplingConfig
+from hdex_jax.sampling import DEFAULTS, SETTINGS, SamplingConfig
 from hdex_jax.tools.compiler import AutoCompiler
 from hdex_jax.transformers.tokenizer import compiled_tokenizer
 if TYPE_CHECKING:  # transformers (under TextStreamer) takes seconds to import: only when a streamer is used
@@ -37,12 +37,6 @@ from hdex_jax.validation import (
     per_row,
     quote,
 )
-
-# HyperDex's sampling defaults.
-DEFAULT_TOP_P = 0.7
-DEFAULT_TOP_K = 1
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_REPETITION_PENALTY = 1.2
 
 
 def parse_device_map(device_map: dict[str, int] | None) -> tuple[int, int]:
@@ -213,17 +207,15 @@ class LPUModelForCausalLM:
             return [check_int("max_length", max_length, minimum=longest + 1, maximum=self.max_length) - longest] * rows
         return [max(self.max_length - longest, 1)] * rows
 
-    def _prepare(self, inputs: Any, max_new_tokens: Any, max_length: Any, do_sample: Any, top_p: Any, top_k: Any,
-                 temperature: Any, repetition_penalty: Any, stop: Any, seed: Any,
-                 num_return_sequences: Any) -> tuple[list[list[int]], str, Batch]:
-        """Check every argument (one value, or one per prompt) and build the padded batch: each prompt's row is
-        repeated `num_return_sequences` times, sequence j drawing from its own key."""
+    def _prepare(self, inputs: Any, max_new_tokens: Any, max_length: Any, stop: Any, seed: Any,
+                 num_return_sequences: Any, **settings: Any) -> tuple[list[list[int]], str, Batch]:
+        """Check every argument (one value, or one per prompt; `settings` those of `hdex_jax.sampling.SETTINGS`)
+        and build the padded batch: each prompt's row is repeated `num_return_sequences` times, sequence j drawing
+        from its own key."""
         prompts, kind = self._as_prompts(inputs)
         rows = len(prompts)
         k = check_int("num_return_sequences", num_return_sequences, minimum=1)
-        columns = {name: per_row(name, value, rows) for name, value in (
-            ("do_sample", do_sample), ("repetition_penalty", repetition_penalty), ("temperature", temperature),
-            ("top_k", top_k), ("top_p", top_p))}
+        columns = {setting.name: per_row(setting.name, settings[setting.name], rows) for setting in SETTINGS}
         sampling = [SamplingConfig(**dict(zip(columns, values))) for values in zip(*columns.values())]
         seeds = per_row("seed", seed, rows, lambda name, s: None if s is None else check_seed(name, s))
         budgets = self._budgets(max(len(p) for p in prompts), rows, max_new_tokens, max_length)
@@ -393,9 +385,10 @@ class LPUModelForCausalLM:
 
     # --------------------------------------------------------------------------------------------- generate
     def generate(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None, max_length: int | None = None,
-                 do_sample: bool | Sequence[bool] = True, top_p: float | Sequence[float] = DEFAULT_TOP_P,
-                 top_k: int | Sequence[int] = DEFAULT_TOP_K, temperature: float | Sequence[float] = DEFAULT_TEMPERATURE,
-                 repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
+                 do_sample: bool | Sequence[bool] = DEFAULTS["do_sample"],
+                 top_p: float | Sequence[float] = DEFAULTS["top_p"], top_k: int | Sequence[int] = DEFAULTS["top_k"],
+                 temperature: float | Sequence[float] = DEFAULTS["temperature"],
+                 repetition_penalty: float | Sequence[float] = DEFAULTS["repetition_penalty"],
                  stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
                  seed: int | Sequence[int] | None = None, streamer: TextStreamer | None = None,
                  num_return_sequences: int = 1, return_dict_in_generate: bool = False, output_scores: bool = False,
@@ -408,7 +401,7 @@ class LPUModelForCausalLM:
             max_new_tokens: new tokens per prompt. If None, `max_length` (total length, as in transformers)
                 sets it; if both are None, generation runs until a stop token or the compiled max_length.
             do_sample, top_p, top_k, temperature, repetition_penalty: Hugging Face sampling, in Hugging Face's
-                order, with HyperDex's defaults (top_p 0.7, top_k 1, temperature 1.0, repetition penalty 1.2).
+                order, with HyperDex's defaults (declared in `hdex_jax.sampling.SETTINGS`).
                 `do_sample=False` is greedy after the repetition penalty. `top_k=0` and `top_p=1.0` disable.
             stop: a token id or list of ids that end a row (kept in the output); defaults to the model's eos.
                 A list of lists gives each prompt its own stop ids.
@@ -433,8 +426,9 @@ class LPUModelForCausalLM:
             raise ValueError("output_scores and output_logits need return_dict_in_generate=True, as in transformers")
         if record and streamer is not None:
             raise ValueError("output_scores and output_logits are not available with a streamer")
-        prompts, kind, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k,
-                                             temperature, repetition_penalty, stop, seed, num_return_sequences)
+        prompts, kind, batch = self._prepare(inputs, max_new_tokens, max_length, stop, seed, num_return_sequences,
+                                             do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,
+                                             repetition_penalty=repetition_penalty)
         if streamer is not None:
             new = [list(self._stream(prompts, batch, streamer))]
         elif not record:
@@ -453,10 +447,11 @@ class LPUModelForCausalLM:
                               steps(recorded.logits) if output_logits else None)
 
     def generate_yield(self, inputs: Any, max_new_tokens: int | Sequence[int] | None = None,
-                       max_length: int | None = None, do_sample: bool | Sequence[bool] = True,
-                       top_p: float | Sequence[float] = DEFAULT_TOP_P, top_k: int | Sequence[int] = DEFAULT_TOP_K,
-                       temperature: float | Sequence[float] = DEFAULT_TEMPERATURE,
-                       repetition_penalty: float | Sequence[float] = DEFAULT_REPETITION_PENALTY,
+                       max_length: int | None = None, do_sample: bool | Sequence[bool] = DEFAULTS["do_sample"],
+                       top_p: float | Sequence[float] = DEFAULTS["top_p"],
+                       top_k: int | Sequence[int] = DEFAULTS["top_k"],
+                       temperature: float | Sequence[float] = DEFAULTS["temperature"],
+                       repetition_penalty: float | Sequence[float] = DEFAULTS["repetition_penalty"],
                        stop: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
                        seed: int | Sequence[int] | None = None,
                        streamer: TextStreamer | None = None, num_return_sequences: int = 1) -> Iterator[Any]:
@@ -467,8 +462,9 @@ class LPUModelForCausalLM:
         instead. Arguments are checked when it is called, before the first token.
         """
         check_streamer(streamer, ("put", "end", "take_pieces"))
-        prompts, _, batch = self._prepare(inputs, max_new_tokens, max_length, do_sample, top_p, top_k, temperature,
-                                          repetition_penalty, stop, seed, num_return_sequences)
+        prompts, _, batch = self._prepare(inputs, max_new_tokens, max_length, stop, seed, num_return_sequences,
+                                          do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,
+                                          repetition_penalty=repetition_penalty)
         if streamer is not None:
             if len(prompts) != 1:
                 raise ValueError(f"a streamer takes one prompt at a time, got {len(prompts)}")
