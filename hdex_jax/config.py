@@ -21,7 +21,7 @@ from hdex_jax.activations import ACTIVATIONS
 Norm = Literal["rmsnorm", "layernorm"]
 Positions = Literal["rope", "learned", "alibi", "none"]
 QKNorm = Literal["none", "head", "all"]
-# The shape of a layer's residual stream and norms (`ModelConfig.layer`), one function each in hdex_jax.model:
+# The shape of a layer's residual stream and norms (`ModelConfig.layer`), one function each in hdex_jax.forward:
 # "pre_norm" h + attn(ln1 h), then + mlp(ln2 h) (most families); "post_norm" the norm after each residual add
 # (OPT-350m); "sandwich" pre-norm with each sublayer's output normed too (Gemma 2, Gemma 3); "output_norm" only the
 # outputs normed (OLMo 2, EXAONE 4); "parallel" h + attn(ln1 h) + mlp(ln2 h) (GPT-NeoX, Falcon-40B);

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from hdex_jax import kernel_build
 from hdex_jax.executable_cache import Executable, executable_path, notice_once
 from hdex_jax.generation import PROGRAMS, Batch, Placement, prepare_batch
-from hdex_jax.model import compiler_options
+from hdex_jax.jitting import compiler_options
 
 # Bumped when the programs' inputs or outputs change, so an old inst/ is rewritten rather than misread.
 FORMAT = 2
@@ -163,7 +163,7 @@ def _code_hash() -> str:
 
 def program_options(program: str, bucket: Bucket) -> dict[str, bool | str]:
     """The XLA options of one exported program: its prompt bucket's for "start" and "generate", decode's for
-    "advance" (`model.compiler_options`), as the traced programs get."""
+    "advance" (`jitting.compiler_options`), as the traced programs get."""
     return compiler_options(0 if program == "advance" else bucket.prompt)
 
 

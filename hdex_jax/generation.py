@@ -38,7 +38,8 @@ from hdex_jax import pytree
 from hdex_jax.config import ModelConfig
 from hdex_jax.kv_cache import KVCache, init_cache
 from hdex_jax.layout import HeadLayout, head_layout, kv_head_map, pad_params, padded_config
-from hdex_jax.model import COMPILER_OPTIONS, JitByPromptTokens, bucket_length, decode_step_fn, prefill_fn
+from hdex_jax.forward import decode_step_fn, prefill_fn
+from hdex_jax.jitting import COMPILER_OPTIONS, JitByPromptTokens, bucket_length
 from hdex_jax.params import Params, unflatten
 from hdex_jax.sampling import (
     SamplingConfig,

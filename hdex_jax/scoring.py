@@ -23,7 +23,8 @@ import numpy as np
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement
 from hdex_jax.kv_cache import KVCache, init_cache
-from hdex_jax.model import JitByPromptTokens, bucket_length, score_fn
+from hdex_jax.forward import score_fn
+from hdex_jax.jitting import JitByPromptTokens, bucket_length
 from hdex_jax.params import Params
 
 # Longest block of one scoring program; longer rows run in chunks of this many tokens through the cache. It

@@ -93,7 +93,7 @@ def hdex_run(cfg, flat: dict, prompts: list[list[int]], text: np.ndarray, new_to
     from hdex_jax import formats, runtime
     from hdex_jax.generation import generate_recorded, generate_tokens, place, prepare_batch
     from hdex_jax.kv_cache import init_cache
-    from hdex_jax.model import decode_step, prefill
+    from hdex_jax.jitting import decode_step, prefill
     from hdex_jax.sampling import SamplingConfig
 
     runtime.setup()  # no entry point below: `place` and the programs are called directly

@@ -65,7 +65,8 @@ def decode_step(model_id: str, slots: int) -> tuple[Any, tuple]:
     """The optimized one-device decode step of `model_id` (compiled if needed) with `slots` cache slots, and its
     inputs (params, an empty cache, which it donates, and a token)."""
     from hdex_jax.kv_cache import init_cache
-    from hdex_jax.model import COMPILER_OPTIONS, decode_step_fn
+    from hdex_jax.forward import decode_step_fn
+    from hdex_jax.jitting import COMPILER_OPTIONS
     from hdex_jax.transformers import AutoModelForCausalLM
 
     placement = AutoModelForCausalLM.from_pretrained(model_id, device_map={"lpu": 1}).decode

@@ -1,6 +1,6 @@
 """How far hdex_jax's scoring logits (`model(ids).logits`, float32) land from transformers' on the same model, by
 prompt length, with each set of the prompt pass's XLA options: XLA's own dots (what blocks under
-`model.YNN_PROMPT_TOKENS` use) and YNNPACK's fusions (what longer blocks use).
+`jitting.YNN_PROMPT_TOKENS` use) and YNNPACK's fusions (what longer blocks use).
 
 Prints, per length and options: the max and mean |logit difference| over every position and the share of logits
 more than 1e-4 away. The text is the start of this repository's README.
@@ -29,7 +29,7 @@ def main() -> None:
 
     import torch
 
-    import hdex_jax.model
+    import hdex_jax.jitting
     from hdex_jax import hub
     from hdex_jax.tools import AutoCompiler
     from hdex_jax.transformers import AutoModelForCausalLM
@@ -49,7 +49,7 @@ def main() -> None:
         with torch.no_grad():
             theirs = reference(torch.tensor(ids)).logits.numpy()
         for name, threshold in options.items():
-            hdex_jax.model.YNN_PROMPT_TOKENS = threshold
+            hdex_jax.jitting.YNN_PROMPT_TOKENS = threshold
             diff = np.abs(model(ids).logits - theirs)
             print(f"{n:7d} {name:>9} {diff.max():10.2e} {diff.mean():10.2e} {np.mean(diff > 1e-4):9.1e}")
 

@@ -18,7 +18,7 @@ import jax
 import pytest
 from jax.experimental import serialize_executable
 
-import hdex_jax.model
+import hdex_jax.forward
 from hdex_jax import artifacts, executable_cache, exported_programs, generation, hub
 from hdex_jax.cli import main
 from hdex_jax.tools import AutoCompiler
@@ -73,7 +73,7 @@ def test_exported_programs_give_the_traced_tokens_without_tracing(model_dir, che
     def no_tracing(*args, **kwargs):
         raise AssertionError("the model's Python code was traced")
 
-    monkeypatch.setattr(hdex_jax.model, "_forward", no_tracing)
+    monkeypatch.setattr(hdex_jax.forward, "_forward", no_tracing)
     for name in ("_loop", "_advance_jit"):
         monkeypatch.setattr(generation, name, no_tracing)
     for name in ("_start", "_generate"):  # jitted per prompt bucket: `[plan]` is the program

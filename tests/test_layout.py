@@ -12,7 +12,7 @@ from hdex_jax.config import ModelConfig
 from hdex_jax.generation import place
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.layout import head_layout, kv_head_map, pad_params, padded_config
-from hdex_jax.model import prefill
+from hdex_jax.jitting import prefill
 from hdex_jax.params import check_params, flatten, init_params, unflatten
 
 ROPE_GQA = ModelConfig(model_type="llama", vocab_size=101, hidden_size=48, num_layers=2, num_heads=6,

@@ -15,7 +15,7 @@ from hdex_jax.layout import padded_config
 from hdex_jax.lpu import ASIC, FPGA_U55C, PRESETS, estimate, plot_scaling, scaling
 from hdex_jax.lpu import calibration
 from hdex_jax.lpu.formats import Storage
-from hdex_jax.lpu.model import traffic
+from hdex_jax.lpu.latency import traffic
 from hdex_jax.cli import main
 from hdex_jax.params import flatten, param_specs, total_bytes
 from hdex_jax.sharding import LOGICAL_RULES
@@ -452,7 +452,7 @@ def test_gpu_software_is_the_fit_rounded_and_reproduces_its_points() -> None:
 
 def test_gpu_step_from_the_declarations() -> None:
     from hdex_jax.lpu import H100_SXM, gpu_estimate
-    from hdex_jax.lpu.model import traffic
+    from hdex_jax.lpu.latency import traffic
     from hdex_jax.lpu.formats import Storage
 
     one = gpu_estimate(OPT_66B, 1, 100)

@@ -24,7 +24,7 @@ import pytest
 
 from hdex_jax import kernel_build, matvec, quant
 from hdex_jax.kv_cache import init_cache
-from hdex_jax.model import decode_step_fn
+from hdex_jax.forward import decode_step_fn
 from tests.helpers_tiny import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

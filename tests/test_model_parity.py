@@ -7,10 +7,10 @@ import torch
 import transformers
 
 import converters
-import hdex_jax.model
+import hdex_jax.jitting
 from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
-from hdex_jax.model import decode_step, prefill
+from hdex_jax.jitting import decode_step, prefill
 from hdex_jax.params import runtime_layout, unflatten
 from hdex_jax.sampling import SamplingConfig
 from tests.helpers_tiny import save_tiny_model
@@ -81,14 +81,14 @@ def test_greedy_tokens_identical(tiny, lengths):
 
 
 def test_greedy_tokens_identical_with_the_long_prompt_options(tiny, monkeypatch):
-    """Prompt buckets from `model.YNN_PROMPT_TOKENS` on compile with YNNPACK's fusions (`model.compiler_options`):
+    """Prompt buckets from `jitting.YNN_PROMPT_TOKENS` on compile with YNNPACK's fusions (`jitting.compiler_options`):
     the same tokens as transformers (the threshold lowered so that a tiny prompt reaches it)."""
     family, reference, cfg, _, flat = tiny
-    monkeypatch.setattr(hdex_jax.model, "YNN_PROMPT_TOKENS", 16)
+    monkeypatch.setattr(hdex_jax.jitting, "YNN_PROMPT_TOKENS", 16)
     prompts = _prompts(cfg.vocab_size, [13], seed=20)
     batch = prepare_batch(prompts, max_length=64, max_new_tokens=DECODE_STEPS, stop=[], pad_id=0, seed=0,
                           sampling=SamplingConfig(do_sample=False))
-    assert hdex_jax.model.compiler_options(batch.plan.prompt_bucket) == hdex_jax.model.PROMPT_PASS_OPTIONS
+    assert hdex_jax.jitting.compiler_options(batch.plan.prompt_bucket) == hdex_jax.jitting.PROMPT_PASS_OPTIONS
     ours = generate_tokens(place(cfg, flat, 1), batch)
     with torch.no_grad():  # transformers stops at its eos (included); ours runs on: the same tokens up to there
         expected = reference.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=DECODE_STEPS,

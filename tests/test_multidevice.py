@@ -15,7 +15,7 @@ import converters
 from hdex_jax import artifacts, hub
 from hdex_jax.generation import generate_tokens, place, prepare_batch
 from hdex_jax.kv_cache import init_cache
-from hdex_jax.model import decode_step, prefill
+from hdex_jax.jitting import decode_step, prefill
 from hdex_jax.params import flatten, runtime_specs
 from hdex_jax.sampling import SamplingConfig
 from hdex_jax.tools import AutoCompiler

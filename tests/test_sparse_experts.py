@@ -18,7 +18,8 @@ import transformers
 import converters
 from hdex_jax.generation import place
 from hdex_jax.kv_cache import init_cache
-from hdex_jax.model import COMPILER_OPTIONS, decode_step_fn
+from hdex_jax.forward import decode_step_fn
+from hdex_jax.jitting import COMPILER_OPTIONS
 from tests.family_parity import save_random_model
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"

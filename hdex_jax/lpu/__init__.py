@@ -11,7 +11,7 @@ whole generation, the hybrid `device_map={"gpu": G, "lpu": L}` included. See doc
 
 from hdex_jax.lpu.formats import DEFAULT_DTYPE, QUANTIZED, Storage, storage
 from hdex_jax.lpu.gpu import GpuEstimate, achieved_bandwidth_gbs, gpu_estimate
-from hdex_jax.lpu.model import Estimate, SyncCost, estimate
+from hdex_jax.lpu.latency import Estimate, SyncCost, estimate
 from hdex_jax.lpu.prefill import EndToEnd, Prefill, end_to_end, gpu_end_to_end, gpu_prefill, lpu_prefill
 from hdex_jax.lpu.presets import (ASIC, FPGA_U55C, GPU_PRESETS, H100_SXM, L4, PRESETS, Gpu, Hardware, get_gpu,
                                   get_preset)

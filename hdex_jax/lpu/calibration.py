@@ -27,7 +27,7 @@ import numpy as np
 
 from hdex_jax.config import ModelConfig
 from hdex_jax.lpu.gpu import gpu_estimate
-from hdex_jax.lpu.model import estimate
+from hdex_jax.lpu.latency import estimate
 from hdex_jax.lpu.presets import A100_SXM, Gpu, Hardware, get_preset
 
 PAPER = "arXiv 2408.07326 (IEEE Micro 44(6), 2024)"

@@ -23,7 +23,7 @@ from typing import Any
 from hdex_jax.config import ModelConfig
 from hdex_jax.lpu.energy import gpu_device_power_w, server_power_w
 from hdex_jax.lpu.formats import DEFAULT_DTYPE
-from hdex_jax.lpu.model import StepFigures, Sync, check_step, traffic
+from hdex_jax.lpu.latency import StepFigures, Sync, check_step, traffic
 from hdex_jax.lpu.presets import Gpu, get_gpu
 
 

@@ -24,7 +24,7 @@ from hdex_jax.layout import padded_config
 from hdex_jax.lpu.config_source import model_config
 from hdex_jax.lpu.formats import DEFAULT_DTYPE, Storage, storage
 from hdex_jax.lpu.gpu import collective_seconds, gpu_estimate
-from hdex_jax.lpu.model import SOFTMAX_PASSES, Traffic, estimate, matrix_seconds, sync_cost, traffic
+from hdex_jax.lpu.latency import SOFTMAX_PASSES, Traffic, estimate, matrix_seconds, sync_cost, traffic
 from hdex_jax.lpu.presets import Gpu, Hardware, get_gpu, get_preset
 from hdex_jax.validation import check_int, quote
 

@@ -36,7 +36,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, jaxprs_in_params
 
 from hdex_jax.kv_cache import init_cache
-from hdex_jax.model import decode_step_fn
+from hdex_jax.forward import decode_step_fn
 
 if TYPE_CHECKING:
     from hdex_jax.transformers.modeling import LPUModelForCausalLM
@@ -143,7 +143,7 @@ def collective_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Colle
 def sync_bytes_per_token(model: LPUModelForCausalLM) -> CollectiveBytes:
     """The collectives of one decode step of `model` at batch 1, i.e. per generated token, per device.
 
-    Traces `hdex_jax.model.decode_step_fn` on the model's decode placement (its params, padded config and
+    Traces `hdex_jax.forward.decode_step_fn` on the model's decode placement (its params, padded config and
     mesh) with an abstract cache of the model's max_length. In the Megatron layout that is one psum of the
     hidden vector after each row-parallel o and down projection, one psum of the embedding row, and the
     all-gather of the vocab-split logits; `total` counts them as traced. On one device the forward pass leaves

@@ -15,7 +15,7 @@ from hdex_jax.config import ModelConfig
 from hdex_jax.lpu.config_source import model_config
 from hdex_jax.lpu.formats import DEFAULT_DTYPE
 from hdex_jax.lpu.gpu import GpuEstimate, gpu_estimate
-from hdex_jax.lpu.model import Estimate, StepFigures, estimate
+from hdex_jax.lpu.latency import Estimate, StepFigures, estimate
 from hdex_jax.lpu.prefill import EndToEnd, end_to_end, gpu_end_to_end
 from hdex_jax.lpu.presets import Gpu, Hardware, get_gpu
 from hdex_jax.validation import quote

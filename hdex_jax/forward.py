@@ -1,6 +1,6 @@
 """The one forward pass of every supported family, as pure functions, tensor-parallel over LPU devices.
 
-`prefill` and `decode_step` both run `_forward` over a block of T tokens written to consecutive cache slots:
+`prefill_fn` and `decode_step_fn` both run `_forward` over a block of T tokens written to consecutive cache slots:
 T = prompt bucket for prefill, T = 1 for decode. Families differ only through `ModelConfig` fields.
 
 The layer loop is unrolled over a list of per-layer weights and per-layer cache arrays, with q/k/v and gate/up
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -489,54 +488,3 @@ def _decode_local(params: Params, cache: KVCache, token: jax.Array, cfg: ModelCo
     key_valid = cache.valid.at[:, cache.next_slot].set(True)  # [B, S]
     logits, cache = _forward(params, cache, token[:, None], cache.next_pos[:, None], key_valid, cfg)
     return logits, cache.replace(next_pos=cache.next_pos + 1)
-
-
-# XLA options of every program that updates the cache. Region analysis lets copy insertion see that attention
-# reads a layer's cache before its update, so the update happens in place: without it XLA CPU copies every
-# layer's k and v twice per decode step (docs/performance.md). No YNNPACK fusions: XLA CPU builds each one's
-# runtime on a program's first run (0.6 s of the first generate of SmolLM2 on 2 devices) and the attention
-# products it took measured no faster per token than XLA's own dots. The fields are shared by all backends'
-# options.
-COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_experimental_ynn_fusion_type": ""}
-# Programs of a prompt pass of YNN_PROMPT_TOKENS or more (generation's and scoring's, through `JitByPromptTokens`;
-# the test-only `prefill`) keep YNNPACK's fusions (XLA CPU's default): they take the prompt's matrix products up to
-# 1.4x faster than XLA's own dots at 256-2048 tokens, which outweighs building their runtime on the first run
-# (docs/performance.md, "The prompt pass"). Shorter prompt passes go without: the 0.6 s would cost more than they
-# save, and YNNPACK sums in another order, a little further from transformers (SmolLM2's logits up to 1.4e-4 away
-# at 25 tokens, where XLA's dots stay within 1e-4; docs/numerics.md).
-PROMPT_PASS_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-YNN_PROMPT_TOKENS = 256
-
-
-def compiler_options(prompt_tokens: int) -> dict[str, bool | str]:
-    """The XLA options of a program whose prompt pass covers `prompt_tokens` tokens (0: decode steps only)."""
-    return PROMPT_PASS_OPTIONS if prompt_tokens >= YNN_PROMPT_TOKENS else COMPILER_OPTIONS
-
-
-class JitByPromptTokens:
-    """`fn` jitted with the XLA options of its prompt pass (`compiler_options`): `[tokens]` is the jitted function
-    for a prompt pass of that many tokens. One rule for every program that holds a prompt pass (generation's and
-    scoring's), so that a prompt of a given bucket is computed alike whichever asks for it."""
-
-    def __init__(self, fn: Callable, **jit_kwargs: Any):
-        self._fn, self._jit_kwargs, self._jitted = fn, jit_kwargs, {}
-
-    def __getitem__(self, prompt_tokens: int) -> Callable:
-        options = compiler_options(prompt_tokens)
-        key = tuple(sorted(options.items()))
-        if key not in self._jitted:
-            self._jitted[key] = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
-        return self._jitted[key]
-
-
-prefill = jax.jit(prefill_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
-                  compiler_options=PROMPT_PASS_OPTIONS)
-prefill.__doc__ = prefill_fn.__doc__
-decode_step = jax.jit(decode_step_fn, static_argnames=("cfg", "mesh"), donate_argnames="cache",
-                      compiler_options=COMPILER_OPTIONS)
-decode_step.__doc__ = decode_step_fn.__doc__
-
-
-def bucket_length(length: int, minimum: int = 16) -> int:
-    """Smallest power of two >= length (at least `minimum`): prompt shapes that share a bucket share a program."""
-    return max(minimum, 1 << (max(length, 1) - 1).bit_length())
