@@ -131,12 +131,6 @@ def verify(directory: Path, manifest: dict[str, Any], level: str, remedy: str) -
                                 f"written); {remedy}")
 
 
-def remedy(model_id: str, num_device: int) -> str:
-    """How to rebuild the artifacts of `model_id` on `num_device` devices, for error messages."""
-    return (f"compile it again: AutoCompiler().compile({model_id!r}, num_device={num_device}, force=True), or "
-            f"`hdex compile {model_id} --num-device {num_device} --force`")
-
-
 @contextlib.contextmanager
 def lock(model_dir: Path, shared: bool = False) -> Iterator[None]:
     """Hold the model's lock: exclusive for a compile, shared for a load.

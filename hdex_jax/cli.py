@@ -22,7 +22,7 @@ from hdex_jax import artifacts, formats, hub, sampling, validation
 from hdex_jax.config import DTYPES, ModelConfig
 from hdex_jax.lpu.cli import add_estimate_parser, run_estimate
 from hdex_jax.lpu.config_source import model_config
-from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore, cap_max_length
+from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore
 from hdex_jax.tools import AutoCompiler
 from hdex_jax.transformers import AutoModelForCausalLM
 
@@ -178,7 +178,7 @@ def _say_what_a_new_max_length_redoes(model_id: str, num_device: int, max_length
     compiled = store.compiled_max_length(num_device)
     if compiled is None:
         return
-    wanted = cap_max_length(model_id, max_length, store.config())
+    wanted = store.cap_max_length(max_length, store.config())
     if compiled != wanted:
         print(f"[hdex] {model_id} is compiled for max_length {compiled} on {num_device} device(s); "
               f"compiling for {wanted} exports its programs again (inst/); the converted checkpoint and the "

@@ -25,8 +25,8 @@ from hdex_jax.sharding import make_mesh, param_shardings
 DEFAULT_MAX_LENGTH = 4096
 
 
-def cap_max_length(model_id: str, max_length: int, cfg: ModelConfig) -> int:
-    """`max_length`, or the model's max_position_embeddings if it has fewer, with a notice saying so.
+def served_max_length(max_length: int, cfg: ModelConfig) -> int:
+    """`max_length`, or the model's max_position_embeddings if it has fewer.
 
     The model has no positions past those, so a larger max_length could never be served; HyperDex's own example
     asks opt-1.3b (2048 positions) for 4096. Dynamic (NTK) rope scaling is what serves positions past them, so
@@ -34,8 +34,6 @@ def cap_max_length(model_id: str, max_length: int, cfg: ModelConfig) -> int:
     """
     if max_length <= cfg.max_position_embeddings or dict(cfg.rope_scaling).get("rope_type") == "dynamic":
         return max_length
-    print(f"[hdex] max_length {max_length} exceeds the {cfg.max_position_embeddings} positions of {model_id} "
-          f"(max_position_embeddings); using max_length {cfg.max_position_embeddings}", flush=True)
     return cfg.max_position_embeddings
 
 
@@ -77,7 +75,16 @@ class ModelStore:
 
     def remedy(self, num_device: int) -> str:
         """How to rebuild the artifacts on `num_device` devices, for error messages."""
-        return artifacts.remedy(self.model_id, num_device)
+        return (f"compile it again: AutoCompiler().compile({self.model_id!r}, num_device={num_device}, force=True), "
+                f"or `hdex compile {self.model_id} --num-device {num_device} --force`")
+
+    def cap_max_length(self, max_length: int, cfg: ModelConfig) -> int:
+        """`served_max_length`, with a notice when it is less than `max_length`."""
+        served = served_max_length(max_length, cfg)
+        if served != max_length:
+            print(f"[hdex] max_length {max_length} exceeds the {served} positions of {self.model_id} "
+                  f"(max_position_embeddings); using max_length {served}", flush=True)
+        return served
 
     # --------------------------------------------------------------------------------------------- manifests
     def manifest(self, directory: Path) -> dict[str, Any] | None:
@@ -135,7 +142,7 @@ class ModelStore:
         if self.manifest(self.inst_dir(num_device)) is None:
             return f"{self.model_id} has no compiled programs for {num_device} device(s) yet"
         if max_length is not None:
-            wanted = cap_max_length(self.model_id, max_length, self.config())
+            wanted = self.cap_max_length(max_length, self.config())
             if manifest["max_length"] != wanted:
                 return f"{self.model_id} is compiled for max_length {manifest['max_length']}, not {wanted}"
         return None

@@ -32,7 +32,8 @@ import converters
 from converters.errors import CheckpointError
 from hdex_jax import rope
 from hdex_jax.config import ModelConfig
-from hdex_jax.model_store import cap_max_length
+from hdex_jax.hub import ModelSource
+from hdex_jax.model_store import ModelStore
 from tests.family_parity import Reference, save_random_model
 from tests.helpers_tiny import llamacpp_permute
 from tests.test_gguf_families import Case, _phi3, _text_model, write_gguf
@@ -191,11 +192,12 @@ def test_hdex_config_json_round_trip_keeps_factor_lists(tmp_path: Path) -> None:
     assert loaded == cfg and hash(loaded) == hash(cfg)
 
 
-def test_max_length_past_the_positions_is_kept_for_dynamic_scaling_only(capsys) -> None:
+def test_max_length_past_the_positions_is_kept_for_dynamic_scaling_only(capsys, tmp_path: Path) -> None:
+    store = ModelStore(ModelSource("m", tmp_path, None))
     dynamic = converters.config_from_hf(_family_config("llama", "dynamic").to_dict(), "config.json")
-    assert cap_max_length("m", 4 * ORIGINAL, dynamic) == 4 * ORIGINAL
+    assert store.cap_max_length(4 * ORIGINAL, dynamic) == 4 * ORIGINAL
     yarn = converters.config_from_hf(_family_config("llama", "yarn").to_dict(), "config.json")
-    assert cap_max_length("m", 8 * ORIGINAL, yarn) == 4 * ORIGINAL
+    assert store.cap_max_length(8 * ORIGINAL, yarn) == 4 * ORIGINAL
     assert "exceeds the 48 positions" in capsys.readouterr().out
 
 

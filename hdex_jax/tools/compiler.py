@@ -25,7 +25,7 @@ import jax
 from hdex_jax import artifacts, executable_cache, exported_programs, formats, hub, runtime
 from hdex_jax.config import ModelConfig
 from hdex_jax.generation import Placement, place
-from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore, cap_max_length
+from hdex_jax.model_store import DEFAULT_MAX_LENGTH, ModelStore
 from hdex_jax.validation import check_bool, check_max_length, check_num_device, check_token
 
 # Bumped when ckpt/ changes what it holds (2: a GGUF file's quantized weights as stored, not float32).
@@ -136,7 +136,7 @@ class AutoCompiler:
         else:
             cfg = self._convert(store, token, low_memory_usage)
 
-        max_length = cap_max_length(model_id, max_length, cfg)
+        max_length = store.cap_max_length(max_length, cfg)
         wanted = exported_programs.buckets(max_length, fast_compile)
         inst_manifest = None if force else store.manifest(inst_dir)
         inst_current = inst_manifest is not None and exported_programs.reusable(inst_manifest, max_length, wanted)
