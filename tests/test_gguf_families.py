@@ -1,4 +1,5 @@
-"""GGUF files of every architecture converters/gguf_arches.py declares, beyond llama (tests/test_converters.py).
+"""GGUF files of every architecture a family declares (its `FAMILY.gguf`, collected by converters/registry.py),
+beyond llama (tests/test_converters.py).
 
 Each case saves a tiny random transformers model and writes it as a GGUF the way llama.cpp's convert_hf_to_gguf.py
 does: tensor names from gguf's own `TensorNameMap`, the metadata keys of that architecture's convert class and its
