@@ -43,7 +43,7 @@ class ModelStore:
     def __init__(self, source: hub.ModelSource):
         self.source = source
         self._manifests: dict[Path, dict[str, Any] | None] = {}
-        self._verified: set[Path] = set()
+        self._verified: set[tuple[Path, str]] = set()  # (directory, level) checked
 
     @classmethod
     def open(cls, model_id: str | os.PathLike, *, writable: bool = False, name: str = "model_id") -> ModelStore:
@@ -93,27 +93,22 @@ class ModelStore:
             self._manifests[directory] = artifacts.current_manifest(directory)
         return self._manifests[directory]
 
-    def wrote(self, directory: Path) -> None:
-        """Forget what was read of `directory`: it was just written."""
-        self._manifests.pop(directory, None)
-        self._verified.discard(directory)
-
     def forget(self) -> None:
         """Forget every manifest read: another store (a compile) may have written them since."""
         self._manifests.clear()
         self._verified.clear()
 
     def verified(self, directory: Path, num_device: int, level: str) -> dict[str, Any]:
-        """The manifest of a complete artifact directory whose files match it (checked once); raises
+        """The manifest of a complete artifact directory whose files match it (checked once per level); raises
         `artifacts.ArtifactError` naming the bad file."""
         manifest = self.manifest(directory)
         if manifest is None:
             raise artifacts.ArtifactError(
                 f"{directory} is not a complete compiled artifact (no {artifacts.COMPLETE} manifest; another "
                 f"process may have removed it); {self.remedy(num_device)}")
-        if directory not in self._verified:
+        if (directory, level) not in self._verified:
             artifacts.verify(directory, manifest, level, self.remedy(num_device))
-            self._verified.add(directory)
+            self._verified.add((directory, level))
         return manifest
 
     def config(self) -> ModelConfig:
