@@ -90,9 +90,10 @@ class AutoCompiler:
         check_bool("force", force)
         token = check_token("token", token)
         dtype, quantize = formats.check_format(dtype, quantize)
+        store = ModelStore.open(model_id, writable=True)
         runtime.setup()
-        return self.compile_store(ModelStore.open(model_id, writable=True), num_device, max_length, low_memory_usage,
-                                  fast_compile, token, force, dtype, quantize)
+        return self.compile_store(store, num_device, max_length, low_memory_usage, fast_compile, token, force, dtype,
+                                  quantize)
 
     def compile_store(self, store: ModelStore, num_device: int = 1, max_length: int = DEFAULT_MAX_LENGTH,
                       low_memory_usage: bool = False, fast_compile: bool = True, token: str | None = None,
