@@ -3,7 +3,7 @@
     python scripts/trace_model_id.py [--model SmolLM2-135M-Instruct] [--num-device 1]
 
 A profile hook watches every call into hdex_jax/ and converters/ that receives `model_id`'s value as an
-argument; the walk goes into the callee's file at such a call and back to the caller's file when it returns.
+argument (with --with-store, also the `ModelStore` or `ModelSource` made from it, `self` included); the walk goes into the callee's file at such a call and back to the caller's file when it returns.
 It prints the walk (files in the order visited, consecutive visits to one file merged), how many distinct files
 it enters and how many times it returns to a file it had already left. Run it twice: on a model not compiled
 yet (the walk includes the compile) and again (the load alone). The redesign issue asks for at most 7 files and
@@ -19,9 +19,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def walk(model_id: str, num_device: int) -> list[str]:
-    """The files visited, in order, each entry one call into or return to a file."""
+def walk(model_id: str, num_device: int, with_store: bool) -> list[str]:
+    """The files visited, in order, each entry one call into or return to a file; `with_store` also follows the
+    calls that receive the model's `ModelStore` or `ModelSource` (which carry the id) instead of the id."""
+    from hdex_jax.hub import ModelSource
+    from hdex_jax.model_store import ModelStore
     from hdex_jax.transformers import AutoModelForCausalLM
+
+    def carries(value: object) -> bool:
+        if isinstance(value, str):
+            return value == model_id
+        if isinstance(value, ModelStore):
+            value = vars(value).get("source")  # None while the store's __init__ runs
+        return with_store and isinstance(value, ModelSource) and value.model_id == model_id
 
     frames: list[tuple[object, str]] = []  # the calls that received model_id, innermost last
     visits: list[str] = ["hdex_jax/transformers/modeling.py"]
@@ -42,7 +52,7 @@ def walk(model_id: str, num_device: int) -> list[str]:
             if name is None:
                 return
             arguments = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-            if any(isinstance(frame.f_locals.get(a), str) and frame.f_locals[a] == model_id for a in arguments):
+            if any(carries(frame.f_locals.get(a)) for a in arguments):
                 frames.append((frame, name))
                 visits.append(name)
         elif event == "return" and frames and frames[-1][0] is frame:
@@ -61,8 +71,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--num-device", type=int, default=1)
+    parser.add_argument("--with-store", action="store_true",
+                        help="also follow the calls that receive the ModelStore or ModelSource made from the id")
     args = parser.parse_args()
-    visits = walk(args.model, args.num_device)
+    visits = walk(args.model, args.num_device, args.with_store)
     left: set[str] = set()
     returns = 0
     for previous, current in zip(visits, visits[1:]):
