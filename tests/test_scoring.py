@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import converters
-from hdex_jax import model, scoring
+from hdex_jax import forward, scoring
 from hdex_jax.generation import place
 from hdex_jax.kv_cache import init_cache
 from hdex_jax.transformers.modeling import LPUModelForCausalLM
@@ -92,13 +92,13 @@ def test_prompt_pass_runs_in_blocks_through_the_cache(checkpoints, name, monkeyp
     """A prefill in blocks of 16 tokens over a 40-token left-padded batch: the last logits are transformers'
     (mistral's sliding window and bloom's ALiBi span blocks; each block scores only the slots before it)."""
     reference, (cfg, flat) = checkpoints(name)
-    monkeypatch.setattr(model, "PROMPT_BLOCK", 16)
+    monkeypatch.setattr(forward, "PROMPT_BLOCK", 16)
     rng = np.random.default_rng(3)
     ids, mask = np.zeros((2, 40), np.int64), np.zeros((2, 40), np.int64)
     for row, length in enumerate((40, 27)):
         ids[row, 40 - length:], mask[row, 40 - length:] = rng.integers(3, cfg.vocab_size, size=length), 1
     placement = place(cfg, flat, 2)
-    prefill = jax.jit(model.prefill_fn, static_argnames=("cfg", "mesh"))  # traced afresh, with the patched block
+    prefill = jax.jit(forward.prefill_fn, static_argnames=("cfg", "mesh"))  # traced afresh, with the patched block
     logits, _ = prefill(placement.params, init_cache(placement.cfg, 2, MAX_LENGTH), jnp.asarray(ids, jnp.int32),
                         jnp.asarray(mask, jnp.int32), placement.cfg, placement.mesh)
     np.testing.assert_allclose(np.asarray(logits), reference_logits(reference, ids, mask)[:, -1], atol=ATOL, rtol=0)
