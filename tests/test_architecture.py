@@ -14,14 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("hdex_jax", "converters")
 # (importing module, imported module) inside a function, each kept off start-up on purpose (README, "Architecture").
 DEFERRED = {
-    ("converters", "converters.gguf_tokenizer"): "imports transformers (seconds), only for a GGUF's tokenizer",
-    ("hdex_jax.cli", "converters.gguf_file"): "converters (0.4 s) only for `hdex models`",
-    ("hdex_jax.cli", "converters.registry"): "converters (0.4 s) only for `hdex models`",
-    ("hdex_jax.lpu.calibration", "converters"): "converters (0.4 s) only when calibrating from HF configs",
-    ("hdex_jax.lpu.config_source", "converters"): "converters (0.4 s) only for a checkpoint's own config",
-    ("hdex_jax.tools.compiler", "converters"): "converters (0.4 s) only when a checkpoint is converted",
-    ("hdex_jax.transformers", "hdex_jax.transformers.streamer"): "TextStreamer imports transformers (seconds)",
-    ("hdex_jax.transformers.tokenizer", "converters"): "converters (0.4 s) only for an uncompiled model's tokenizer",
+    ("converters", "converters.gguf_tokenizer"): "imports transformers (0.75 s at rest), only for a GGUF's tokenizer",
+    ("hdex_jax.cli", "converters.gguf_file"): "converters (0.06 s at rest) only for `hdex models`",
+    ("hdex_jax.cli", "converters.registry"): "converters (0.06 s at rest) only for `hdex models`",
+    ("hdex_jax.lpu.calibration", "converters"): "converters (0.06 s at rest) only when calibrating from HF configs",
+    ("hdex_jax.lpu.config_source", "converters"): "converters (0.06 s at rest) only for a checkpoint's own config",
+    ("hdex_jax.tools.compiler", "converters"): "converters (0.06 s at rest) only when a checkpoint is converted",
+    ("hdex_jax.transformers", "hdex_jax.transformers.streamer"): "TextStreamer imports transformers (0.45 s at rest)",
+    ("hdex_jax.transformers.tokenizer", "converters"): "converters (0.06 s at rest) only for an uncompiled model's "
+                                                 "tokenizer",
 }
 
 
